@@ -1,0 +1,112 @@
+"""Configuration of the OneBit layer and its initialisation.
+
+Every behaviour of the paper's official code that we change is a named option here, and
+:meth:`OneBitConfig.official` reproduces the official code (xuyuzhuang11/OneBit) exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SvidMethod = Literal["nmf", "svd", "power", "nmf_sklearn", "none"]
+LatentInit = Literal["sign", "weight"]
+SteKind = Literal["identity", "clipped", "tanh"]
+SignOfZero = Literal["plus", "zero"]
+
+SVID_METHODS = ("nmf", "svd", "power", "nmf_sklearn", "none")
+LATENT_INITS = ("sign", "weight")
+STE_KINDS = ("identity", "clipped", "tanh")
+SIGNS_OF_ZERO = ("plus", "zero")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"quant.{key}={value!r} is not one of {', '.join(choices)}.")
+
+
+def _check_positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"quant.{key}={value!r} must be a finite number {bound}.")
+
+
+@dataclass
+class OneBitConfig:
+    """How linear layers become :class:`~onebit.quant.OneBitLinear` and how they start.
+
+    Attributes:
+        svid_method: rank-1 decomposition of ``|W|`` that initialises the value vectors
+            (``nmf``: the paper's recommendation, in torch; ``svd``: exact ``torch.linalg.svd``;
+            ``power``: power iteration, which for rank 1 on a non-negative matrix performs the
+            same updates as ``nmf``; ``nmf_sklearn``: the official code's scikit-learn NMF;
+            ``none``: ``g = h = 1``, i.e. a plain copy of ``W``).
+        svid_max_iter: iteration cap of the iterative methods (``nmf``, ``power``, ``nmf_sklearn``).
+        svid_tol: relative change of the rank-1 energy ``||A b||² / ||b||²`` under which the
+            iterative torch methods stop.
+        latent_init: the latent full-precision weight starts as ``sign(W) * latent_init_scale``
+            (``sign``, official) or as ``W`` itself (``weight``).
+        latent_init_scale: magnitude of the latent weight for ``latent_init="sign"`` (official 0.01).
+        ste: straight-through estimator of ``sign``: ``identity`` (gradient passes unchanged),
+            ``clipped`` (zero where ``|w| > 1``) or ``tanh`` (official: ``grad * (1.001 - tanh(w)²)``).
+        sign_of_zero: ``plus`` maps ``w == 0`` to +1 in training *and* when packed (default);
+            ``zero`` reproduces the official ``torch.sign`` (0 in training, +1 once packed).
+        output_norm: the parameter-free LayerNorm on the layer's output (the paper's design).
+        norm_eps: epsilon of that LayerNorm (``nn.LayerNorm``'s default, as in the official code).
+        fused: use the fused autograd function, which saves only the input and the pre-scale
+            output for backward (same numbers as the unfused composition).
+        skip_modules: glob patterns of fully qualified module names that stay full precision.
+    """
+
+    svid_method: SvidMethod = "nmf"
+    svid_max_iter: int = 200
+    svid_tol: float = 1e-7
+    latent_init: LatentInit = "sign"
+    latent_init_scale: float = 0.01
+    ste: SteKind = "identity"
+    sign_of_zero: SignOfZero = "plus"
+    output_norm: bool = True
+    norm_eps: float = 1e-5
+    fused: bool = True
+    skip_modules: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _check_choice("svid_method", self.svid_method, SVID_METHODS)
+        _check_choice("latent_init", self.latent_init, LATENT_INITS)
+        _check_choice("ste", self.ste, STE_KINDS)
+        _check_choice("sign_of_zero", self.sign_of_zero, SIGNS_OF_ZERO)
+        if not isinstance(self.svid_max_iter, int) or self.svid_max_iter < 1:
+            raise ValueError(f"quant.svid_max_iter={self.svid_max_iter!r} must be an integer >= 1.")
+        _check_positive("svid_tol", self.svid_tol, allow_zero=True)
+        _check_positive("latent_init_scale", self.latent_init_scale)
+        _check_positive("norm_eps", self.norm_eps)
+        if not isinstance(self.output_norm, bool):
+            raise ValueError(f"quant.output_norm={self.output_norm!r} must be true or false.")
+        self.skip_modules = tuple(self.skip_modules)
+
+    @classmethod
+    def official(cls, **overrides: Any) -> OneBitConfig:
+        """The official code's choices: sklearn NMF, latent ``0.01·sign(W)``, tanh STE, ``torch.sign``."""
+        base = dict(svid_method="nmf_sklearn", latent_init="sign", latent_init_scale=0.01,
+                    ste="tanh", sign_of_zero="zero")
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> OneBitConfig:
+        """Build from a plain mapping (e.g. a Hydra node), naming any unknown key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"quant has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}."
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["skip_modules"] = list(self.skip_modules)
+        return out

@@ -1,0 +1,136 @@
+"""In-place conversion of a Hugging Face causal LM into a OneBit student.
+
+``quantize_`` swaps every linear layer inside every decoder block (LLaMA/Llama-2/3, Mistral, Qwen2/3: q, k,
+v, o, gate, up, down; OPT: q, k, v, out_proj, fc1, fc2; GPT-2: c_attn, c_proj, c_fc, c_proj, whose
+``Conv1D`` stores its weight transposed) for :class:`OneBitLinear`. Embeddings, norms and ``lm_head`` are
+outside the decoder blocks and stay full precision; ``freeze_`` turns their gradients off.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator
+
+from torch import nn
+
+from onebit.quant.config import OneBitConfig
+from onebit.quant.linear import OneBitLinear
+from onebit.quant.packed_linear import PackedOneBitLinear
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``ModuleList`` of decoder blocks of a causal LM, and its qualified name.
+
+    It is the longest ``ModuleList`` whose children are all of one class (``model.layers`` in LLaMA,
+    ``model.decoder.layers`` in OPT, ``transformer.h`` in GPT-2); when the model's config names the
+    number of layers, the list must have exactly that many.
+    """
+    config = getattr(model, "config", None)
+    n_layers = None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        n_layers = getattr(config, key, None) if config is not None else None
+        if isinstance(n_layers, int):
+            break
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        if isinstance(n_layers, int) and len(module) != n_layers:
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise ValueError(
+            f"could not find the decoder blocks of {type(model).__name__}: no ModuleList of "
+            f"{n_layers if n_layers is not None else 'identical'} blocks."
+        )
+    return best
+
+
+def iter_target_linears(
+    model: nn.Module, config: OneBitConfig | None = None, filter_fn: FilterFn | None = None
+) -> Iterator[tuple[str, nn.Module]]:
+    """The (qualified name, module) pairs that ``quantize_`` replaces or has replaced.
+
+    Yields full-precision linears (``nn.Linear``, GPT-2 ``Conv1D``) and already converted
+    ``OneBitLinear``/``PackedOneBitLinear`` layers inside the decoder blocks, minus those matching
+    ``config.skip_modules`` or rejected by ``filter_fn(module, name)``.
+    """
+    skip = config.skip_modules if config is not None else ()
+    prefix, blocks = find_decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        for sub, module in block.named_modules():
+            if not (_is_linear(module) or isinstance(module, OneBitLinear | PackedOneBitLinear)):
+                continue
+            name = f"{prefix}.{i}.{sub}" if prefix else f"{i}.{sub}"
+            if any(fnmatch.fnmatchcase(name, pat) for pat in skip):
+                continue
+            if filter_fn is not None and not filter_fn(module, name):
+                continue
+            yield name, module
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def quantize_(
+    model: nn.Module,
+    config: OneBitConfig | None = None,
+    filter_fn: FilterFn | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Replace, in place, every targeted linear of every decoder block by a SVID-initialised OneBitLinear.
+
+    Args:
+        model: a Hugging Face causal LM (or any model with one ``ModuleList`` of decoder blocks).
+        config: layer and initialisation options; ``config.skip_modules`` globs stay full precision.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``; only modules it accepts are replaced.
+        progress: show a progress bar over the layers (SVID of a 7B model takes minutes).
+
+    Returns:
+        ``model`` itself, with its targeted layers replaced. Layers already converted are left alone.
+    """
+    config = config or OneBitConfig()
+    targets = [(n, m) for n, m in iter_target_linears(model, config, filter_fn) if _is_linear(m)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        targets = tqdm(targets, desc="OneBit: SVID", unit="layer")
+    for name, module in targets:
+        _set_submodule(model, name, OneBitLinear.from_linear(module, config, _is_conv1d(module)))
+    return model
+
+
+def freeze_(model: nn.Module) -> nn.Module:
+    """Turn gradients off for everything except the OneBit layers (latent weight, g, h, bias).
+
+    Embeddings, norms and ``lm_head`` stay full precision and frozen, as in the paper.
+    """
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, OneBitLinear):
+            module.requires_grad_(True)
+    return model
+
+
+def pack_(model: nn.Module) -> nn.Module:
+    """Replace, in place, every OneBitLinear by its :class:`PackedOneBitLinear` for inference."""
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, OneBitLinear)]
+    for name, module in targets:
+        _set_submodule(model, name, PackedOneBitLinear.from_onebit(module))
+    return model

@@ -1,0 +1,142 @@
+"""Bits per weight and bytes at rest of a OneBit model.
+
+A quantized ``out × in`` layer stores ``out·in`` sign bits plus g (``in``) and h (``out``) in
+``value_bits`` each (and a bias, if any). Two per-weight figures are in use:
+
+* bits per original weight: ``(out·in + 16·(in + out)) / (out·in)`` → 1.0078 at 4096×4096;
+* bits per stored parameter, the paper's 1.0073 at 4096×4096: the same bits divided by
+  ``out·in + in + out``, i.e. counting the entries of g and h as parameters too.
+
+Everything outside the quantized layers (embeddings, norms, ``lm_head``) is counted at ``other_bits``.
+The report works on a full-precision model (what quantizing it would give), on a quantized one and on
+a model built on the ``meta`` device (shapes only, no weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from onebit.quant.config import OneBitConfig
+from onebit.quant.convert import FilterFn, _is_conv1d, iter_target_linears
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    if hasattr(module, "in_features"):
+        return module.out_features, module.in_features
+    if _is_conv1d(module):
+        return module.nf, module.weight.shape[0]
+    raise TypeError(f"cannot read the shape of {type(module).__name__}")
+
+
+@dataclass(frozen=True)
+class FootprintReport:
+    """Counts and sizes; bytes are at rest, with signs packed 8 per byte."""
+
+    quantized_layers: int
+    quantized_weights: int          # sum of out·in over the quantized layers
+    value_params: int               # entries of g and h
+    bias_params: int                # biases kept in quantized layers
+    other_params: int               # everything else (embeddings, norms, lm_head, ...)
+    value_bits: int
+    other_bits: int
+    packed_sign_bytes: int          # sum of out·ceil(in/8)
+
+    @property
+    def quantized_bits(self) -> int:
+        return self.quantized_weights + self.value_bits * (self.value_params + self.bias_params)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per original weight of the quantized layers (1.0078 at 4096×4096)."""
+        return self.quantized_bits / self.quantized_weights
+
+    @property
+    def bits_per_param(self) -> float:
+        """Bits per stored parameter of the quantized layers (the paper's 1.0073 at 4096×4096)."""
+        return self.quantized_bits / (self.quantized_weights + self.value_params)
+
+    @property
+    def original_params(self) -> int:
+        return self.quantized_weights + self.bias_params + self.other_params
+
+    @property
+    def model_bits_per_weight(self) -> float:
+        """Bits per original parameter over the whole model, full-precision parts included."""
+        return (self.quantized_bits + self.other_bits * self.other_params) / self.original_params
+
+    @property
+    def fp16_bytes(self) -> int:
+        """The full-precision model at 16 bits per parameter."""
+        return 2 * self.original_params
+
+    @property
+    def onebit_bytes(self) -> int:
+        """The OneBit model at rest: packed signs, value vectors, biases and full-precision parts."""
+        vb = self.value_bits // 8 * (self.value_params + self.bias_params)
+        return self.packed_sign_bytes + vb + self.other_bits // 8 * self.other_params
+
+    @property
+    def compression(self) -> float:
+        return self.fp16_bytes / self.onebit_bytes
+
+    def to_dict(self) -> dict[str, float]:
+        out: dict[str, float] = asdict(self)
+        for key in ("bits_per_weight", "bits_per_param", "model_bits_per_weight", "fp16_bytes",
+                    "onebit_bytes", "compression", "original_params"):
+            out[key] = getattr(self, key)
+        return out
+
+    def format(self) -> str:
+        rows = [
+            ("quantized layers", f"{self.quantized_layers}"),
+            ("quantized weights", f"{self.quantized_weights:,}"),
+            ("bits / weight (quantized layers)", f"{self.bits_per_weight:.4f}"),
+            ("bits / parameter (paper's count)", f"{self.bits_per_param:.4f}"),
+            ("full-precision parameters", f"{self.other_params:,} at {self.other_bits} bits"),
+            ("bits / weight (whole model)", f"{self.model_bits_per_weight:.4f}"),
+            ("FP16 size", f"{self.fp16_bytes / 1e9:.2f} GB"),
+            ("OneBit size (packed)", f"{self.onebit_bytes / 1e9:.3f} GB"),
+            ("compression", f"{self.compression:.1f}x"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def layer_bits_per_weight(out_features: int, in_features: int, value_bits: int = 16) -> float:
+    """Bits per original weight of one ``out × in`` OneBit layer (g and h at ``value_bits``)."""
+    return (out_features * in_features + value_bits * (in_features + out_features)) / (
+        out_features * in_features
+    )
+
+
+def footprint(
+    model: nn.Module,
+    config: OneBitConfig | None = None,
+    filter_fn: FilterFn | None = None,
+    value_bits: int = 16,
+    other_bits: int = 16,
+) -> FootprintReport:
+    """Footprint of ``model`` once its decoder-block linears are OneBit layers.
+
+    Args:
+        model: full-precision, quantized, or built on the ``meta`` device.
+        config, filter_fn: the same selection as :func:`~onebit.quant.quantize_` uses.
+        value_bits: storage bits of g, h and biases (16 for fp16/bf16).
+        other_bits: storage bits of the full-precision parts.
+    """
+    targets = list(iter_target_linears(model, config, filter_fn))
+    target_ids = set()
+    n_w = n_v = n_b = packed = 0
+    for _, module in targets:
+        out_f, in_f = _shape(module)
+        n_w += out_f * in_f
+        n_v += out_f + in_f
+        packed += out_f * ((in_f + 7) // 8)
+        bias = getattr(module, "bias", None)
+        n_b += bias.numel() if bias is not None else 0
+        target_ids.update(id(t) for t in module.parameters())
+        target_ids.update(id(t) for t in module.buffers())
+    other = sum(p.numel() for p in model.parameters() if id(p) not in target_ids)
+    return FootprintReport(len(targets), n_w, n_v, n_b, other, value_bits, other_bits, packed)
