@@ -1,3 +1,3 @@
-"""OneBit: 1-bit weight quantization of LLMs by quantization-aware distillation (Xu et al., 2024)."""
+"""OneBit: 1-bit LLM weights by quantization-aware distillation (Xu et al., 2024)."""
 
 __version__ = "0.1.0"

@@ -2,26 +2,25 @@
 
     L = kd_scale · L_KD + alpha · L_MSE + lm_weight · L_LM
 
-L_KD is KL(teacher ‖ student) on the logits at temperature τ (multiplied by τ², as usual),
-computed in float32 so that fp16/bf16 logits cannot overflow. Default reduction: the mean over the
-real (unpadded) tokens. ``kd_reduction="batchmean"`` reproduces the official code's
-``F.kl_div(..., reduction="batchmean")`` on (batch, seq, vocab) logits, i.e. the sum over *all* tokens
-divided by the batch size — larger than the per-token mean by the factor ``n_tokens / batch``
-(the sequence length when there is no padding); the official run multiplies it by 0.01.
+L_KD is KL(teacher ‖ student) on the logits at temperature τ (multiplied by τ², as usual), computed
+in float32 so that fp16/bf16 logits cannot overflow. Default reduction: the mean over the real
+(unpadded) tokens. ``kd_reduction="batchmean"`` reproduces the official code's ``F.kl_div(...,
+reduction="batchmean")`` on (batch, seq, vocab) logits, i.e. the sum over *all* tokens divided by
+the batch size — larger than the per-token mean by the factor ``n_tokens / batch`` (the sequence
+length when there is no padding); the official run multiplies it by 0.01.
 
-L_MSE compares per-token L2-normalised hidden states, ``Σ_d (t/‖t‖ − s/‖s‖)²`` averaged over the real
-tokens, then averaged (default) or summed (official) over the chosen layers. ``hidden_layers="blocks"``
-uses every decoder block's output (Hugging Face's ``hidden_states[1:]``; the last entry is after the
-final norm); ``"official"`` uses ``hidden_states[0:n_layers]`` as the official code does — the
-embedding output (identical for teacher and student, so always 0) and not the last block.
+L_MSE compares per-token L2-normalised hidden states, ``Σ_d (t/‖t‖ − s/‖s‖)²`` averaged over the
+real tokens, then averaged (default) or summed (official) over the chosen layers.
+``hidden_layers="blocks"`` uses every decoder block's output (Hugging Face's ``hidden_states[1:]``;
+the last entry is after the final norm); ``"official"`` uses ``hidden_states[0:n_layers]`` as the
+official code does — the embedding output (identical for teacher and student, so always 0) and not
+the last block.
 
 L_LM is the student's next-token cross-entropy on the input ids (off by default, as in the paper).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,15 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onebit.config_utils import check_choice, check_number, from_mapping
+
 KD_REDUCTIONS = ("token_mean", "batchmean")
 HIDDEN_LAYERS = ("blocks", "official")
 LAYER_REDUCTIONS = ("mean", "sum")
-
-
-def _check_weight(key: str, value: Any) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0:
-        raise ValueError(f"loss.{key}={value!r} must be a finite number >= 0.")
 
 
 @dataclass
@@ -51,7 +46,8 @@ class DistillLossConfig:
         lm_weight: weight of the student's own LM cross-entropy (official: 1 − kd_alpha = 0).
         temperature: KD temperature τ.
         kd_reduction: ``token_mean`` (masked per-token mean) or ``batchmean`` (official).
-        hidden_layers: ``blocks`` (every block output) or ``official`` (embedding output, not the last).
+        hidden_layers: ``blocks`` (every block output) or ``official`` (the embedding output and
+            not the last block).
         hidden_layer_reduction: ``mean`` or ``sum`` (official) over layers.
     """
 
@@ -65,33 +61,31 @@ class DistillLossConfig:
 
     def __post_init__(self) -> None:
         for key in ("kd_scale", "alpha", "lm_weight"):
-            _check_weight(key, getattr(self, key))
-        _check_weight("temperature", self.temperature)
-        if self.temperature == 0:
-            raise ValueError("loss.temperature=0 must be > 0.")
-        for key, choices in (("kd_reduction", KD_REDUCTIONS), ("hidden_layers", HIDDEN_LAYERS),
-                             ("hidden_layer_reduction", LAYER_REDUCTIONS)):
-            if getattr(self, key) not in choices:
-                raise ValueError(
-                    f"loss.{key}={getattr(self, key)!r} is not one of {', '.join(choices)}."
-                )
+            check_number("loss", key, getattr(self, key))
+        check_number("loss", "temperature", self.temperature, allow_zero=False)
+        for key, choices in (
+            ("kd_reduction", KD_REDUCTIONS),
+            ("hidden_layers", HIDDEN_LAYERS),
+            ("hidden_layer_reduction", LAYER_REDUCTIONS),
+        ):
+            check_choice("loss", key, getattr(self, key), choices)
 
     @classmethod
     def official(cls, **overrides: Any) -> DistillLossConfig:
         """The official run: ``0.01 · KL(batchmean) + 1 · Σ_layers MSE`` with its layer indexing."""
-        base = dict(kd_scale=0.01, alpha=1.0, lm_weight=0.0, kd_reduction="batchmean",
-                    hidden_layers="official", hidden_layer_reduction="sum")
+        base = dict(
+            kd_scale=0.01,
+            alpha=1.0,
+            lm_weight=0.0,
+            kd_reduction="batchmean",
+            hidden_layers="official",
+            hidden_layer_reduction="sum",
+        )
         return cls(**{**base, **overrides})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DistillLossConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"loss has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}."
-            )
-        return cls(**values)
+        return from_mapping(cls, values, "loss")
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -118,8 +112,10 @@ def logit_kd(
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * (t * t)          # (batch, seq)
-    if reduction == "batchmean":                                           # official: no mask
+    p_t = log_p_t.exp()
+    # 0·log 0 = 0: a teacher logit of -inf (a masked vocabulary entry) must not give NaN
+    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1) * (t * t)  # (batch, seq)
+    if reduction == "batchmean":  # official: no mask
         return kl.sum() / kl.shape[0]
     if reduction != "token_mean":
         raise ValueError(f"loss.kd_reduction={reduction!r} is not one of token_mean, batchmean.")
@@ -137,8 +133,8 @@ def hidden_mse(
     """Squared distance of per-token L2-normalised hidden states, over tokens and layers.
 
     Args:
-        student_hidden, teacher_hidden: Hugging Face ``hidden_states`` tuples (embedding output first,
-            then one entry per block).
+        student_hidden, teacher_hidden: Hugging Face ``hidden_states`` tuples (the embedding
+            output first, then one entry per block).
         attention_mask: 1 for real tokens; padding is excluded from the mean.
         layers: ``blocks`` → entries ``1..n``; ``official`` → entries ``0..n-1``.
         layer_reduction: ``mean`` or ``sum`` over the selected layers.
@@ -155,8 +151,8 @@ def hidden_mse(
     for i in idx:
         s = F.normalize(student_hidden[i].float(), dim=-1)
         t = F.normalize(teacher_hidden[i].float(), dim=-1)
-        d = (s - t).pow(2).sum(-1)                                          # (batch, seq)
-        if layers == "official":                                            # official: plain mean
+        d = (s - t).pow(2).sum(-1)  # (batch, seq)
+        if layers == "official":  # official: plain mean
             terms.append(d.mean())
         else:
             mask = _token_mask(attention_mask, d.shape, d.device)
@@ -204,14 +200,20 @@ class DistillLoss(nn.Module):
         terms: dict[str, Tensor] = {}
         total = student_logits.new_zeros((), dtype=torch.float32)
         if c.kd_scale > 0:
-            terms["kd"] = logit_kd(student_logits, teacher_logits, attention_mask,
-                                   c.temperature, c.kd_reduction)
+            terms["kd"] = logit_kd(
+                student_logits, teacher_logits, attention_mask, c.temperature, c.kd_reduction
+            )
             total = total + c.kd_scale * terms["kd"]
         if c.alpha > 0:
             if student_hidden is None or teacher_hidden is None:
                 raise ValueError("loss.alpha > 0 needs the hidden states of student and teacher.")
-            terms["hidden"] = hidden_mse(student_hidden, teacher_hidden, attention_mask,
-                                         c.hidden_layers, c.hidden_layer_reduction)
+            terms["hidden"] = hidden_mse(
+                student_hidden,
+                teacher_hidden,
+                attention_mask,
+                c.hidden_layers,
+                c.hidden_layer_reduction,
+            )
             total = total + c.alpha * terms["hidden"]
         if c.lm_weight > 0:
             if input_ids is None:

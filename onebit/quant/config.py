@@ -7,9 +7,10 @@ Every behaviour of the paper's official code that we change is a named option he
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from onebit.config_utils import check_choice, check_number, from_mapping
 
 SvidMethod = Literal["nmf", "svd", "power", "nmf_sklearn", "none"]
 LatentInit = Literal["sign", "weight"]
@@ -20,19 +21,6 @@ SVID_METHODS = ("nmf", "svd", "power", "nmf_sklearn", "none")
 LATENT_INITS = ("sign", "weight")
 STE_KINDS = ("identity", "clipped", "tanh")
 SIGNS_OF_ZERO = ("plus", "zero")
-
-
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"quant.{key}={value!r} is not one of {', '.join(choices)}.")
-
-
-def _check_positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"quant.{key}={value!r} must be a finite number {bound}.")
 
 
 @dataclass
@@ -50,9 +38,11 @@ class OneBitConfig:
             iterative torch methods stop.
         latent_init: the latent full-precision weight starts as ``sign(W) * latent_init_scale``
             (``sign``, official) or as ``W`` itself (``weight``).
-        latent_init_scale: magnitude of the latent weight for ``latent_init="sign"`` (official 0.01).
+        latent_init_scale: magnitude of the latent weight for ``latent_init="sign"``
+            (official: 0.01).
         ste: straight-through estimator of ``sign``: ``identity`` (gradient passes unchanged),
-            ``clipped`` (zero where ``|w| > 1``) or ``tanh`` (official: ``grad * (1.001 - tanh(w)²)``).
+            ``clipped`` (zero where ``|w| > 1``) or ``tanh``
+            (official: ``grad * (1.001 - tanh(w)²)``).
         sign_of_zero: ``plus`` maps ``w == 0`` to +1 in training *and* when packed (default);
             ``zero`` reproduces the official ``torch.sign`` (0 in training, +1 once packed).
         output_norm: the parameter-free LayerNorm on the layer's output (the paper's design).
@@ -75,36 +65,35 @@ class OneBitConfig:
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        _check_choice("svid_method", self.svid_method, SVID_METHODS)
-        _check_choice("latent_init", self.latent_init, LATENT_INITS)
-        _check_choice("ste", self.ste, STE_KINDS)
-        _check_choice("sign_of_zero", self.sign_of_zero, SIGNS_OF_ZERO)
+        check_choice("quant", "svid_method", self.svid_method, SVID_METHODS)
+        check_choice("quant", "latent_init", self.latent_init, LATENT_INITS)
+        check_choice("quant", "ste", self.ste, STE_KINDS)
+        check_choice("quant", "sign_of_zero", self.sign_of_zero, SIGNS_OF_ZERO)
         if not isinstance(self.svid_max_iter, int) or self.svid_max_iter < 1:
             raise ValueError(f"quant.svid_max_iter={self.svid_max_iter!r} must be an integer >= 1.")
-        _check_positive("svid_tol", self.svid_tol, allow_zero=True)
-        _check_positive("latent_init_scale", self.latent_init_scale)
-        _check_positive("norm_eps", self.norm_eps)
+        check_number("quant", "svid_tol", self.svid_tol)
+        check_number("quant", "latent_init_scale", self.latent_init_scale, allow_zero=False)
+        check_number("quant", "norm_eps", self.norm_eps, allow_zero=False)
         if not isinstance(self.output_norm, bool):
             raise ValueError(f"quant.output_norm={self.output_norm!r} must be true or false.")
         self.skip_modules = tuple(self.skip_modules)
 
     @classmethod
     def official(cls, **overrides: Any) -> OneBitConfig:
-        """The official code's choices: sklearn NMF, latent ``0.01·sign(W)``, tanh STE, ``torch.sign``."""
-        base = dict(svid_method="nmf_sklearn", latent_init="sign", latent_init_scale=0.01,
-                    ste="tanh", sign_of_zero="zero")
+        """The official code: sklearn NMF, latent ``0.01·sign(W)``, tanh STE, ``torch.sign``."""
+        base = dict(
+            svid_method="nmf_sklearn",
+            latent_init="sign",
+            latent_init_scale=0.01,
+            ste="tanh",
+            sign_of_zero="zero",
+        )
         return cls(**{**base, **overrides})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OneBitConfig:
         """Build from a plain mapping (e.g. a Hydra node), naming any unknown key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"quant has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}."
-            )
-        return cls(**values)
+        return from_mapping(cls, values, "quant")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -1,9 +1,10 @@
 """In-place conversion of a Hugging Face causal LM into a OneBit student.
 
-``quantize_`` swaps every linear layer inside every decoder block (LLaMA/Llama-2/3, Mistral, Qwen2/3: q, k,
-v, o, gate, up, down; OPT: q, k, v, out_proj, fc1, fc2; GPT-2: c_attn, c_proj, c_fc, c_proj, whose
-``Conv1D`` stores its weight transposed) for :class:`OneBitLinear`. Embeddings, norms and ``lm_head`` are
-outside the decoder blocks and stay full precision; ``freeze_`` turns their gradients off.
+``quantize_`` swaps every linear layer inside every decoder block (LLaMA/Llama-2/3, Mistral,
+Qwen2/3: q, k, v, o, gate, up, down; OPT: q, k, v, out_proj, fc1, fc2; GPT-2: c_attn, c_proj, c_fc,
+c_proj, whose ``Conv1D`` stores its weight transposed) for :class:`OneBitLinear`. Embeddings, norms
+and ``lm_head`` are outside the decoder blocks and stay full precision; ``freeze_`` turns their
+gradients off.
 """
 
 from __future__ import annotations
@@ -94,16 +95,18 @@ def quantize_(
     filter_fn: FilterFn | None = None,
     progress: bool = False,
 ) -> nn.Module:
-    """Replace, in place, every targeted linear of every decoder block by a SVID-initialised OneBitLinear.
+    """Replace, in place, each targeted decoder-block linear by a SVID-initialised OneBitLinear.
 
     Args:
         model: a Hugging Face causal LM (or any model with one ``ModuleList`` of decoder blocks).
         config: layer and initialisation options; ``config.skip_modules`` globs stay full precision.
-        filter_fn: ``filter_fn(module, qualified_name) -> bool``; only modules it accepts are replaced.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``; only modules it accepts are
+            replaced.
         progress: show a progress bar over the layers (SVID of a 7B model takes minutes).
 
     Returns:
-        ``model`` itself, with its targeted layers replaced. Layers already converted are left alone.
+        ``model`` itself, with its targeted layers replaced. Layers already converted are left
+        alone.
     """
     config = config or OneBitConfig()
     targets = [(n, m) for n, m in iter_target_linears(model, config, filter_fn) if _is_linear(m)]

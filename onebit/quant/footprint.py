@@ -7,9 +7,9 @@ A quantized ``out × in`` layer stores ``out·in`` sign bits plus g (``in``) and
 * bits per stored parameter, the paper's 1.0073 at 4096×4096: the same bits divided by
   ``out·in + in + out``, i.e. counting the entries of g and h as parameters too.
 
-Everything outside the quantized layers (embeddings, norms, ``lm_head``) is counted at ``other_bits``.
-The report works on a full-precision model (what quantizing it would give), on a quantized one and on
-a model built on the ``meta`` device (shapes only, no weights).
+Everything outside the quantized layers (embeddings, norms, ``lm_head``) is counted at
+``other_bits``. The report works on a full-precision model (what quantizing it would give), on a
+quantized one and on a model built on the ``meta`` device (shapes only, no weights).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ class FootprintReport:
     """Counts and sizes; bytes are at rest, with signs packed 8 per byte."""
 
     quantized_layers: int
-    quantized_weights: int          # sum of out·in over the quantized layers
-    value_params: int               # entries of g and h
-    bias_params: int                # biases kept in quantized layers
-    other_params: int               # everything else (embeddings, norms, lm_head, ...)
+    quantized_weights: int  # sum of out·in over the quantized layers
+    value_params: int  # entries of g and h
+    bias_params: int  # biases kept in quantized layers
+    other_params: int  # everything else (embeddings, norms, lm_head, ...)
     value_bits: int
     other_bits: int
-    packed_sign_bytes: int          # sum of out·ceil(in/8)
+    packed_sign_bytes: int  # sum of out·ceil(in/8)
 
     @property
     def quantized_bits(self) -> int:
@@ -73,7 +73,7 @@ class FootprintReport:
 
     @property
     def onebit_bytes(self) -> int:
-        """The OneBit model at rest: packed signs, value vectors, biases and full-precision parts."""
+        """The OneBit model at rest: packed signs, value vectors, biases, full-precision parts."""
         vb = self.value_bits // 8 * (self.value_params + self.bias_params)
         return self.packed_sign_bytes + vb + self.other_bits // 8 * self.other_params
 
@@ -83,8 +83,15 @@ class FootprintReport:
 
     def to_dict(self) -> dict[str, float]:
         out: dict[str, float] = asdict(self)
-        for key in ("bits_per_weight", "bits_per_param", "model_bits_per_weight", "fp16_bytes",
-                    "onebit_bytes", "compression", "original_params"):
+        for key in (
+            "bits_per_weight",
+            "bits_per_param",
+            "model_bits_per_weight",
+            "fp16_bytes",
+            "onebit_bytes",
+            "compression",
+            "original_params",
+        ):
             out[key] = getattr(self, key)
         return out
 

@@ -2,13 +2,14 @@
 
     y = LN( ((x ⊙ g) · sign(W)ᵀ) ⊙ h ) + bias
 
-``W`` is a latent full-precision weight whose sign reaches the forward pass through a straight-through
-estimator; ``g`` (``in_scale``) and ``h`` (``out_scale``) are full-precision value vectors; LN is a
-LayerNorm without parameters; the bias (kept from the source layer, if it had one) is added after it.
+``W`` is a latent full-precision weight whose sign reaches the forward pass through a
+straight-through estimator; ``g`` (``in_scale``) and ``h`` (``out_scale``) are full-precision value
+vectors; LN is a LayerNorm without parameters; the bias (kept from the source layer, if it had one)
+is added after it.
 
-The fused path is one autograd function that saves only ``x`` and ``z = (x ⊙ g) · sign(W)ᵀ`` (plus two
-LayerNorm statistics per token) and recomputes ``sign(W)``, ``x ⊙ g`` and ``z ⊙ h`` in backward, where
-the naive composition of autograd ops would keep ``sign(W)`` (a weight-sized tensor) and three
+The fused path is one autograd function that saves only ``x`` and ``z = (x ⊙ g) · sign(W)ᵀ`` (plus
+two LayerNorm statistics per token) and recomputes ``sign(W)``, ``x ⊙ g`` and ``z ⊙ h`` in backward,
+where the naive composition of autograd ops would keep ``sign(W)`` (a weight-sized tensor) and three
 activation-sized tensors alive. Both paths run the same forward ops, so they give the same numbers.
 """
 
@@ -29,7 +30,7 @@ _layer_norm_backward = torch.ops.aten.native_layer_norm_backward
 def _forward_parts(
     x: Tensor, signs: Tensor, in_scale: Tensor, out_scale: Tensor, output_norm: bool, eps: float
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    z = F.linear(x * in_scale.to(x.dtype), signs)                  # (..., out)
+    z = F.linear(x * in_scale.to(x.dtype), signs)  # (..., out)
     y = z * out_scale.to(x.dtype)
     if not output_norm:
         return y, z, None, None
@@ -42,7 +43,8 @@ def onebit_forward(
 ) -> Tensor:
     """The layer's forward math on given ±1 signs (no bias); shared by training and packed layers.
 
-    Shapes: x (..., in), signs (out, in) ±1 in x's dtype, in_scale (in,), out_scale (out,) → (..., out).
+    Shapes: x (..., in), signs (out, in) ±1 in x's dtype, in_scale (in,), out_scale (out,) →
+    (..., out).
     """
     return _forward_parts(x, signs, in_scale, out_scale, output_norm, eps)[0]
 
@@ -50,7 +52,7 @@ def onebit_forward(
 class _FusedOneBitLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, in_scale, out_scale, output_norm, eps, ste, sign_of_zero):
-        s = sign(weight, x.dtype, sign_of_zero)                        # (out, in) ±1
+        s = sign(weight, x.dtype, sign_of_zero)  # (out, in) ±1
         y, z, mean, rstd = _forward_parts(x, s, in_scale, out_scale, output_norm, eps)
         ctx.save_for_backward(x, weight, in_scale, out_scale, z, mean, rstd)
         ctx.cfg = (output_norm, ste, sign_of_zero)
@@ -70,17 +72,17 @@ class _FusedOneBitLinear(torch.autograd.Function):
         n_out, n_in = weight.shape
         if ctx.needs_input_grad[3]:
             grad_h = (grad_y * z).reshape(-1, n_out).sum(0).to(out_scale.dtype)
-        grad_z = grad_y * h                                            # (..., out)
+        grad_z = grad_y * h  # (..., out)
         g = in_scale.to(x.dtype)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            grad_xs = grad_z @ sign(weight, x.dtype, sign_of_zero)     # (..., in)
+            grad_xs = grad_z @ sign(weight, x.dtype, sign_of_zero)  # (..., in)
             if ctx.needs_input_grad[0]:
                 grad_in = grad_xs * g
             if ctx.needs_input_grad[2]:
                 grad_g = (grad_xs * x).reshape(-1, n_in).sum(0).to(in_scale.dtype)
         if ctx.needs_input_grad[1]:
             xs = (x * g).reshape(-1, n_in)
-            grad_w = grad_z.reshape(-1, n_out).T @ xs                  # (out, in)
+            grad_w = grad_z.reshape(-1, n_out).T @ xs  # (out, in)
             grad_w = ste_grad(grad_w, weight, ste).to(weight.dtype)
         return grad_in, grad_w, grad_g, grad_h, None, None, None, None
 
@@ -132,12 +134,13 @@ class OneBitLinear(nn.Module):
             transposed: the source stores its weight as (in, out), as GPT-2's ``Conv1D`` does.
         """
         config = config or OneBitConfig()
-        W = linear.weight.T if transposed else linear.weight               # (out, in)
+        W = linear.weight.T if transposed else linear.weight  # (out, in)
         out_f, in_f = W.shape
         bias = getattr(linear, "bias", None)
-        layer = cls(in_f, out_f, bias=bias is not None, config=config,
-                    device=W.device, dtype=W.dtype)
-        if W.device.type == "meta":                                        # shapes only
+        layer = cls(
+            in_f, out_f, bias=bias is not None, config=config, device=W.device, dtype=W.dtype
+        )
+        if W.device.type == "meta":  # shapes only
             return layer
         a, b = svid(W, config.svid_method, config.svid_max_iter, config.svid_tol)
         layer.out_scale.copy_(a)
@@ -153,10 +156,18 @@ class OneBitLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         c = self.config
         if c.fused:
-            y = _FusedOneBitLinear.apply(x, self.weight, self.in_scale, self.out_scale,
-                                         c.output_norm, c.norm_eps, c.ste, c.sign_of_zero)
+            y = _FusedOneBitLinear.apply(
+                x,
+                self.weight,
+                self.in_scale,
+                self.out_scale,
+                c.output_norm,
+                c.norm_eps,
+                c.ste,
+                c.sign_of_zero,
+            )
         else:
-            s = sign_ste(self.weight, c.ste, c.sign_of_zero, x.dtype)      # (out, in) ±1
+            s = sign_ste(self.weight, c.ste, c.sign_of_zero, x.dtype)  # (out, in) ±1
             y = F.linear(x * self.in_scale.to(x.dtype), s) * self.out_scale.to(x.dtype)
             if c.output_norm:
                 y = F.layer_norm(y, (self.out_features,), eps=c.norm_eps)
@@ -171,5 +182,7 @@ class OneBitLinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, output_norm={c.output_norm}, ste={c.ste}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, output_norm={c.output_norm}, ste={c.ste}"
+        )

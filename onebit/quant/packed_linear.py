@@ -1,10 +1,10 @@
 """PackedOneBitLinear: the inference form of OneBitLinear, holding 1 bit per weight.
 
-It stores the packed signs (uint8, 8 per byte, see :mod:`onebit.quant.packing`), the value vectors
-g and h and the bias, and computes exactly what the trained layer computes: the signs are unpacked to
+It stores the packed signs (uint8, 8 per byte, see :mod:`onebit.quant.packing`), the value vectors g
+and h and the bias, and computes exactly what the trained layer computes: the signs are unpacked to
 the activation dtype and fed through the same forward function, so for the same dtype the output is
-bitwise equal. This reference path unpacks the whole matrix on each call; a fast kernel that reads the
-bits directly comes with the export format.
+bitwise equal. This reference path unpacks the whole matrix on each call; a fast kernel that reads
+the bits directly comes with the export format.
 """
 
 from __future__ import annotations
@@ -53,12 +53,18 @@ class PackedOneBitLinear(nn.Module):
         """Pack a trained :class:`OneBitLinear` (its signs, g, h and bias, in their dtype)."""
         if layer.config.sign_of_zero != "plus" and bool((layer.weight == 0).any()):
             raise ValueError(
-                "this layer uses quant.sign_of_zero='zero' and has latent weights equal to 0, which "
-                "a bit cannot represent; pack layers trained with sign_of_zero='plus'."
+                "this layer uses quant.sign_of_zero='zero' and has latent weights equal to 0, "
+                "which a bit cannot represent; pack layers trained with sign_of_zero='plus'."
             )
-        p = cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                output_norm=layer.config.output_norm, norm_eps=layer.config.norm_eps,
-                device=layer.weight.device, dtype=layer.in_scale.dtype)
+        p = cls(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            output_norm=layer.config.output_norm,
+            norm_eps=layer.config.norm_eps,
+            device=layer.weight.device,
+            dtype=layer.in_scale.dtype,
+        )
         p.packed_signs.copy_(pack_signs(layer.weight))
         p.in_scale.copy_(layer.in_scale)
         p.out_scale.copy_(layer.out_scale)
@@ -71,10 +77,13 @@ class PackedOneBitLinear(nn.Module):
         return unpack_signs(self.packed_signs, self.in_features, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = onebit_forward(x, self.signs(x.dtype), self.in_scale, self.out_scale,
-                           self.output_norm, self.norm_eps)
+        y = onebit_forward(
+            x, self.signs(x.dtype), self.in_scale, self.out_scale, self.output_norm, self.norm_eps
+        )
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, output_norm={self.output_norm}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, output_norm={self.output_norm}"
+        )

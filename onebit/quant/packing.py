@@ -1,9 +1,9 @@
 """Packing ±1 signs 8 to a byte, and back.
 
-Format (recorded in every export's config): along the last dimension, element ``j`` goes to byte
-``j // 8``, bit ``j % 8`` (least significant bit first, "little" bit order); a set bit means +1, a clear
-bit −1 (``sign(w) = +1 if w >= 0``). The last byte of a row is padded with clear bits when the length is
-not a multiple of 8; ``unpack_signs`` needs the original length to drop them.
+Format (recorded in every export's config): along the last dimension, element ``j`` goes to byte ``j
+// 8``, bit ``j % 8`` (least significant bit first, "little" bit order); a set bit means +1, a clear
+bit −1 (``sign(w) = +1 if w >= 0``). The last byte of a row is padded with clear bits when the
+length is not a multiple of 8; ``unpack_signs`` needs the original length to drop them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def pack_signs(w: Tensor) -> Tensor:
     pad = (-n) % 8
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
-    bits = bits.reshape(*w.shape[:-1], -1, 8)                            # (..., n/8, 8)
+    bits = bits.reshape(*w.shape[:-1], -1, 8)  # (..., n/8, 8)
     return (bits * _WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
 
 
@@ -38,8 +38,9 @@ def unpack_signs(packed: Tensor, n: int, dtype: torch.dtype = torch.float32) -> 
         raise ValueError(f"packed signs must be uint8, got {packed.dtype}.")
     if packed.shape[-1] != (n + 7) // 8:
         raise ValueError(
-            f"packed signs have {packed.shape[-1]} bytes per row, but {n} signs need {(n + 7) // 8}."
+            f"packed signs have {packed.shape[-1]} bytes per row, "
+            f"but {n} signs need {(n + 7) // 8}."
         )
-    bits = packed.unsqueeze(-1).bitwise_and(_WEIGHTS.to(packed.device)).ne(0)   # (..., m, 8)
+    bits = packed.unsqueeze(-1).bitwise_and(_WEIGHTS.to(packed.device)).ne(0)  # (..., m, 8)
     bits = bits.reshape(*packed.shape[:-1], -1)[..., :n]
     return bits.to(dtype) * 2 - 1

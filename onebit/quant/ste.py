@@ -1,8 +1,8 @@
 """Sign with one convention everywhere, and its straight-through estimators.
 
-``sign(w) = +1 if w >= 0 else -1``: the value a packed bit can hold, so the trained layer and the packed
-layer agree on every entry. The official code uses ``torch.sign`` (0 at 0) in training but packs 0 as +1;
-``sign_of_zero="zero"`` reproduces that for comparison only.
+``sign(w) = +1 if w >= 0 else -1``: the value a packed bit can hold, so the trained layer and the
+packed layer agree on every entry. The official code uses ``torch.sign`` (0 at 0) in training but
+packs 0 as +1; ``sign_of_zero="zero"`` reproduces that for comparison only.
 
 Straight-through estimators (gradient of the latent weight given the gradient of the sign):
     identity: g
@@ -56,5 +56,7 @@ class _SignSTE(torch.autograd.Function):
 def sign_ste(
     w: Tensor, kind: str = "identity", sign_of_zero: str = "plus", dtype: torch.dtype | None = None
 ) -> Tensor:
-    """``sign(w)`` in the forward pass, a straight-through estimator of kind ``kind`` in backward."""
+    """``sign(w)`` in the forward pass, a straight-through estimator of kind ``kind`` in
+    backward.
+    """
     return _SignSTE.apply(w, kind, sign_of_zero, dtype)

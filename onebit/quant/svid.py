@@ -13,14 +13,15 @@ Methods:
           started from ``b = 1``. For a non-negative A and a non-negative b the ``max`` never clips,
           so each round is one power iteration on AᵀA and the fixed point is the top singular pair
           (Perron–Frobenius): the NMF optimum *is* the SVD optimum for rank 1. It stops when the
-          captured energy ||A b||²/||b||² grows by less than ``tol`` (relative) or after ``max_iter``.
+          captured energy ||A b||²/||b||² grows by less than ``tol`` (relative) or after
+          ``max_iter``.
     power: the same iteration; kept as a name because that is what it is.
     nmf_sklearn: the official code's scikit-learn ``NMF(n_components=1, init="random",
           random_state=0)`` (200 iterations of coordinate descent, tol 1e-4), for reproduction.
     none: a = b = 1 (no value vectors: the "plain copy of W" ablation).
 
-Every method returns ``a`` and ``b`` scaled to the same root-mean-square value; the product
-``a bᵀ`` is unchanged by that and the output LayerNorm makes the layer invariant to it anyway.
+Every method returns ``a`` and ``b`` scaled to the same root-mean-square value; the product ``a bᵀ``
+is unchanged by that and the output LayerNorm makes the layer invariant to it anyway.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def _rank1_als(A: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor, in
     b = torch.ones(A.shape[1], dtype=A.dtype, device=A.device)
     energy = torch.zeros((), dtype=torch.float64, device=A.device)
     it = 0
-    for it in range(1, max_iter + 1):
-        a = torch.clamp_min_(A @ b, 0) / b.dot(b)              # (out,)
-        b = torch.clamp_min_(A.T @ a, 0) / a.dot(a)            # (in,)
+    for it in range(1, max_iter + 1):  # noqa: B007 - the count is returned
+        a = torch.clamp_min_(A @ b, 0) / b.dot(b)  # (out,)
+        b = torch.clamp_min_(A.T @ a, 0) / a.dot(a)  # (in,)
         # b is the least-squares b for this a, so ||A − a bᵀ||² = ||A||² − ||a||²·||b||²: the
         # captured energy ||a||²·||b||² rises monotonically to σ₁² and costs two dot products.
         new_energy = (a.dot(a) * b.dot(b)).double()
@@ -56,7 +57,7 @@ def _rank1_als(A: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor, in
             energy = new_energy
             break
         energy = new_energy
-    a = torch.clamp_min_(A @ b, 0) / b.dot(b)                  # least-squares a for the final b
+    a = torch.clamp_min_(A @ b, 0) / b.dot(b)  # least-squares a for the final b
     return a, b, it
 
 
@@ -72,7 +73,8 @@ def svid(
         tol: relative energy change under which ``nmf`` and ``power`` stop.
 
     Returns:
-        ``(a, b)`` in float32 on ``weight``'s device: ``a`` is the paper's h (out_scale), ``b`` its g.
+        ``(a, b)`` in float32 on ``weight``'s device: ``a`` is the paper's h (out_scale), ``b``
+        its g.
 
     Shapes: weight (out, in) → a (out,), b (in,).
     """
@@ -85,7 +87,7 @@ def svid(
     if method == "svd":
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         u, v = U[:, 0], Vh[0]
-        if u.sum() < 0:                                        # the Perron vector is non-negative
+        if u.sum() < 0:  # the Perron vector is non-negative
             u, v = -u, -v
         s = S[0].sqrt()
         a, b = (u * s).clamp_min(0), (v * s).clamp_min(0)
@@ -94,7 +96,9 @@ def svid(
     elif method == "nmf_sklearn":
         a, b = _svid_sklearn(A, max_iter)
     else:
-        raise ValueError(f"svid method={method!r} is not one of nmf, svd, power, nmf_sklearn, none.")
+        raise ValueError(
+            f"svid method={method!r} is not one of nmf, svd, power, nmf_sklearn, none."
+        )
     return _balance(a, b)
 
 
@@ -126,7 +130,7 @@ def svid_approx(weight: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """
     from onebit.quant.ste import sign
 
-    return sign(weight.float()) * torch.outer(a.float(), b.float())
+    return sign(weight.detach().float()) * torch.outer(a.float(), b.float())
 
 
 def xnor_approx(weight: Tensor, per_row: bool = True) -> Tensor:
@@ -136,15 +140,17 @@ def xnor_approx(weight: Tensor, per_row: bool = True) -> Tensor:
     """
     from onebit.quant.ste import sign
 
-    W = weight.float()
+    W = weight.detach().float()
     scale = W.abs().mean(dim=1, keepdim=True) if per_row else W.abs().mean()
     return sign(W) * scale
 
 
 def relative_error(weight: Tensor, approx: Tensor) -> float:
     """``||W − approx||_F / ||W||_F``, accumulated in float64."""
-    W = weight.double()
-    return float(torch.linalg.matrix_norm(W - approx.double()) / torch.linalg.matrix_norm(W))
+    W = weight.detach().double()
+    return float(
+        torch.linalg.matrix_norm(W - approx.detach().double()) / torch.linalg.matrix_norm(W)
+    )
 
 
 def svid_error(weight: Tensor, method: str = "nmf", **kwargs) -> float:
@@ -159,6 +165,8 @@ def xnor_error(weight: Tensor, per_row: bool = True) -> float:
 
 
 def rank1_optimal_error(weight: Tensor) -> float:
-    """The smallest possible relative rank-1 error of ``|W|`` (from all singular values, float64)."""
+    """The smallest possible relative rank-1 error of ``|W|`` (from all singular values,
+    float64).
+    """
     S = torch.linalg.svdvals(weight.detach().abs().double())
     return math.sqrt(float(S[1:].pow(2).sum() / S.pow(2).sum()))

@@ -1,0 +1,36 @@
+"""Validation helpers shared by the library's config dataclasses (one clear sentence per error)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def check_choice(section: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming ``section.key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}.")
+
+
+def check_number(section: str, key: str, value: Any, *, allow_zero: bool = True) -> None:
+    """Raise ``ValueError`` naming ``section.key`` unless ``value`` is finite and >= 0 (> 0)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{section}.{key}={value!r} must be a finite number {bound}.")
+
+
+def from_mapping(cls: type[T], values: dict[str, Any], section: str) -> T:
+    """Build dataclass ``cls`` from a plain mapping (e.g. a Hydra node), naming any unknown key."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"{section} has unknown key(s) {', '.join(unknown)}; "
+            f"valid keys: {', '.join(sorted(known))}."
+        )
+    return cls(**values)

@@ -1,0 +1,98 @@
+"""SVID: exact rank-1 error (SVD), NMF at least as good as sklearn's, better than XNOR."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from onebit.quant import (
+    rank1_optimal_error,
+    relative_error,
+    svid,
+    svid_approx,
+    svid_error,
+    xnor_error,
+)
+
+
+def _llm_like(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
+    """Gaussian weights with lognormal row and column scales, as trained LLM weights have."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.exp(0.5 * torch.randn(out_f, 1, generator=g))
+    cols = torch.exp(0.5 * torch.randn(1, in_f, generator=g))
+    return 0.02 * torch.randn(out_f, in_f, generator=g) * rows * cols
+
+
+@pytest.mark.parametrize("method", ["nmf", "svd", "power", "nmf_sklearn"])
+def test_factors_are_nonnegative_with_the_right_shapes(method: str) -> None:
+    a, b = svid(_llm_like(48, 80), method)
+    assert a.shape == (48,) and b.shape == (80,)
+    assert (a >= 0).all() and (b >= 0).all()
+    assert a.dtype == b.dtype == torch.float32
+
+
+def test_svd_error_equals_the_exact_rank1_error() -> None:
+    W = _llm_like(96, 160)
+    S = torch.linalg.svdvals(W.abs().double())
+    exact = math.sqrt(float(S[1:].pow(2).sum() / W.double().pow(2).sum()))
+    assert svid_error(W, "svd") == pytest.approx(exact, rel=1e-6)
+    assert rank1_optimal_error(W) == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (172, 64), (96, 257)])
+def test_nmf_error_is_at_most_sklearns(shape: tuple[int, int]) -> None:
+    W = _llm_like(*shape, seed=shape[0])
+    ours, sk, best = svid_error(W, "nmf"), svid_error(W, "nmf_sklearn"), rank1_optimal_error(W)
+    # float32 iterations; allow 1e-6 relative for rounding at the common optimum
+    assert ours <= sk * (1 + 1e-6)
+    assert ours == pytest.approx(best, rel=1e-5)
+
+
+def test_power_and_nmf_are_the_same_iteration() -> None:
+    W = _llm_like(40, 70)
+    for x, y in zip(svid(W, "nmf"), svid(W, "power"), strict=True):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+def test_svid_beats_xnor_on_llm_like_weights() -> None:
+    W = _llm_like(128, 256)
+    assert svid_error(W, "nmf") < xnor_error(W) - 0.01
+
+
+def test_svid_beats_xnor_on_real_weights(stories_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from onebit.quant import iter_target_linears
+
+    model = AutoModelForCausalLM.from_pretrained(stories_path)
+    pairs = [
+        (svid_error(m.weight, "nmf"), xnor_error(m.weight)) for _, m in iter_target_linears(model)
+    ]
+    assert len(pairs) == 35  # 5 blocks × (q, k, v, o, gate, up, down)
+    svid_mean = sum(p[0] for p in pairs) / len(pairs)
+    xnor_mean = sum(p[1] for p in pairs) / len(pairs)
+    assert all(s < x for s, x in pairs), pairs
+    assert svid_mean < xnor_mean
+
+
+def test_none_gives_unit_scales_and_approx_is_consistent() -> None:
+    W = _llm_like(8, 12)
+    a, b = svid(W, "none")
+    assert torch.equal(a, torch.ones(8)) and torch.equal(b, torch.ones(12))
+    a, b = svid(W, "svd")
+    assert relative_error(W, svid_approx(W, a, b)) == pytest.approx(svid_error(W, "svd"), rel=1e-9)
+
+
+def test_balance_keeps_the_product() -> None:
+    W = _llm_like(30, 50)
+    a, b = svid(W, "nmf")
+    assert a.pow(2).mean().sqrt().item() == pytest.approx(b.pow(2).mean().sqrt().item(), rel=1e-4)
+
+
+def test_bad_input_is_named() -> None:
+    with pytest.raises(ValueError, match="method='qr'"):
+        svid(torch.randn(4, 4), "qr")
+    with pytest.raises(ValueError, match="2-D weight"):
+        svid(torch.randn(4), "nmf")
