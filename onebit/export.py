@@ -1,0 +1,186 @@
+"""The exported 1-bit model: a directory that ``load_onebit`` rebuilds without dense weight matrices.
+
+Layout:
+    config.json        the base architecture's Hugging Face config, plus an ``onebit`` block: format
+                       version, the quantization config, the quantized module names, the sign
+                       convention and bit order, and the dtype of the value vectors.
+    model.safetensors  packed signs (uint8, 8 per byte), g (``in_scale``), h (``out_scale``), biases,
+                       and the full-precision embeddings, norms and ``lm_head``; tied tensors once.
+    tokenizer files    when a tokenizer is given.
+
+The directory is written next to its destination and renamed into place, so an interrupted export
+never replaces a good one with half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from onebit.errors import OneBitInputError
+from onebit.quant import OneBitConfig, OneBitLinear, PackedOneBitLinear
+from onebit.quant.convert import _set_submodule
+from onebit.quant.packing import BIT_ORDER
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+def _packed_state(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list]:
+    """State dict of ``model`` with every OneBitLinear packed, floats cast to ``dtype``."""
+    state: dict[str, torch.Tensor] = {}
+    names = []
+    seen: dict[int, str] = {}
+    packed_prefixes = set()
+    for name, module in model.named_modules():
+        if isinstance(module, OneBitLinear | PackedOneBitLinear):
+            names.append(name)
+            p = (
+                module
+                if isinstance(module, PackedOneBitLinear)
+                else PackedOneBitLinear.from_onebit(module)
+            )
+            for key, t in p.state_dict().items():
+                state[f"{name}.{key}"] = t if t.dtype == torch.uint8 else t.to(dtype)
+            packed_prefixes.add(name + ".")
+    for key, t in model.state_dict(keep_vars=False).items():
+        if any(key.startswith(p) for p in packed_prefixes):
+            continue
+        if t.data_ptr() in seen and t.data_ptr() != 0:  # tied (e.g. embeddings and lm_head)
+            continue
+        seen[t.data_ptr()] = key
+        state[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    return state, names
+
+
+def save_onebit(
+    model: nn.Module,
+    path: str | os.PathLike,
+    quant: OneBitConfig,
+    dtype: torch.dtype = torch.float16,
+    tokenizer: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Export a OneBit student (OneBitLinear or already packed layers) as a 1-bit model directory.
+
+    Args:
+        model: the student, a Hugging Face causal LM whose decoder-block linears are OneBit layers.
+        path: the directory to create (replaced atomically if it exists).
+        quant: the quantization config the student was trained with.
+        dtype: dtype of the value vectors and the full-precision parts.
+        tokenizer: saved alongside when given.
+        extra: more metadata for the ``onebit`` block of config.json.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state, names = _packed_state(model, dtype)
+    if not names:
+        raise OneBitInputError("the model has no OneBit layers to export; quantize it first.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+    try:
+        save_file(state, tmp / WEIGHTS, metadata={"format": "pt", "onebit": str(FORMAT_VERSION)})
+        model.config.save_pretrained(tmp)
+        cfg_file = tmp / "config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["onebit"] = {
+            "format_version": FORMAT_VERSION,
+            "quant": quant.to_dict(),
+            "modules": names,
+            "sign_convention": "bit 1 = +1 (w >= 0), bit 0 = -1",
+            "bit_order": BIT_ORDER,
+            "value_dtype": str(dtype).removeprefix("torch."),
+            **(extra or {}),
+        }
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_onebit(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild an exported 1-bit model with :class:`PackedOneBitLinear` layers, in eval mode.
+
+    No dense weight matrix is ever materialised: the architecture is built with parameters on the
+    ``meta`` device and the saved tensors are assigned in place.
+
+    Args:
+        path: a directory written by :func:`save_onebit`.
+        dtype: cast the floating-point tensors to this dtype (default: as saved).
+    """
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
+        raise OneBitInputError(f"{path} is not a OneBit export (needs config.json and {WEIGHTS}).")
+    raw = json.loads((path / "config.json").read_text())
+    info = raw.get("onebit")
+    if not info:
+        raise OneBitInputError(f"{path}/config.json has no 'onebit' block: not a OneBit export.")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise OneBitInputError(
+            f"{path} has OneBit format version {info.get('format_version')}, this code reads "
+            f"{FORMAT_VERSION}."
+        )
+    quant = OneBitConfig.from_dict(info["quant"])
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real
+        model = AutoModelForCausalLM.from_config(config)
+    state = load_file(path / WEIGHTS)
+    for name in info["modules"]:
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise OneBitInputError(f"{path}: module {name} is not in the architecture.") from None
+        out_f, in_f = (
+            (old.out_features, old.in_features)
+            if hasattr(old, "in_features")
+            else (old.nf, old.weight.shape[0])
+        )
+        packed = state.get(f"{name}.packed_signs")
+        expected = (out_f, (in_f + 7) // 8)
+        if packed is None or tuple(packed.shape) != expected:
+            got = None if packed is None else tuple(packed.shape)
+            raise OneBitInputError(
+                f"{path}: {name}.packed_signs has shape {got}, the architecture needs {expected}."
+            )
+        new = PackedOneBitLinear(
+            in_f,
+            out_f,
+            bias=f"{name}.bias" in state,
+            output_norm=quant.output_norm,
+            norm_eps=quant.norm_eps,
+            device="meta",
+        )
+        _set_submodule(model, name, new)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise OneBitInputError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}.")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise OneBitInputError(f"{path}: tensors missing from {WEIGHTS}: {still_meta[:5]}.")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

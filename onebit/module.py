@@ -1,0 +1,257 @@
+"""The LightningModule: a frozen full-precision teacher and its OneBit student.
+
+The student is built in ``configure_model`` (a copy of the teacher, its decoder-block linears swapped for
+SVID-initialised OneBit layers, everything else frozen), idempotently: Lightning may call the hook more
+than once. The teacher is held beside the student, not as a child module, so it never reaches the
+optimizer or a checkpoint; it stays in eval mode with gradients off.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from onebit.config_utils import check_number, from_mapping
+from onebit.distill import DistillLoss, DistillLossConfig
+from onebit.errors import OneBitInputError
+from onebit.models import ModelSpec, load_causal_lm
+from onebit.quant import OneBitConfig, OneBitLinear, footprint, freeze_, quantize_
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay: the paper's recipe by default.
+
+    Attributes:
+        lr: peak learning rate.
+        betas: Adam betas (paper: 0.9, 0.98).
+        weight_decay: decoupled weight decay on latent weights and value vectors (not biases).
+        eps: Adam epsilon.
+        warmup_steps: linear warm-up from 0 to ``lr``.
+        min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` at the last step.
+    """
+
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_number("optim", "lr", self.lr, allow_zero=False)
+        check_number("optim", "weight_decay", self.weight_decay)
+        check_number("optim", "eps", self.eps, allow_zero=False)
+        check_number("optim", "warmup_steps", self.warmup_steps)
+        check_number("optim", "min_lr_ratio", self.min_lr_ratio)
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise OneBitInputError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1).")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> OptimConfig:
+        return from_mapping(cls, values, "optim")
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _as(cls, value):
+    return value if isinstance(value, cls) or value is None else cls.from_dict(dict(value))
+
+
+class OneBitDistillation(L.LightningModule):
+    """Distil a full-precision teacher into its OneBit student.
+
+    Args:
+        model: the teacher (and so the student's architecture and full-precision parts).
+        quant: OneBit layer and initialisation options.
+        loss: distillation loss weights and reductions.
+        optim: optimizer and schedule.
+        teacher: an already loaded teacher to use instead of loading ``model`` (tests, notebooks).
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec | dict[str, Any],
+        quant: OneBitConfig | dict[str, Any] | None = None,
+        loss: DistillLossConfig | dict[str, Any] | None = None,
+        optim: OptimConfig | dict[str, Any] | None = None,
+        teacher: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = _as(ModelSpec, model)
+        self.quant = _as(OneBitConfig, quant) or OneBitConfig()
+        self.loss_config = _as(DistillLossConfig, loss) or DistillLossConfig()
+        self.optim = _as(OptimConfig, optim) or OptimConfig()
+        self.save_hyperparameters(
+            {
+                "model": self.spec.to_dict(),
+                "quant": self.quant.to_dict(),
+                "loss": asdict(self.loss_config),
+                "optim": {**asdict(self.optim), "betas": list(self.optim.betas)},
+            }
+        )
+        self.loss_fn = DistillLoss(self.loss_config)
+        self.student: nn.Module | None = None
+        # a list keeps the teacher out of self._modules: no optimizer, no checkpoint, no .train()
+        self._teacher: list[nn.Module] = [] if teacher is None else [teacher]
+        self._step_start: float | None = None
+        self._val_sums: dict[str, Tensor] = {}
+        self.teacher_val_ppl: float | None = None
+
+    # -- model set-up --------------------------------------------------------------------------
+    @property
+    def teacher(self) -> nn.Module:
+        if not self._teacher:
+            raise RuntimeError("the teacher is loaded in configure_model(); call it first.")
+        return self._teacher[0]
+
+    def configure_model(self) -> None:
+        if self.student is not None:  # Lightning may call this more than once
+            return
+        if not self._teacher:
+            self._teacher.append(load_causal_lm(self.spec))
+        teacher = self.teacher.eval().requires_grad_(False)
+        student = copy.deepcopy(teacher)
+        quantize_(student, self.quant, progress=True)
+        for layer in student.modules():  # trainable weights are fp32 masters, whatever the teacher
+            if isinstance(layer, OneBitLinear):
+                layer.float()
+        self.student = freeze_(student).train()  # embeddings, norms, lm_head: full precision
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.teacher.to(self.device)
+
+    def footprint_report(self):
+        return footprint(self.student, self.quant)
+
+    # -- training -----------------------------------------------------------------------------
+    def _forward_pair(self, batch: dict[str, Tensor]):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        hidden = self.loss_config.needs_hidden_states
+        with torch.no_grad():
+            t = self.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+        s = self.student(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+        return s, t
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        s, t = self._forward_pair(batch)
+        terms = self.loss_fn(
+            s.logits,
+            t.logits,
+            s.hidden_states,
+            t.hidden_states,
+            batch.get("attention_mask"),
+            batch["input_ids"],
+        )
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=bs)
+        for key in ("kd", "hidden", "lm"):
+            if key in terms:
+                self.log(f"train/loss_{key}", terms[key], batch_size=bs)
+        return terms["loss"]
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self._step_start is None:
+            return
+        dt = time.perf_counter() - self._step_start
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self.log("train/tokens_per_s", tokens / max(dt, 1e-9), prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            )
+            self.log("train/grad_norm", norm)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.student.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith(".bias") else decay).append(p)
+        o = self.optim
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": o.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(o.warmup_steps, total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_with_warmup(step, warmup, total, o.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- validation: perplexity of student (and, once, teacher) on held-out blocks --------------
+    @staticmethod
+    def _nll_sum(logits: Tensor, ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Summed next-token NLL and the number of predicted tokens. Shapes: (B, T, V), (B, T)."""
+        labels = ids[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            reduction="none",
+        ).view_as(labels)
+        keep = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)
+        return (nll * keep).sum(), keep.sum()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        s, t = self._forward_pair(batch)
+        terms = self.loss_fn(s.logits, t.logits, s.hidden_states, t.hidden_states, mask, ids)
+        self.log("val/loss", terms["loss"], batch_size=ids.shape[0], sync_dist=True)
+        parts = {"student": self._nll_sum(s.logits, ids, mask)}
+        if self.teacher_val_ppl is None:
+            parts["teacher"] = self._nll_sum(t.logits, ids, mask)
+        for who, (nll, n) in parts.items():
+            acc = self._val_sums.setdefault(
+                who, torch.zeros(2, dtype=torch.float64, device=ids.device)
+            )
+            acc += torch.stack([nll.double(), n.double()])
+
+    def on_validation_epoch_end(self) -> None:
+        for who, acc in self._val_sums.items():
+            total = self.trainer.strategy.reduce(
+                acc, reduce_op="sum"
+            )  # sums, not means, over ranks
+            ppl = math.exp(total[0].item() / max(total[1].item(), 1.0))
+            if who == "teacher":
+                if not self.trainer.sanity_checking:
+                    self.teacher_val_ppl = ppl
+                self.log("val/ppl_teacher", ppl, sync_dist=False)
+            else:
+                self.log("val/ppl", ppl, prog_bar=True, sync_dist=False)
+        if self.teacher_val_ppl is not None and "teacher" not in self._val_sums:
+            self.log("val/ppl_teacher", self.teacher_val_ppl, sync_dist=False)
+
+    def onebit_layers(self) -> list[OneBitLinear]:
+        return [m for m in self.student.modules() if isinstance(m, OneBitLinear)]

@@ -1,0 +1,125 @@
+"""The LightningModule on a tiny model: the loss falls, the teacher stays out of checkpoints and
+unchanged, and a resumed run ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from onebit.module import OneBitDistillation, cosine_with_warmup
+
+from .conftest import compose_train
+
+
+def _run(cfg):
+    import train
+
+    return train.run(cfg)
+
+
+def _student_state(ckpt_path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_train_loss_falls_and_teacher_is_not_saved(tmp_path, tiny_overrides) -> None:
+    cfg = compose_train(
+        tiny_overrides + ["trainer.max_steps=30", "trainer.val_check_interval=10"], tmp_path
+    )
+    from onebit.models import tiny_causal_lm
+
+    teacher_before = {k: v.clone() for k, v in tiny_causal_lm("llama").state_dict().items()}
+    result = _run(cfg)
+    # loss falls: mean of the last 5 logged steps well below the first 5
+    import csv
+    from pathlib import Path
+
+    rows = list(csv.DictReader(open(next(Path(cfg.paths.output_dir).rglob("metrics.csv")))))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    for key in (
+        "train/loss_kd",
+        "train/loss_hidden",
+        "train/tokens_per_s",
+        "train/lr",
+        "train/grad_norm",
+    ):
+        assert any(r.get(key) for r in rows), key
+    # the checkpoint holds the student only
+    state = _student_state(result["checkpoint_last"])
+    assert state and all(k.startswith("student.") for k in state), list(state)[:5]
+    # exactly one model: the teacher's tensors plus g and h for each of the 14 OneBit layers
+    assert len(state) == len(teacher_before) + 2 * 14
+    # the teacher (reloaded deterministically) is the model we started from, and was never trained:
+    # the student's frozen embeddings still equal it, its OneBit layers moved away from SVID
+    emb = state["student.model.embed_tokens.weight"]
+    torch.testing.assert_close(emb, teacher_before["model.embed_tokens.weight"], atol=0, rtol=0)
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["metrics"]["val/ppl"] > 0 and saved["export"].endswith("onebit_model")
+
+
+def test_teacher_weights_unchanged_and_not_in_state_dict(tiny_overrides) -> None:
+    from onebit.models import tiny_causal_lm
+
+    teacher = tiny_causal_lm("llama")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    module = OneBitDistillation(
+        {"name": "t", "source": "tiny", "arch": "llama"},
+        teacher=teacher,
+        optim={"lr": 1e-2, "warmup_steps": 0},
+    )
+    module.configure_model()
+    module.configure_model()  # idempotent
+    assert all(k.startswith("student.") for k in module.state_dict())
+    assert not any(p is q for p in module.parameters() for q in teacher.parameters())
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (2, 12))
+    for _ in range(3):
+        s, t = module._forward_pair({"input_ids": ids})
+        loss = module.loss_fn(s.logits, t.logits, s.hidden_states, t.hidden_states)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+    assert not teacher.training and all(p.grad is None for p in teacher.parameters())
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(".layers." in n for n in trainable)
+
+
+def test_resume_continues_the_same_run(tmp_path, tiny_overrides) -> None:
+    common = tiny_overrides + [
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "callbacks.checkpoint.every_n_train_steps=3",
+        "callbacks.checkpoint.save_top_k=-1",
+        "export=false",
+        "callbacks.checkpoint.monitor=null",
+        "callbacks.checkpoint.filename='s{step:03d}'",
+    ]
+    full = compose_train(common, tmp_path / "full")
+    _run(full)
+    full_ckpts = sorted((tmp_path / "full" / "out" / "checkpoints").glob("s*.ckpt"))
+    mid = next(p for p in full_ckpts if torch.load(p, weights_only=False)["global_step"] == 3)
+
+    resumed = compose_train(common, tmp_path / "resumed")
+    with open_dict(resumed):
+        resumed.ckpt_path = str(mid)
+    _run(resumed)
+    a = torch.load(tmp_path / "full" / "out" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "out" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 8
+    for k in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], atol=0, rtol=0, msg=k)
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in sa:
+        torch.testing.assert_close(sb[i]["exp_avg"], sa[i]["exp_avg"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("step", "expected"), [(0, 0.1), (9, 1.0), (10, 1.0), (110, 0.0)])
+def test_cosine_with_warmup(step: int, expected: float) -> None:
+    assert cosine_with_warmup(step, warmup=10, total=110, min_ratio=0.0) == pytest.approx(expected)
+    assert cosine_with_warmup(60, 10, 110, 0.0) == pytest.approx(0.5)

@@ -1,0 +1,100 @@
+"""train.py end to end on tiny models: composes, trains, checkpoints without the teacher, resumes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from onebit.distill import DistillLossConfig
+from onebit.models import ModelSpec
+from onebit.module import OptimConfig
+from onebit.quant import OneBitConfig
+
+from ..conftest import REPO
+from .conftest import compose_train
+
+MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def _validate(cfg) -> None:
+    resolved = {
+        k: OmegaConf.to_container(cfg[k], resolve=True)
+        for k in ("quant", "loss", "optim", "trainer")
+    }
+    OneBitConfig.from_dict(resolved["quant"])
+    DistillLossConfig.from_dict(resolved["loss"])
+    OptimConfig.from_dict(resolved["optim"])
+    import inspect
+
+    import lightning as L
+
+    assert set(resolved["trainer"]) <= set(inspect.signature(L.Trainer).parameters)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_config_composes(model: str, tmp_path) -> None:
+    overrides = [f"model={model}"] + (["model.path=/some/dir"] if model == "local" else [])
+    cfg = compose_train(overrides, tmp_path)
+    spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    assert spec.name == model
+    assert OmegaConf.to_container(cfg.data, resolve=True)["model"]["name"] == model
+    _validate(cfg)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment: str, tmp_path) -> None:
+    cfg = compose_train([f"experiment={experiment}"], tmp_path)
+    assert cfg.quant.svid_method == "nmf_sklearn" and cfg.loss.kd_reduction == "batchmean"
+    assert cfg.data.seq_len == 2048 and cfg.optim.betas == [0.9, 0.98]
+    _validate(cfg)
+
+
+def test_cfg_job_from_the_command_line() -> None:
+    out = subprocess.run(
+        [sys.executable, "train.py", "experiment=onebit_llama7b", "--cfg", "job"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "huggyllama/llama-7b" in out.stdout and "lr: 0.0004" in out.stdout
+
+
+def test_unknown_group_option_lists_the_valid_ones() -> None:
+    out = subprocess.run(
+        [sys.executable, "train.py", "model=llama9b"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "llama9b" in out.stderr and "llama7b" in out.stderr and "smollm2_135m" in out.stderr
+
+
+def test_missing_local_model_is_one_clear_sentence(tmp_path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "model=local",
+            f"model.path={tmp_path}/nope",
+            f"paths.cache_dir={tmp_path}",
+            f"paths.log_dir={tmp_path}",
+            "logger=none",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip().splitlines()[-1] == f"error: model.path={tmp_path}/nope does not exist."
+    )
