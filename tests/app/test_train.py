@@ -98,3 +98,20 @@ def test_missing_local_model_is_one_clear_sentence(tmp_path) -> None:
     assert (
         out.stderr.strip().splitlines()[-1] == f"error: model.path={tmp_path}/nope does not exist."
     )
+
+
+@pytest.mark.slow
+def test_two_job_multirun_completes(tmp_path) -> None:
+    out = subprocess.run(
+        [sys.executable, "train.py", "-m", "model=tiny_llama", "trainer=cpu_smoke", "logger=csv",
+         "data.num_sequences=8", "data.val_sequences=2", "data.seq_len=16", "data.batch_size=2",
+         "optim.lr=1e-3,2e-3", f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = sorted(tmp_path.rglob("result.json"))
+    assert len(results) == 2
+    lrs = sorted(
+        float(OmegaConf.load(r.parent / ".hydra" / "config.yaml").optim.lr) for r in results
+    )
+    assert lrs == [1e-3, 2e-3]
