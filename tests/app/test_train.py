@@ -115,3 +115,16 @@ def test_two_job_multirun_completes(tmp_path) -> None:
         float(OmegaConf.load(r.parent / ".hydra" / "config.yaml").optim.lr) for r in results
     )
     assert lrs == [1e-3, 2e-3]
+
+
+def test_slurm_launcher_config_composes() -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm", "experiment=onebit_llama13b"],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["nodes"] == 2 and launcher["tasks_per_node"] == 8
