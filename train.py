@@ -1,11 +1,12 @@
 """Distil a full-precision LLM into its OneBit (1-bit weight) student.
 
-    python train.py                                  # SmolLM2-135M, self-generated data, CPU, ~10 min
+    python train.py                             # SmolLM2-135M, self-generated data, CPU, ~10 min
     python train.py model=stories260k trainer.max_steps=50
     python train.py experiment=onebit_llama7b trainer.num_nodes=1
     python train.py -m optim.lr=1e-4,4e-4             # a sweep, one process per job
 
-This is the one place where config becomes objects (model spec, data module, LightningModule, trainer).
+This is the one place where config becomes objects (model spec, data module, LightningModule,
+trainer).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""The exported 1-bit model: a directory that ``load_onebit`` rebuilds without dense weight matrices.
+"""The exported 1-bit model: a directory ``load_onebit`` rebuilds without dense weight matrices.
 
 Layout:
     config.json        the base architecture's Hugging Face config, plus an ``onebit`` block: format
                        version, the quantization config, the quantized module names, the sign
                        convention and bit order, and the dtype of the value vectors.
-    model.safetensors  packed signs (uint8, 8 per byte), g (``in_scale``), h (``out_scale``), biases,
+    model.safetensors  packed signs (uint8, 8 per byte), g (``in_scale``), h (``out_scale``),
+                       biases,
                        and the full-precision embeddings, norms and ``lm_head``; tied tensors once.
     tokenizer files    when a tokenizer is given.
 

@@ -1,8 +1,9 @@
 """Is the Hugging Face Hub reachable? Answered in at most a few seconds, once per process.
 
-Offline, ``from_pretrained``/``load_dataset`` retry for a long time before failing with a message about
-connection errors. We ask first (a TCP connect to the Hub's host with a short timeout), and when the
-answer is no we set the libraries' offline flags so that nothing waits on the network afterwards.
+Offline, ``from_pretrained``/``load_dataset`` retry for a long time before failing with a message
+about connection errors. We ask first (a TCP connect to the Hub's host with a short timeout), and
+when the answer is no we set the libraries' offline flags so that nothing waits on the network
+afterwards.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def _offline_flag_set() -> bool:
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when the Hub (``HF_ENDPOINT`` or huggingface.co) accepts a TCP connection.
 
-    False at once when an offline flag is set. When False, the offline flags are set for this process.
+    False at once when an offline flag is set. When False, the offline flags are set for this
+    process.
     """
     if _offline_flag_set():
         return False

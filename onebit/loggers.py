@@ -9,7 +9,7 @@ from typing import Any
 
 
 def wandb_configured() -> bool:
-    """True when W&B credentials exist (``WANDB_API_KEY`` or a ``wandb login`` entry in ~/.netrc)."""
+    """True when W&B credentials exist (``WANDB_API_KEY``, or ``wandb login``'s ~/.netrc entry)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:

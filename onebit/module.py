@@ -1,9 +1,9 @@
 """The LightningModule: a frozen full-precision teacher and its OneBit student.
 
-The student is built in ``configure_model`` (a copy of the teacher, its decoder-block linears swapped for
-SVID-initialised OneBit layers, everything else frozen), idempotently: Lightning may call the hook more
-than once. The teacher is held beside the student, not as a child module, so it never reaches the
-optimizer or a checkpoint; it stays in eval mode with gradients off.
+The student is built in ``configure_model`` (a copy of the teacher, its decoder-block linears
+swapped for SVID-initialised OneBit layers, everything else frozen), idempotently: Lightning may
+call the hook more than once. The teacher is held beside the student, not as a child module, so it
+never reaches the optimizer or a checkpoint; it stays in eval mode with gradients off.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class OptimConfig:
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    """LR factor: linear warm-up to 1 over ``warmup`` steps, then a cosine down to ``min_ratio``."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -201,7 +201,10 @@ class OneBitDistillation(L.LightningModule):
             betas=o.betas,
             eps=o.eps,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        # max_steps when set: estimated_stepping_batches would build the train loader before a
+        # checkpoint's loader state is restored (Lightning #20550), losing the data position
+        max_steps = self.trainer.max_steps
+        total = max_steps if max_steps > 0 else max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(o.warmup_steps, total)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: cosine_with_warmup(step, warmup, total, o.min_lr_ratio)

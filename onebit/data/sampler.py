@@ -1,10 +1,11 @@
 """A resumable, rank-aware sampler and loader for map-style data sets.
 
 ``EpochSampler`` draws a seeded permutation per epoch (the same on every rank), gives each rank its
-strided share, and can start part-way through an epoch. ``ResumableDataLoader`` counts the batches it
-has handed out and exposes ``state_dict``/``load_state_dict``: Lightning saves that state in every
-checkpoint and restores it on resume, so a resumed run continues with the next unseen batch — no sample
-repeated or skipped, whatever the number of workers (the count is kept in the main process).
+strided share, and can start part-way through an epoch. ``ResumableDataLoader`` counts the batches
+it has handed out and exposes ``state_dict``/``load_state_dict``: Lightning saves that state in
+every checkpoint and restores it on resume, so a resumed run continues with the next unseen batch —
+no sample repeated or skipped, whatever the number of workers (the count is kept in the main
+process).
 """
 
 from __future__ import annotations

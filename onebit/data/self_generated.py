@@ -5,9 +5,9 @@ uniformly from the vocabulary (special tokens excluded); the next ``greedy_token
 teacher's top-1 choices and the rest are sampled from its distribution. Sequences have exactly
 ``seq_len`` tokens (end-of-sequence is suppressed until then), so they need no padding.
 
-Generation is done once, in ``prepare_data`` (one process per node), and cached to disk under a key of
-the teacher and every generation setting; a rerun, or the other ranks, load the cache. The cache is
-written to a temporary file and renamed, so an interrupted generation never leaves a half-written
+Generation is done once, in ``prepare_data`` (one process per node), and cached to disk under a key
+of the teacher and every generation setting; a rerun, or the other ranks, load the cache. The cache
+is written to a temporary file and renamed, so an interrupted generation never leaves a half-written
 cache behind. No data set is needed at all, which makes this the natural default.
 """
 

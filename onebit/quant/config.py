@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from onebit.config_utils import check_choice, check_number, from_mapping
+from onebit.errors import OneBitInputError
 
 SvidMethod = Literal["nmf", "svd", "power", "nmf_sklearn", "none"]
 LatentInit = Literal["sign", "weight"]
@@ -70,12 +71,14 @@ class OneBitConfig:
         check_choice("quant", "ste", self.ste, STE_KINDS)
         check_choice("quant", "sign_of_zero", self.sign_of_zero, SIGNS_OF_ZERO)
         if not isinstance(self.svid_max_iter, int) or self.svid_max_iter < 1:
-            raise ValueError(f"quant.svid_max_iter={self.svid_max_iter!r} must be an integer >= 1.")
+            raise OneBitInputError(
+                f"quant.svid_max_iter={self.svid_max_iter!r} must be an integer >= 1."
+            )
         check_number("quant", "svid_tol", self.svid_tol)
         check_number("quant", "latent_init_scale", self.latent_init_scale, allow_zero=False)
         check_number("quant", "norm_eps", self.norm_eps, allow_zero=False)
         if not isinstance(self.output_norm, bool):
-            raise ValueError(f"quant.output_norm={self.output_norm!r} must be true or false.")
+            raise OneBitInputError(f"quant.output_norm={self.output_norm!r} must be true or false.")
         self.skip_modules = tuple(self.skip_modules)
 
     @classmethod

@@ -26,7 +26,7 @@ def _student_state(ckpt_path) -> dict[str, torch.Tensor]:
 
 def test_train_loss_falls_and_teacher_is_not_saved(tmp_path, tiny_overrides) -> None:
     cfg = compose_train(
-        tiny_overrides + ["trainer.max_steps=30", "trainer.val_check_interval=10"], tmp_path
+        [*tiny_overrides, "trainer.max_steps=30", "trainer.val_check_interval=10"], tmp_path
     )
     from onebit.models import tiny_causal_lm
 
@@ -36,7 +36,8 @@ def test_train_loss_falls_and_teacher_is_not_saved(tmp_path, tiny_overrides) -> 
     import csv
     from pathlib import Path
 
-    rows = list(csv.DictReader(open(next(Path(cfg.paths.output_dir).rglob("metrics.csv")))))
+    with open(next(Path(cfg.paths.output_dir).rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
@@ -91,12 +92,13 @@ def test_teacher_weights_unchanged_and_not_in_state_dict(tiny_overrides) -> None
 
 
 def test_resume_continues_the_same_run(tmp_path, tiny_overrides) -> None:
-    common = tiny_overrides + [
+    common = [
+        *tiny_overrides,
         "trainer.max_steps=8",
         "trainer.val_check_interval=4",
+        "export=false",
         "callbacks.checkpoint.every_n_train_steps=3",
         "callbacks.checkpoint.save_top_k=-1",
-        "export=false",
         "callbacks.checkpoint.monitor=null",
         "callbacks.checkpoint.filename='s{step:03d}'",
     ]

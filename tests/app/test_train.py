@@ -1,4 +1,4 @@
-"""train.py end to end on tiny models: composes, trains, checkpoints without the teacher, resumes."""
+"""train.py end to end on tiny models: every config composes, bad input fails with one sentence."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from onebit.distill import DistillLossConfig
@@ -103,10 +102,25 @@ def test_missing_local_model_is_one_clear_sentence(tmp_path) -> None:
 @pytest.mark.slow
 def test_two_job_multirun_completes(tmp_path) -> None:
     out = subprocess.run(
-        [sys.executable, "train.py", "-m", "model=tiny_llama", "trainer=cpu_smoke", "logger=csv",
-         "data.num_sequences=8", "data.val_sequences=2", "data.seq_len=16", "data.batch_size=2",
-         "optim.lr=1e-3,2e-3", f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "model=tiny_llama",
+            "trainer=cpu_smoke",
+            "logger=csv",
+            "data.num_sequences=8",
+            "data.val_sequences=2",
+            "data.seq_len=16",
+            "data.batch_size=2",
+            "optim.lr=1e-3,2e-3",
+            f"paths.log_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path}/cache",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     results = sorted(tmp_path.rglob("result.json"))
@@ -122,9 +136,43 @@ def test_slurm_launcher_config_composes() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", ["hydra/launcher=slurm", "experiment=onebit_llama13b"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "train",
+            ["hydra/launcher=slurm", "experiment=onebit_llama13b"],
+            return_hydra_config=True,
+        )
     HydraConfig.instance().set_config(cfg)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert launcher["nodes"] == 2 and launcher["tasks_per_node"] == 8
+
+
+def test_offline_hub_data_set_fails_fast_with_one_sentence(tmp_path, stories_path) -> None:
+    import time
+
+    from onebit.hub import hub_reachable
+
+    if hub_reachable():
+        pytest.skip("the Hugging Face Hub is reachable from here")
+    start = time.perf_counter()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "model=stories260k",
+            f"model.path={stories_path}",
+            "data=c4",
+            "logger=none",
+            f"paths.log_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "allenai/c4" in last and "data.path=" in last
+    assert elapsed < 60  # process start-up and imports included; the hub probe itself is ~ms
