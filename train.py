@@ -126,8 +126,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             summary.update({f"final/{k}": v for k, v in final.items()})
             if "footprint" in result:
                 summary.update({f"footprint/{k}": v for k, v in result["footprint"].items()})
-        if hasattr(lg, "save_dir") and type(lg).__name__ == "WandbLogger":
+        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
             result["wandb_dir"] = str(Path(lg.experiment.dir).parent)
+            lg.experiment.finish()  # flush the summary now, not at interpreter exit
     if trainer.is_global_zero:
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))
         print(_summary(result, spec.name), flush=True)
@@ -144,9 +145,11 @@ def _summary(result: dict[str, Any], name: str) -> str:
         )
     fp = result.get("footprint")
     if fp:
+        from onebit.quant.footprint import human_bytes
+
         lines.append(
-            f"size: {fp['fp16_bytes'] / 1e6:.1f} MB in FP16 -> {fp['onebit_bytes'] / 1e6:.1f} MB "
-            f"1-bit ({fp['bits_per_weight']:.4f} bits per quantized weight)"
+            f"size: {human_bytes(fp['fp16_bytes'])} in FP16 -> {human_bytes(fp['onebit_bytes'])} "
+            f"as 1-bit ({fp['bits_per_weight']:.4f} bits per quantized weight)"
         )
     for key, label in (
         ("checkpoint_last", "last checkpoint"),

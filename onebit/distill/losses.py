@@ -110,11 +110,15 @@ def logit_kd(
     Shapes: logits (batch, seq, vocab); attention_mask (batch, seq), 1 for real tokens → scalar.
     """
     t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    p_t = log_p_t.exp()
-    # 0·log 0 = 0: a teacher logit of -inf (a masked vocabulary entry) must not give NaN
-    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1) * (t * t)  # (batch, seq)
+    vocab = student_logits.shape[-1]
+    p_t = F.softmax(teacher_logits.float() / t, dim=-1)
+    # KL(p_t ‖ p_s) = Σ p_t log p_t − Σ p_t log p_s: xlogy makes 0·log 0 = 0 (a masked vocabulary
+    # entry of the teacher), and soft-target cross-entropy is one fused kernel for the second sum
+    neg_entropy = torch.special.xlogy(p_t, p_t).sum(-1)
+    cross = F.cross_entropy(
+        student_logits.float().reshape(-1, vocab) / t, p_t.reshape(-1, vocab), reduction="none"
+    ).view(neg_entropy.shape)
+    kl = (neg_entropy + cross) * (t * t)  # (batch, seq)
     if reduction == "batchmean":  # official: no mask
         return kl.sum() / kl.shape[0]
     if reduction != "token_mean":

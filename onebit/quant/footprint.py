@@ -103,15 +103,15 @@ class FootprintReport:
             ("bits / parameter (paper's count)", f"{self.bits_per_param:.4f}"),
             ("full-precision parameters", f"{self.other_params:,} at {self.other_bits} bits"),
             ("bits / weight (whole model)", f"{self.model_bits_per_weight:.4f}"),
-            ("FP16 size", _human(self.fp16_bytes)),
-            ("OneBit size (packed)", _human(self.onebit_bytes)),
+            ("FP16 size", human_bytes(self.fp16_bytes)),
+            ("OneBit size (packed)", human_bytes(self.onebit_bytes)),
             ("compression", f"{self.compression:.1f}x"),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _human(n_bytes: float) -> str:
+def human_bytes(n_bytes: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n_bytes >= scale:
             return f"{n_bytes / scale:.3g} {unit}" if unit != "GB" else f"{n_bytes / scale:.2f} GB"
