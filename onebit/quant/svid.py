@@ -42,22 +42,52 @@ def _balance(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a * c, b / c
 
 
-def _rank1_als(A: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor, int]:
-    """Alternating non-negative least squares for rank 1; see the module docstring."""
-    b = torch.ones(A.shape[1], dtype=A.dtype, device=A.device)
-    energy = torch.zeros((), dtype=torch.float64, device=A.device)
+def _als_pass(W: Tensor, b: Tensor, rows: int, buf: Tensor) -> tuple[Tensor, Tensor]:
+    """One ALS round in one pass over W: returns (a, b') with a = A b/‖b‖², b' = Aᵀ a/‖a‖²."""
+    a = torch.empty(W.shape[0], dtype=torch.float32, device=W.device)
+    b_next = torch.zeros_like(b)
+    for r0 in range(0, W.shape[0], rows):
+        block = buf[: min(rows, W.shape[0] - r0)]
+        if W.dtype == torch.float32:
+            torch.abs(W[r0 : r0 + rows], out=block)  # A_R
+        else:
+            block.copy_(W[r0 : r0 + rows]).abs_()  # A_R in fp32, from bf16/fp16/fp64 weights
+        a_r = torch.mv(block, b, out=a[r0 : r0 + block.shape[0]])  # A_R b
+        b_next.addmv_(block.T, a_r)  # += A_Rᵀ (A_R b), while A_R is in cache
+    bb = b.dot(b)
+    a.div_(bb).clamp_min_(0)
+    aa = a.dot(a)
+    return a, b_next.div_(bb * aa).clamp_min_(0)
+
+
+def _rank1_als(
+    W: Tensor, max_iter: int, tol: float, chunk_bytes: int = 4 << 20
+) -> tuple[Tensor, Tensor, int]:
+    """Alternating non-negative least squares for rank 1 on ``A = |W|``; see the module docstring.
+
+    One round (a ← A b/‖b‖², b ← Aᵀ a/‖a‖²) is a *single* pass over W: rows are taken in blocks of
+    about ``chunk_bytes``, made absolute into a reused cache-sized buffer and used twice while they
+    are hot (``A_R b`` for the block's part of a, then ``A_Rᵀ a_R`` added into the next b). |W| is
+    never materialised and no large temporary is allocated, so a round costs one read of W (on GPU
+    the block is the whole matrix). On LLM weights three or four rounds meet ``tol = 1e-7``.
+
+    Returns (a, b, rounds) with b the least-squares b for a, so that
+    ``‖A − a bᵀ‖² = ‖A‖² − ‖a‖²·‖b‖²``: the captured energy ``‖a‖²·‖b‖²`` rises monotonically to
+    σ₁², and we stop when a round raises it by less than ``tol`` (relatively).
+    """
+    out_f, in_f = W.shape
+    dev = W.device
+    rows = out_f if dev.type != "cpu" else max(1, min(out_f, chunk_bytes // (4 * in_f)))
+    buf = torch.empty(rows, in_f, dtype=torch.float32, device=dev)
+    b = torch.ones(in_f, dtype=torch.float32, device=dev)
+    energy = 0.0
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 - the count is returned
-        a = torch.clamp_min_(A @ b, 0) / b.dot(b)  # (out,)
-        b = torch.clamp_min_(A.T @ a, 0) / a.dot(a)  # (in,)
-        # b is the least-squares b for this a, so ||A − a bᵀ||² = ||A||² − ||a||²·||b||²: the
-        # captured energy ||a||²·||b||² rises monotonically to σ₁² and costs two dot products.
-        new_energy = (a.dot(a) * b.dot(b)).double()
-        if new_energy > 0 and (new_energy - energy) <= tol * new_energy:
-            energy = new_energy
+        a, b = _als_pass(W, b, rows, buf)
+        new_energy = float(a.double().dot(a.double()) * b.double().dot(b.double()))
+        if new_energy > 0 and new_energy - energy <= tol * new_energy:
             break
         energy = new_energy
-    a = torch.clamp_min_(A @ b, 0) / b.dot(b)  # least-squares a for the final b
     return a, b, it
 
 
@@ -80,21 +110,21 @@ def svid(
     """
     if weight.ndim != 2:
         raise ValueError(f"svid expects a 2-D weight, got shape {tuple(weight.shape)}.")
-    A = weight.detach().abs().float()
-    out_f, in_f = A.shape
+    out_f, in_f = weight.shape
+    dev = weight.device
     if method == "none":
-        return (torch.ones(out_f, device=A.device), torch.ones(in_f, device=A.device))
+        return (torch.ones(out_f, device=dev), torch.ones(in_f, device=dev))
     if method == "svd":
-        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        U, S, Vh = torch.linalg.svd(weight.detach().abs().float(), full_matrices=False)
         u, v = U[:, 0], Vh[0]
         if u.sum() < 0:  # the Perron vector is non-negative
             u, v = -u, -v
         s = S[0].sqrt()
         a, b = (u * s).clamp_min(0), (v * s).clamp_min(0)
     elif method in ("nmf", "power"):
-        a, b, _ = _rank1_als(A, max_iter, tol)
+        a, b, _ = _rank1_als(weight.detach(), max_iter, tol)
     elif method == "nmf_sklearn":
-        a, b = _svid_sklearn(A, max_iter)
+        a, b = _svid_sklearn(weight.detach().abs().float(), max_iter)
     else:
         raise ValueError(
             f"svid method={method!r} is not one of nmf, svd, power, nmf_sklearn, none."
