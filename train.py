@@ -88,9 +88,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(_container(cfg))
 
+    result: dict[str, Any] = {"output_dir": str(out_dir)}
+    if cfg.get("validate_before_training") and not cfg.get("ckpt_path"):
+        before = trainer.validate(module, datamodule=datamodule, verbose=False)
+        result["metrics_before"] = {k: float(v) for k, v in (before[0] if before else {}).items()}
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
-    result: dict[str, Any] = {"output_dir": str(out_dir)}
     if trainer.is_global_zero:
         report = module.footprint_report()
         result["footprint"] = report.to_dict()
@@ -139,9 +142,12 @@ def _summary(result: dict[str, Any], name: str) -> str:
     m = result.get("metrics", {})
     lines = ["", f"== OneBit distillation of {name}: done =="]
     if "val/ppl" in m and "val/ppl_teacher" in m:
+        was = result.get("metrics_before", {}).get("val/ppl")
         lines.append(
-            f"perplexity on held-out text: student {m['val/ppl']:.3f}  teacher "
-            f"{m['val/ppl_teacher']:.3f}  (ratio {m['val/ppl'] / m['val/ppl_teacher']:.2f})"
+            f"perplexity on held-out generated text: student {m['val/ppl']:.2f}"
+            + (f" (SVID init before training: {was:.2f})" if was else "")
+            + f", teacher {m['val/ppl_teacher']:.2f}"
+            + f", ratio {m['val/ppl'] / m['val/ppl_teacher']:.2f}"
         )
     fp = result.get("footprint")
     if fp:

@@ -125,3 +125,17 @@ def test_resume_continues_the_same_run(tmp_path, tiny_overrides) -> None:
 def test_cosine_with_warmup(step: int, expected: float) -> None:
     assert cosine_with_warmup(step, warmup=10, total=110, min_ratio=0.0) == pytest.approx(expected)
     assert cosine_with_warmup(60, 10, 110, 0.0) == pytest.approx(0.5)
+
+
+def test_wandb_logger_runs_offline_without_prompt(tmp_path, tiny_overrides, monkeypatch) -> None:
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    overrides = [o for o in tiny_overrides if not o.startswith("logger=")]
+    cfg = compose_train([*overrides, "logger=wandb", "trainer.max_steps=2"], tmp_path)
+    result = _run(cfg)
+    run_dir = result["wandb_dir"]
+    assert "offline-run-" in run_dir
+    from pathlib import Path
+
+    assert any(Path(run_dir).glob("*.wandb"))  # the run's records, for `wandb sync`
