@@ -1,4 +1,4 @@
-"""Export → load: the packed 1-bit model reloads without dense weights and computes the same logits."""
+"""Export → load: the packed 1-bit model reloads without dense weights and gives the same logits."""
 
 from __future__ import annotations
 
