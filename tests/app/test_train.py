@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -176,3 +177,20 @@ def test_offline_hub_data_set_fails_fast_with_one_sentence(tmp_path, stories_pat
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "allenai/c4" in last and "data.path=" in last
     assert elapsed < 60  # process start-up and imports included; the hub probe itself is ~ms
+
+
+def test_offline_hub_model_fails_at_once_naming_it(tmp_path) -> None:
+    from onebit.hub import hub_reachable
+
+    if hub_reachable():
+        pytest.skip("the Hugging Face Hub is reachable from here")
+    out = subprocess.run(
+        [sys.executable, "train.py", "model=llama7b", "data=self_generated", "logger=none",
+         f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HOME": str(tmp_path / "hf")},
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "'huggyllama/llama-7b' is not in the local Hugging Face cache" in last
+    assert "model.source=local model.path=" in last

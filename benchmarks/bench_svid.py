@@ -1,0 +1,438 @@
+"""Benchmark the SVID methods of ``onebit.quant.svid`` side by side, on the same matrices.
+
+SVID (Sign-Value-Independent Decomposition) approximates a weight by ``W ≈ sign(W) ⊙ (a bᵀ)``,
+where ``a bᵀ`` is a rank-1 non-negative approximation of ``|W|``. This script times every way
+``svid`` can compute ``(a, b)`` and measures how good the result is:
+
+    nmf          rank-1 alternating non-negative least squares (the default method)
+    power        the same iteration under its other name
+    svd          exact rank-1 SVD of |W| (torch.linalg.svd); its error is the rank-1 optimum
+    nmf_sklearn  the official code's scikit-learn NMF (the reference for speed-up)
+    xnor         the XNOR-Net baseline sign(W)·mean|W| per output row (no SVID, for contrast)
+
+For each matrix and method the Markdown table on stdout reports
+
+    n × passes n timed runs (--repeats, default 3) of `passes` passes each. Each method first
+               makes one untimed warm-up pass over the matrices; a fast method then repeats the
+               pass within a run until the run lasts ~--min-run-seconds (default 0.2) and the
+               run's time is the mean per pass, while a method whose warm-up pass took longer
+               than --slow-seconds (default 30) is not repeated: that pass is the measurement
+               (1 × 1)
+    time       median over the runs of the wall time (time.perf_counter) of one pass: computing
+               (a, b) only (not the dense approximation); for xnor, the per-row scale mean|W|
+    error      relative Frobenius error ||W − sign(W)⊙(a bᵀ)||_F / ||W||_F
+    − optimum  error minus the rank-1 optimum (rank1_optimal_error in float64 when the matrix
+               is small or --with-optimum is given, otherwise the svd method's float32 error)
+    speed-up   sklearn time / method time
+
+Matrices:
+    * the real weights of the 35 linear layers of the decoder blocks of stories260K
+      (../shared/models/stories260K-hf next to the repository, or --model PATH), as one group:
+      time is the total over the 35 matrices, errors are means over them. Skipped, with a
+      note, when the folder is absent.
+    * random matrices with LLaMA-7B shapes (out × in): 4096×4096 (q/k/v/o_proj),
+      11008×4096 (gate/up_proj) and 4096×11008 (down_proj); with --quick the same shapes
+      divided by 4. They are ``0.02 · r_i · c_j · z_ij`` with z standard Gaussian and r, c
+      lognormal(0, 0.5) row and column scales, seeded: real LLM weights have such uneven rows
+      and columns, whereas for iid Gaussian |W| is nearly constant and SVID ≈ XNOR.
+
+Run from anywhere (the script puts the repository root on sys.path):
+
+    python benchmarks/bench_svid.py                  # full run (~5 minutes on 2 cores)
+    python benchmarks/bench_svid.py --quick          # small shapes (~30 s on 2 idle cores)
+    python benchmarks/bench_svid.py --repeats 5 --skip-sklearn-above 20000000 --with-optimum
+
+Progress goes to stderr, the table to stdout. Torch threads are left at torch's default
+(reported in the header); scikit-learn runs with its own (numpy/BLAS) threading. The footer
+gives the CPU time other processes used meanwhile (from /proc/stat): on a shared machine the
+slow rows (svd) can take several times longer than on an idle one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_MODEL = REPO_ROOT.parent / "shared" / "models" / "stories260K-hf"
+SVID_METHODS = ("nmf", "power", "svd", "nmf_sklearn")
+METHODS = (*SVID_METHODS, "xnor")
+FULL_SHAPES = {
+    "q/k/v/o_proj": (4096, 4096),
+    "gate/up_proj": (11008, 4096),
+    "down_proj": (4096, 11008),
+}
+QUICK_SHAPES = {
+    "q/k/v/o_proj /4": (1024, 1024),
+    "gate/up_proj /4": (2752, 1024),
+    "down_proj /4": (1024, 2752),
+}
+MAX_CALLS = 1000  # cap on the passes per timed run
+CALIBRATE_BELOW_S = 1.0  # a method whose warm-up pass is slower is timed one pass per run
+SMALL_NUMEL = 4 * 1024 * 1024  # exact float64 optimum by default up to this many elements
+ROW_COL_SIGMA = 0.5
+WEIGHT_STD = 0.02
+
+
+@dataclass
+class Case:
+    """A named group of matrices benchmarked as one table block (times summed, errors averaged)."""
+
+    name: str
+    shape: str
+    weights: list[Tensor]
+
+    @property
+    def max_numel(self) -> int:
+        return max(w.numel() for w in self.weights)
+
+
+@dataclass
+class Row:
+    case: str
+    shape: str
+    method: str
+    n: int = 0
+    calls: int = 1
+    time_s: float | None = None
+    error: float | None = None
+    note: str = ""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def random_llm_like(out_f: int, in_f: int, seed: int) -> Tensor:
+    """``0.02 · r_i · c_j · z_ij``: Gaussian z, lognormal(0, 0.5) row and column scales r, c."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(out_f, in_f, generator=g)
+    r = torch.empty(out_f, 1).log_normal_(0.0, ROW_COL_SIGMA, generator=g)
+    c = torch.empty(1, in_f).log_normal_(0.0, ROW_COL_SIGMA, generator=g)
+    return WEIGHT_STD * r * c * z
+
+
+def load_model_weights(path: Path) -> list[tuple[str, Tensor]] | None:
+    """The weights of every nn.Linear inside the decoder blocks, or None if ``path`` is absent."""
+    if not path.is_dir():
+        return None
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    return [
+        (name, mod.weight.detach().float().clone())
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}."
+    ]
+
+
+def compute(method: str, w: Tensor, max_iter: int, tol: float) -> tuple[Tensor, ...]:
+    from onebit.quant.svid import svid  # imported here: needs the sys.path entry above
+
+    if method == "xnor":
+        return (w.float().abs().mean(dim=1),)
+    return svid(w, method, max_iter=max_iter, tol=tol)
+
+
+def error_of(method: str, w: Tensor, result: tuple[Tensor, ...]) -> float:
+    from onebit.quant.svid import relative_error, svid_approx, xnor_error
+
+    if method == "xnor":
+        return xnor_error(w, per_row=True)
+    a, b = result
+    return relative_error(w, svid_approx(w, a, b))
+
+
+def time_group(
+    fn: Callable[[Tensor], tuple[Tensor, ...]], weights: list[Tensor], calls: int = 1
+) -> tuple[float, list[tuple[Tensor, ...]]]:
+    """Wall time of one pass of ``fn`` over ``weights`` (mean of ``calls`` passes), and results."""
+    results: list[tuple[Tensor, ...]] = []
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        results = [fn(w) for w in weights]
+    return (time.perf_counter() - t0) / calls, results
+
+
+def bench(case: Case, method: str, args: argparse.Namespace) -> Row:
+    row = Row(case.name, case.shape, method)
+    if (
+        method == "nmf_sklearn"
+        and args.skip_sklearn_above is not None
+        and case.max_numel > args.skip_sklearn_above
+    ):
+        row.note = f"skipped (> {args.skip_sklearn_above} elements)"
+        log(f"  {method:<12} skipped")
+        return row
+
+    def fn(w: Tensor) -> tuple[Tensor, ...]:
+        return compute(method, w, args.max_iter, args.tol)
+
+    # A first pass warms up (lazy imports, thread pools, first touch of fresh memory) and is
+    # discarded, unless it is slower than --slow-seconds: then it is the only measurement.
+    t, results = time_group(fn, case.weights)
+    if t > args.slow_seconds:
+        log(f"  {method:<12} warm-up {t:.4f} s > {args.slow_seconds:g} s: kept as the only run")
+        times, calls = [t], 1
+    else:
+        # Millisecond timings of single calls are dominated by noise (thread wake-ups), so a
+        # run repeats the pass until it lasts about --min-run-seconds and reports the mean;
+        # the number of passes is found as timeit's autorange does (skipped for slow methods).
+        log(f"  {method:<12} warm-up {t:.4f} s (discarded)")
+        calls = 1
+        if t < CALIBRATE_BELOW_S:  # the warm-up may hold one-off costs (imports): time again
+            t = time_group(fn, case.weights)[0]
+        while t < CALIBRATE_BELOW_S and t * calls < args.min_run_seconds and calls < MAX_CALLS:
+            calls = min(MAX_CALLS, max(2 * calls, math.ceil(args.min_run_seconds / max(t, 1e-9))))
+            t = time_group(fn, case.weights, calls)[0]
+        log(f"  {method:<12} {calls} pass(es) per run")
+        times = []
+        while len(times) < args.repeats:
+            t, results = time_group(fn, case.weights, calls)
+            times.append(t)
+            log(f"  {method:<12} run {len(times)}/{args.repeats}: {t:.4g} s per pass")
+    row.n, row.calls = len(times), calls
+    row.time_s = statistics.median(times)
+    row.error = statistics.fmean(error_of(method, w, r) for w, r in zip(case.weights, results))
+    return row
+
+
+def optimum(case: Case, rows: list[Row], args: argparse.Namespace) -> tuple[float | None, str]:
+    """The mean rank-1 optimum of the case and where it came from."""
+    from onebit.quant.svid import rank1_optimal_error
+
+    if args.with_optimum or case.max_numel <= SMALL_NUMEL:
+        log(f"  rank-1 optimum (float64 svdvals) of {len(case.weights)} matrix(es)")
+        return statistics.fmean(rank1_optimal_error(w) for w in case.weights), "float64 svdvals"
+    svd_err = next((r.error for r in rows if r.method == "svd"), None)
+    return svd_err, "svd method"
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None or math.isnan(x) else format(x, spec)
+
+
+def load_average() -> str:
+    """The 1-minute load average (other processes on the CPUs make the timings noisy)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:  # pragma: no cover - not on every platform
+        return "n/a"
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), else None."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def header(args: argparse.Namespace, model_path: Path, load_start: str) -> list[str]:
+    return [
+        "# SVID benchmark",
+        "",
+        f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
+        (
+            f"- python {platform.python_version()}, torch {torch.__version__}, "
+            f"torch threads {torch.get_num_threads()} (torch default, not changed), "
+            f"os.cpu_count() {os.cpu_count()}"
+        ),
+        f"- CPU: {cpu_model()}; 1-min load average at start {load_start}",
+        (
+            f"- svid(max_iter={args.max_iter}, tol={args.tol:g}); per method: 1 discarded "
+            f"warm-up pass, then {args.repeats} run(s) of `passes` passes lasting "
+            f"~{args.min_run_seconds:g} s (1 × 1: the warm-up took > {args.slow_seconds:g} s "
+            "and is the measurement); "
+            f"nmf_sklearn skipped above: {args.skip_sklearn_above or 'never'} elements"
+        ),
+        (
+            f"- real weights: all nn.Linear weights of the decoder blocks of `{model_path}`; "
+            "time = total over the matrices, error = mean over them"
+        ),
+        (
+            f"- random weights (out × in): W = {WEIGHT_STD} · r_i · c_j · z_ij, z ~ N(0, 1), "
+            f"r_i, c_j ~ lognormal(0, {ROW_COL_SIGMA}) row / column scales, "
+            f"torch.Generator seed {args.seed}"
+        ),
+        (
+            "- time: median over runs of the mean wall time (time.perf_counter) of one pass "
+            "computing (a, b); xnor: of computing mean|W| per row"
+        ),
+        (
+            "- error: ||W − sign(W)⊙(a bᵀ)||_F / ||W||_F (xnor: ||W − sign(W)·mean|W|_row||_F / "
+            "||W||_F); − optimum: error minus the rank-1 optimum (source in the table)"
+        ),
+        "- speed-up: nmf_sklearn time / method time",
+        "",
+    ]
+
+
+def table(rows: list[Row], optima: dict[str, tuple[float | None, str]]) -> list[str]:
+    lines = [
+        (
+            "| matrix | shape | method | n × passes | median time (s) | rel. error | − optimum "
+            "| optimum (source) | speed-up vs sklearn |"
+        ),
+        "|---|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    sk_time = {r.case: r.time_s for r in rows if r.method == "nmf_sklearn"}
+    for r in rows:
+        opt, src = optima[r.case]
+        excess = None if r.error is None or opt is None else r.error - opt
+        sk = sk_time.get(r.case)
+        speed = None if sk is None or not r.time_s else sk / r.time_s
+        time_cell = r.note if r.note else fmt(r.time_s, ".4g")
+        runs = f"{r.n}×{r.calls}" if r.n else "—"
+        lines.append(
+            f"| {r.case} | {r.shape} | {r.method} | {runs} | {time_cell} "
+            f"| {fmt(r.error, '.8f')} | {fmt(excess, '+.2e')} | {fmt(opt, '.8f')} ({src}) "
+            f"| {fmt(speed, '.1f')}{'x' if speed is not None else ''} |"
+        )
+    return lines
+
+
+def checks(rows: list[Row]) -> list[str]:
+    """Plain-text observations: nmf vs sklearn error and speed."""
+    out = []
+    by = {(r.case, r.method): r for r in rows}
+    for case in dict.fromkeys(r.case for r in rows):
+        nmf, sk = by.get((case, "nmf")), by.get((case, "nmf_sklearn"))
+        if nmf is None or sk is None or nmf.error is None or sk.error is None:
+            continue
+        rel = (nmf.error - sk.error) / sk.error
+        speed = sk.time_s / nmf.time_s if sk.time_s and nmf.time_s else float("nan")
+        out.append(
+            f"- {case}: nmf error − sklearn error = {nmf.error - sk.error:+.2e} "
+            f"(relative {rel:+.2e}); nmf is {speed:.1f}x faster than sklearn"
+        )
+    return ["", "Checks:", "", *out] if out else []
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
+    p.add_argument("--quick", action="store_true", help="random shapes divided by 4")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF model folder")
+    p.add_argument(
+        "--skip-sklearn-above",
+        type=int,
+        default=None,
+        metavar="N",
+        help="skip nmf_sklearn on matrices with more than N elements (default: never skip)",
+    )
+    p.add_argument(
+        "--slow-seconds",
+        type=float,
+        default=30.0,
+        help="a method whose warm-up run takes longer than this is timed by that run alone",
+    )
+    p.add_argument(
+        "--with-optimum",
+        action="store_true",
+        help=f"float64 rank-1 optimum also for matrices above {SMALL_NUMEL} elements (slow)",
+    )
+    p.add_argument(
+        "--min-run-seconds",
+        type=float,
+        default=0.2,
+        help="a timed run repeats a fast method until it lasts this long and takes the mean",
+    )
+    p.add_argument("--max-iter", type=int, default=200, help="svid max_iter")
+    p.add_argument("--tol", type=float, default=1e-7, help="svid tol (nmf, power)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random matrices")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    load_start = load_average()
+    busy_start, own_start = busy_cpu_seconds(), own_cpu_seconds()
+    notes: list[str] = []
+
+    cases: list[Case] = []
+    model_path = args.model.expanduser().resolve()
+    named = load_model_weights(model_path)
+    if named is None:
+        notes.append(f"Note: model folder `{model_path}` not found; real-weight rows skipped.")
+        log(notes[-1])
+    elif named:
+        shapes = sorted({tuple(w.shape) for _, w in named})
+        shape = ", ".join("×".join(map(str, s)) for s in shapes)
+        cases.append(Case(f"stories260K ({len(named)} linears)", shape, [w for _, w in named]))
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    for i, (name, (out_f, in_f)) in enumerate(shapes.items()):
+        w = random_llm_like(out_f, in_f, args.seed + i)
+        cases.append(Case(f"random {name}", f"{out_f}×{in_f}", [w]))
+
+    rows: list[Row] = []
+    optima: dict[str, tuple[float | None, str]] = {}
+    for case in cases:
+        log(f"[{case.name}] {case.shape}")
+        b0, o0 = busy_cpu_seconds(), own_cpu_seconds()
+        case_rows = [bench(case, m, args) for m in METHODS]
+        optima[case.name] = optimum(case, case_rows, args)
+        b1 = busy_cpu_seconds()
+        if b0 is not None and b1 is not None:
+            log(f"  CPU time of other processes: {b1 - b0 - (own_cpu_seconds() - o0):.1f} s")
+        rows.extend(case_rows)
+
+    lines = (
+        header(args, model_path, load_start) + notes + ([""] if notes else []) + table(rows, optima)
+    )
+    lines += checks(rows)
+    wall = time.perf_counter() - t_start
+    lines += [
+        "",
+        f"Total benchmark wall time: {wall:.1f} s; 1-min load average at end {load_average()}",
+    ]
+    busy_end = busy_cpu_seconds()
+    if busy_start is not None and busy_end is not None:
+        others = busy_end - busy_start - (own_cpu_seconds() - own_start)
+        lines.append(
+            f"CPU time of other processes during the benchmark: {max(others, 0.0):.1f} s "
+            f"(≈ {max(others, 0.0) / wall:.2f} of {os.cpu_count()} cores on average; "
+            "> 0.1 means the timings were taken on a busy machine)"
+        )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
