@@ -134,17 +134,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             lg.experiment.finish()  # flush the summary now, not at interpreter exit
     if trainer.is_global_zero:
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))
-        print(_summary(result, spec.name), flush=True)
+        held_out = (
+            "generated text"
+            if hasattr(datamodule, "cache_path")
+            else (f"{getattr(datamodule, 'name', 'data')} validation blocks")
+        )
+        print(_summary(result, spec.name, held_out), flush=True)
     return result
 
 
-def _summary(result: dict[str, Any], name: str) -> str:
+def _summary(result: dict[str, Any], name: str, held_out: str) -> str:
     m = result.get("metrics", {})
     lines = ["", f"== OneBit distillation of {name}: done =="]
     if "val/ppl" in m and "val/ppl_teacher" in m:
         was = result.get("metrics_before", {}).get("val/ppl")
         lines.append(
-            f"perplexity on held-out generated text: student {m['val/ppl']:.2f}"
+            f"perplexity on held-out {held_out}: student {m['val/ppl']:.2f}"
             + (f" (SVID init before training: {was:.2f})" if was else "")
             + f", teacher {m['val/ppl_teacher']:.2f}"
             + f", ratio {m['val/ppl'] / m['val/ppl_teacher']:.2f}"
