@@ -1,0 +1,232 @@
+"""Perplexity by the GPTQ/OmniQuant protocol, as the OneBit paper reports it.
+
+WikiText-2: the raw *test* split joined with ``"\\n\\n"``, tokenised once, cut into non-overlapping
+windows of ``seqlen`` tokens (the tail that does not fill a window is dropped). C4: 256 windows of
+``seqlen`` tokens sampled from the validation documents with ``random.seed(0)`` — a random document
+longer than ``seqlen`` tokens, then a random window inside it — as GPTQ's ``get_c4`` does.
+
+Within each window every token but the first is predicted; perplexity is
+``exp(Σ NLL / number of predicted tokens)``. (GPTQ multiplies each window's mean loss by ``seqlen``
+and divides by ``windows · seqlen``, which is the same number.) ``stride < seqlen`` gives the
+sliding-window evaluation instead: windows start every ``stride`` tokens and score only the tokens
+that the previous window did not. Under ``torch.distributed`` the windows are split over ranks and
+the sums — not the means — are reduced.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from onebit.errors import OneBitInputError
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    nll_sum: float
+    n_tokens: int
+    n_windows: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "ppl": self.ppl,
+            "nll_sum": self.nll_sum,
+            "n_tokens": self.n_tokens,
+            "n_windows": self.n_windows,
+        }
+
+
+def windows(n_tokens: int, seqlen: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each evaluation window over ``n_tokens`` tokens.
+
+    Non-overlapping by default; with ``stride`` the windows overlap and each scores only the tokens
+    after the previous window's end (a window's first token is never scored: nothing predicts it).
+    """
+    if seqlen < 2:
+        raise OneBitInputError(f"eval.seqlen={seqlen} must be at least 2.")
+    if stride is None or stride >= seqlen:
+        return [(b, b + seqlen, b + 1) for b in range(0, n_tokens - seqlen + 1, seqlen)]
+    if stride < 1:
+        raise OneBitInputError(f"eval.stride={stride} must be >= 1.")
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + seqlen, n_tokens)
+        out.append((begin, end, max(begin + 1, prev_end)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    input_ids: Tensor,
+    seqlen: int,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Perplexity of a causal LM on one token stream, window by window.
+
+    Args:
+        model: a causal LM returning ``.logits`` (Hugging Face style) or logits directly.
+        input_ids: the tokenised evaluation text.
+        seqlen: window length (the paper: 2048, capped by the model's context).
+        stride: sliding-window step; ``None`` for non-overlapping windows.
+        max_windows: evaluate only the first windows (quick runs on CPU; report the token count).
+        device: where to run (default: the model's).
+        progress: show a progress bar.
+
+    Shapes: input_ids (n_tokens,) or (1, n_tokens).
+    """
+    ids = input_ids.reshape(-1)
+    spans = windows(ids.numel(), seqlen, stride)
+    if max_windows is not None:
+        spans = spans[:max_windows]
+    if not spans:
+        raise OneBitInputError(
+            f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}."
+        )
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = device or next(model.parameters()).device
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    mine = spans[rank::world]
+    if progress:
+        from tqdm.auto import tqdm
+
+        mine = tqdm(mine, desc="perplexity", unit="window")
+    for begin, end, first in mine:
+        window = ids[begin:end].unsqueeze(0).to(device)  # (1, T)
+        out = model(window)
+        logits = out.logits if hasattr(out, "logits") else out  # (1, T, V)
+        targets = window[0, 1:]
+        losses = nn.functional.cross_entropy(
+            logits[0, :-1].float(), targets, reduction="none"
+        )  # losses[k] is the NLL of token begin + k + 1
+        scored = losses[first - begin - 1 :]
+        nll += scored.double().sum()
+        count += scored.numel()
+    if world > 1:
+        torch.distributed.all_reduce(nll)
+        torch.distributed.all_reduce(count)
+    return PerplexityResult(
+        math.exp(nll.item() / count.item()), nll.item(), int(count.item()), len(spans)
+    )
+
+
+def wikitext2_text(path: str | Path | None = None) -> str:
+    """The WikiText-2 raw test split as one string, rows joined with ``"\\n\\n"``.
+
+    Args:
+        path: a local ``wiki.test.raw`` (CRLF normalised; a copy whose blank lines were dropped
+            gives an approximation of the canonical join), or ``None`` for the Hub's
+            ``wikitext-2-raw-v1``.
+    """
+    if path is None:
+        rows = _hub_rows("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+        return "\n\n".join(rows)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise OneBitInputError(f"eval.wikitext2_path={path} is not a file.")
+    text = p.read_text(encoding="utf-8").replace("\r\n", "\n")
+    # The Hub's rows are the raw file's lines, each ending in "\n", with an empty row for each
+    # blank line. A copy without its blank lines is rebuilt as: empty row, line, empty row, ...
+    rows: list[str] = []
+    for line in text.split("\n"):
+        if line.strip():
+            rows += ["", line + "\n"]
+    return "\n\n".join(rows)
+
+
+def wikitext2_ids(tokenizer, path: str | Path | None = None) -> Tensor:
+    """Token ids of the joined WikiText-2 test text, tokenised once. Shapes: → (n_tokens,)."""
+    return _encode(tokenizer, wikitext2_text(path))
+
+
+def c4_ids(
+    tokenizer,
+    path: str | Path | None = None,
+    seqlen: int = 2048,
+    n_samples: int = 256,
+    seed: int = 0,
+) -> Tensor:
+    """GPTQ's C4 evaluation stream: ``n_samples`` random ``seqlen`` windows, concatenated.
+
+    Args:
+        path: a local parquet/jsonl of C4 validation documents (field ``text``), or ``None`` for the
+            Hub's ``allenai/c4`` validation shard 0 (GPTQ's file).
+
+    Shapes: → (n_samples * seqlen,).
+    """
+    docs = _c4_docs(path)
+    rng = random.Random(seed)
+    cache: dict[int, Tensor] = {}
+    long_enough = 0
+    out = []
+    for _ in range(n_samples):
+        for _attempt in range(100 * len(docs)):
+            i = rng.randint(0, len(docs) - 1)
+            if i not in cache:
+                cache[i] = _encode(tokenizer, docs[i])
+            if cache[i].numel() > seqlen:
+                long_enough += 1
+                break
+        else:
+            raise OneBitInputError(
+                f"no C4 document in {path or 'allenai/c4'} is longer than {seqlen} tokens."
+            )
+        ids = cache[i]
+        j = rng.randint(0, ids.numel() - seqlen - 1)
+        out.append(ids[j : j + seqlen])
+    return torch.cat(out)
+
+
+def _encode(tokenizer, text: str) -> Tensor:
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def _c4_docs(path: str | Path | None) -> list[str]:
+    if path is None:
+        rows = _hub_rows(
+            "allenai/c4",
+            None,
+            "validation",
+            data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+        )
+        return list(rows)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise OneBitInputError(f"eval.c4_path={path} is not a file.")
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [t for t in pq.read_table(p, columns=["text"]).column("text").to_pylist() if t]
+    import json
+
+    with p.open(encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def _hub_rows(name: str, config: str | None, split: str, **kwargs) -> list[str]:
+    from onebit.hub import hub_reachable
+
+    if not hub_reachable():
+        raise OneBitInputError(
+            f"cannot download {name} for evaluation: the Hugging Face Hub is unreachable "
+            f"(offline); give a local file instead (eval.wikitext2_path= / eval.c4_path=)."
+        )
+    import datasets
+
+    ds = datasets.load_dataset(name, config, split=split, **kwargs)
+    return list(ds["text"])
