@@ -1,0 +1,198 @@
+"""Evaluate a model the way the OneBit paper reports it: WikiText-2 and C4 perplexity, zero-shot accuracy.
+
+    python evaluate.py model=stories260k 'eval.wikitext2_path=${paths.shared_dir}/data/wikitext2/wiki.test.raw'
+    python evaluate.py source=export path=outputs/train/runs/<time>/onebit_model eval.limit=100
+    python evaluate.py source=checkpoint path=outputs/train/runs/<time>/checkpoints/last.ckpt
+
+Prints a table in the paper's layout, writes it as JSON and Markdown to the run directory, and logs it
+to W&B as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("onebit.evaluate")
+
+TASK_COLUMNS = {  # paper's column names
+    "winogrande": "Wino.",
+    "hellaswag": "Hella.",
+    "piqa": "PIQA",
+    "boolq": "BoolQ",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+}
+
+
+def load_for_eval(cfg: DictConfig):
+    """(model, tokenizer, row name) for ``cfg.source``: hf, checkpoint or export."""
+    import torch
+
+    from onebit.errors import OneBitInputError
+    from onebit.models import ModelSpec, load_causal_lm, load_tokenizer
+
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.source == "hf":
+        spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        return load_causal_lm(spec).to(dtype), load_tokenizer(spec), f"{spec.name} (full precision)"
+    if not cfg.path or not Path(cfg.path).exists():
+        raise OneBitInputError(f"path={cfg.path} does not exist (source={cfg.source} needs it).")
+    if cfg.source == "export":
+        from transformers import AutoTokenizer
+
+        from onebit.export import load_onebit
+
+        model = load_onebit(cfg.path, dtype=dtype)
+        info = model.config.onebit
+        try:
+            tok = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+        except (OSError, ValueError):
+            tok = load_tokenizer(ModelSpec.from_dict(info["model"]))
+        return model, tok, f"{info.get('model', {}).get('name', Path(cfg.path).name)} (OneBit)"
+    if cfg.source == "checkpoint":
+        from onebit.module import OneBitDistillation
+
+        try:
+            ckpt = torch.load(cfg.path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise OneBitInputError(f"path={cfg.path} is not a readable checkpoint: {e}") from e
+        hp = ckpt.get("hyper_parameters") or {}
+        if "model" not in hp or "quant" not in hp:
+            raise OneBitInputError(f"path={cfg.path} is not a checkpoint written by train.py.")
+        # the student's architecture without its SVID (the checkpoint holds the trained values)
+        module = OneBitDistillation(
+            hp["model"], {**hp["quant"], "svid_method": "none"}, hp.get("loss")
+        )
+        module.configure_model()
+        module.load_state_dict(ckpt["state_dict"])
+        spec = ModelSpec.from_dict(hp["model"])
+        return module.student.eval().to(dtype), load_tokenizer(spec), f"{spec.name} (OneBit ckpt)"
+    raise OneBitInputError(f"source={cfg.source} is not one of hf, checkpoint, export.")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
+    from onebit.eval.perplexity import c4_ids, perplexity, wikitext2_ids
+
+    model, tok, name = load_for_eval(cfg)
+    device = (
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    model.to(device).eval()
+    e = cfg.eval
+    ctx = getattr(model.config, "max_position_embeddings", None) or e.seqlen
+    seqlen = min(int(e.seqlen), int(ctx))
+    row: dict[str, Any] = {"model": cfg.name or name, "seqlen": seqlen}
+    for ds in e.datasets:
+        if ds == "wikitext2":
+            ids = wikitext2_ids(tok, e.wikitext2_path)
+        elif ds == "c4":
+            ids = c4_ids(tok, e.c4_path, seqlen=seqlen, n_samples=e.c4_samples)
+        else:
+            from onebit.errors import OneBitInputError
+
+            raise OneBitInputError(f"eval.datasets has {ds!r}; valid: wikitext2, c4.")
+        res = perplexity(model, ids, seqlen, e.stride, e.max_windows, device, progress=True)
+        row[ds] = res.to_dict()
+    if e.tasks:
+        from onebit.eval.zeroshot import PAPER_METRIC, zero_shot
+
+        scores = zero_shot(
+            model, tok, tuple(e.tasks), e.zero_shot_data_dir, limit=e.limit, batch_size=e.batch_size
+        )
+        for task, s in scores.items():
+            row[task] = {**s, "paper_metric": PAPER_METRIC.get(task, "acc")}
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table([row])
+    (out_dir / "eval.json").write_text(json.dumps(row, indent=2))
+    (out_dir / "eval.md").write_text(table + "\n")
+    print("\n" + table + "\n", flush=True)
+    print(_notes(row), flush=True)
+    _log_wandb(cfg, row)
+    return row
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    cells = [str(row["model"])]
+    for ds in ("wikitext2", "c4"):
+        cells.append(f"{row[ds]['ppl']:.2f}" if ds in row else "-")
+    accs = []
+    for task in TASK_COLUMNS:
+        s = row.get(task)
+        value = s.get(s.get("paper_metric", "acc")) if s else None
+        if value is None:
+            cells.append("-")
+        else:
+            accs.append(100 * value)
+            cells.append(f"{100 * value:.2f}")
+    cells.append(f"{sum(accs) / len(accs):.2f}" if len(accs) == len(TASK_COLUMNS) else "-")
+    return cells
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The paper's layout: perplexity (lower is better), then zero-shot accuracy in %, average."""
+    head = ["Model", "Wiki2", "C4", *TASK_COLUMNS.values(), "Avg."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _notes(row: dict[str, Any]) -> str:
+    parts = [f"perplexity: seqlen {row['seqlen']}"]
+    for ds in ("wikitext2", "c4"):
+        if ds in row:
+            parts.append(f"{ds} {row[ds]['n_windows']} windows / {row[ds]['n_tokens']:,} tokens")
+    ns = {t: row[t]["n"] for t in TASK_COLUMNS if t in row}
+    if ns:
+        metric = {t: row[t]["paper_metric"] for t in ns}
+        parts.append(
+            "zero-shot items: " + ", ".join(f"{t} {n} ({metric[t]})" for t, n in ns.items())
+        )
+    return "; ".join(parts)
+
+
+def _log_wandb(cfg: DictConfig, row: dict[str, Any]) -> None:
+    node = OmegaConf.to_container(cfg.get("logger"), resolve=True) or {}
+    if "wandb" not in node:
+        return
+    import wandb
+
+    from onebit.loggers import resolve_wandb_mode
+
+    w = node["wandb"]
+    run = wandb.init(
+        project=w.get("project", "onebit"),
+        name=w.get("name"),
+        dir=w.get("save_dir"),
+        mode=resolve_wandb_mode(w.get("mode", "auto")),
+        job_type="evaluate",
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    head = ["Model", "Wiki2", "C4", *TASK_COLUMNS.values(), "Avg."]
+    run.log({"eval/table": wandb.Table(columns=head, data=[_cells(row)])})
+    run.summary.update({"eval": row})
+    run.finish()
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from onebit.errors import OneBitInputError
+
+    try:
+        run(cfg)
+    except OneBitInputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

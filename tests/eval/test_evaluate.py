@@ -1,0 +1,100 @@
+"""evaluate.py: the paper's table for a Hugging Face model, an export and a checkpoint, offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ..conftest import REPO, shared_path
+
+
+def _evaluate(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    wiki = shared_path("data", "wikitext2", "wiki.test.raw")
+    return subprocess.run(
+        [
+            sys.executable,
+            "evaluate.py",
+            *args,
+            f"eval.wikitext2_path={wiki}",
+            "eval.datasets=[wikitext2]",
+            "eval.tasks=[]",
+            "eval.max_windows=3",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_hf_model_table(tmp_path, stories_path) -> None:
+    out = _evaluate(tmp_path, "model=stories260k", f"model.path={stories_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads((tmp_path / "eval.json").read_text())
+    assert row["seqlen"] == 512 and row["wikitext2"]["n_windows"] == 3
+    assert row["wikitext2"]["n_tokens"] == 3 * 511
+    assert f"| {row['wikitext2']['ppl']:.2f} |" in out.stdout
+    assert (
+        "| Model | Wiki2 | C4 | Wino. | Hella. | PIQA | BoolQ | ARC-e | ARC-c | Avg. |"
+        in out.stdout
+    )
+    assert (tmp_path / "eval.md").read_text().startswith("| Model |")
+
+
+@pytest.mark.slow
+def test_export_and_checkpoint_give_the_same_perplexity(tmp_path, stories_path) -> None:
+    train = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "model=stories260k",
+            f"model.path={stories_path}",
+            "trainer=cpu_smoke",
+            "logger=none",
+            "data.num_sequences=8",
+            "data.val_sequences=2",
+            "data.seq_len=32",
+            "export_dtype=float32",
+            f"paths.log_dir={tmp_path}/logs",
+            f"paths.cache_dir={tmp_path}/cache",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    ppl = {}
+    for src, path in (("export", result["export"]), ("checkpoint", result["checkpoint_last"])):
+        out = _evaluate(tmp_path / src, f"source={src}", f"path={path}")
+        assert out.returncode == 0, out.stderr[-2000:]
+        ppl[src] = json.loads((tmp_path / src / "eval.json").read_text())["wikitext2"]["ppl"]
+    assert ppl["export"] == pytest.approx(ppl["checkpoint"], rel=1e-6)
+
+
+def test_missing_path_is_one_sentence(tmp_path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "evaluate.py",
+            "source=export",
+            f"path={tmp_path}/nope",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: path={tmp_path}/nope does not exist (source=export needs it)."
+    )
