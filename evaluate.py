@@ -1,11 +1,12 @@
-"""Evaluate a model the way the OneBit paper reports it: WikiText-2 and C4 perplexity, zero-shot accuracy.
+"""Evaluate a model as the OneBit paper does: WikiText-2 and C4 perplexity, zero-shot accuracy.
 
-    python evaluate.py model=stories260k 'eval.wikitext2_path=${paths.shared_dir}/data/wikitext2/wiki.test.raw'
+    python evaluate.py model=stories260k \
+        'eval.wikitext2_path=${paths.shared_dir}/data/wikitext2/wiki.test.raw'
     python evaluate.py source=export path=outputs/train/runs/<time>/onebit_model eval.limit=100
     python evaluate.py source=checkpoint path=outputs/train/runs/<time>/checkpoints/last.ckpt
 
-Prints a table in the paper's layout, writes it as JSON and Markdown to the run directory, and logs it
-to W&B as a table.
+Prints a table in the paper's layout, writes it as JSON and Markdown to the run directory, and logs
+it to W&B as a table.
 """
 
 from __future__ import annotations
