@@ -185,9 +185,19 @@ def test_offline_hub_model_fails_at_once_naming_it(tmp_path) -> None:
     if hub_reachable():
         pytest.skip("the Hugging Face Hub is reachable from here")
     out = subprocess.run(
-        [sys.executable, "train.py", "model=llama7b", "data=self_generated", "logger=none",
-         f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "train.py",
+            "model=llama7b",
+            "data=self_generated",
+            "logger=none",
+            f"paths.log_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "HF_HOME": str(tmp_path / "hf")},
     )
     assert out.returncode == 2, out.stderr[-2000:]
