@@ -52,6 +52,9 @@ def build_callbacks(cfg: DictConfig) -> list:
     out = []
     if "checkpoint" in node:
         out.append(OneBitCheckpoint(**node["checkpoint"]))
+    for key, spec in node.items():
+        if key != "checkpoint" and isinstance(spec, dict) and "_target_" in spec:
+            out.append(hydra.utils.instantiate(spec))
     return out
 
 

@@ -1,0 +1,45 @@
+"""Evaluation callbacks while training: WikiText-2 perplexity at validation, zero-shot at the end."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from ..app.conftest import compose_train
+from ..conftest import shared_path
+
+
+def test_perplexity_and_zero_shot_are_logged(tmp_path, stories_path) -> None:
+    import train
+
+    wiki = shared_path("data", "wikitext2", "wiki.test.raw")
+    cfg = compose_train(
+        [
+            "model=stories260k",
+            f"model.path={stories_path}",
+            "trainer=cpu_smoke",
+            "logger=csv",
+            "data.num_sequences=8",
+            "data.val_sequences=2",
+            "data.seq_len=32",
+            "export=false",
+            "callbacks=eval",
+            f"callbacks.ppl_wikitext2.path={wiki}",
+            "callbacks.ppl_wikitext2.max_windows=2",
+            "callbacks.checkpoint.monitor=val/ppl_wikitext2",
+            "callbacks.checkpoint.filename=best",
+            "callbacks.zero_shot.tasks=[piqa,arc_easy]",
+            f"callbacks.zero_shot.data_dir={shared_path('data')}",
+            "callbacks.zero_shot.limit=4",
+        ],
+        tmp_path,
+    )
+    result = train.run(cfg)
+    with open(next(Path(cfg.paths.output_dir).rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    ppl = [float(r["val/ppl_wikitext2"]) for r in rows if r.get("val/ppl_wikitext2")]
+    assert len(ppl) >= 2 and all(p > 1 for p in ppl)  # steps 2 and 4, then the final validation
+    for key in ("test/acc_piqa", "test/acc_norm_piqa", "test/acc_arc_easy"):
+        values = [float(r[key]) for r in rows if r.get(key)]
+        assert len(values) == 1 and 0 <= values[0] <= 1, key
+    assert Path(result["checkpoint_best"]).name == "best.ckpt"  # monitored val/ppl_wikitext2
