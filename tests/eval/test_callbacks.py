@@ -1,4 +1,4 @@
-"""Evaluation callbacks while training: WikiText-2 perplexity at validation, zero-shot at the end."""
+"""Evaluation callbacks in training: WikiText-2 perplexity at validation, zero-shot at the end."""
 
 from __future__ import annotations
 
