@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("onebit.evaluate")
 
-TASK_COLUMNS = {  # paper's column names
+TASK_COLUMNS = {  # the paper's column names
     "winogrande": "Wino.",
     "hellaswag": "Hella.",
     "piqa": "PIQA",
@@ -30,6 +29,7 @@ TASK_COLUMNS = {  # paper's column names
     "arc_easy": "ARC-e",
     "arc_challenge": "ARC-c",
 }
+TABLE_HEAD = ["Model", "Wiki2", "C4", *TASK_COLUMNS.values(), "Avg."]
 
 
 def load_for_eval(cfg: DictConfig):
@@ -141,7 +141,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The paper's layout: perplexity (lower is better), then zero-shot accuracy in %, average."""
-    head = ["Model", "Wiki2", "C4", *TASK_COLUMNS.values(), "Avg."]
+    head = TABLE_HEAD
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(lines)
@@ -178,21 +178,16 @@ def _log_wandb(cfg: DictConfig, row: dict[str, Any]) -> None:
         job_type="evaluate",
         config=OmegaConf.to_container(cfg, resolve=True),
     )
-    head = ["Model", "Wiki2", "C4", *TASK_COLUMNS.values(), "Avg."]
-    run.log({"eval/table": wandb.Table(columns=head, data=[_cells(row)])})
+    run.log({"eval/table": wandb.Table(columns=TABLE_HEAD, data=[_cells(row)])})
     run.summary.update({"eval": row})
     run.finish()
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from onebit.errors import OneBitInputError
+    from onebit.errors import run_cli
 
-    try:
-        run(cfg)
-    except OneBitInputError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_cli(run, cfg)
 
 
 if __name__ == "__main__":

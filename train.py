@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -179,13 +178,9 @@ def _summary(result: dict[str, Any], name: str, held_out: str) -> str:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from onebit.errors import OneBitInputError
+    from onebit.errors import run_cli
 
-    try:
-        run(cfg)
-    except OneBitInputError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_cli(run, cfg)
 
 
 if __name__ == "__main__":
