@@ -11,7 +11,7 @@ import pytest
 from ..conftest import REPO, shared_path
 
 
-def _evaluate(tmp_path, *args: str) -> subprocess.CompletedProcess:
+def _evaluate(tmp_path, *args: str, tasks: str = "[]") -> subprocess.CompletedProcess:
     wiki = shared_path("data", "wikitext2", "wiki.test.raw")
     return subprocess.run(
         [
@@ -20,7 +20,7 @@ def _evaluate(tmp_path, *args: str) -> subprocess.CompletedProcess:
             *args,
             f"eval.wikitext2_path={wiki}",
             "eval.datasets=[wikitext2]",
-            "eval.tasks=[]",
+            f"eval.tasks={tasks}",
             "eval.max_windows=3",
             "logger=none",
             f"hydra.run.dir={tmp_path}",
@@ -71,12 +71,23 @@ def test_export_and_checkpoint_give_the_same_perplexity(tmp_path, stories_path) 
     )
     assert train.returncode == 0, train.stderr[-2000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    ppl = {}
+    rows = {}
+    data = shared_path("data")
     for src, path in (("export", result["export"]), ("checkpoint", result["checkpoint_last"])):
-        out = _evaluate(tmp_path / src, f"source={src}", f"path={path}")
+        out = _evaluate(
+            tmp_path / src,
+            f"source={src}",
+            f"path={path}",
+            "eval.limit=8",
+            f"eval.zero_shot_data_dir={data}",
+            tasks="[piqa]",
+        )
         assert out.returncode == 0, out.stderr[-2000:]
-        ppl[src] = json.loads((tmp_path / src / "eval.json").read_text())["wikitext2"]["ppl"]
+        rows[src] = json.loads((tmp_path / src / "eval.json").read_text())
+    ppl = {src: row["wikitext2"]["ppl"] for src, row in rows.items()}
     assert ppl["export"] == pytest.approx(ppl["checkpoint"], rel=1e-6)
+    assert rows["export"]["piqa"]["n"] == rows["checkpoint"]["piqa"]["n"] == 8
+    assert rows["export"]["piqa"]["acc"] == rows["checkpoint"]["piqa"]["acc"]
 
 
 def test_missing_path_is_one_sentence(tmp_path) -> None:
