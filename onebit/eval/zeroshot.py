@@ -60,10 +60,20 @@ def _offline_env() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _check_tasks(tasks: Sequence[str], data_dir: Path) -> None:
+def _check_tasks(tasks: Sequence[str], data_dir: Path | None) -> None:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise OneBitInputError(f"Unknown zero-shot task(s) {unknown}; choose from {list(TASKS)}.")
+    if data_dir is None:  # lm-eval's own task definitions, data from the Hub
+        from onebit.hub import hub_reachable
+
+        if not hub_reachable():
+            raise OneBitInputError(
+                "zero-shot data from the Hugging Face Hub needs internet, and the Hub is "
+                "unreachable; give local copies instead (eval.zero_shot_data_dir=<dir with piqa/, "
+                "hellaswag/, arc/, boolq/, winogrande/>)."
+            )
+        return
     if not data_dir.is_dir():
         raise OneBitInputError(f"Zero-shot data_dir {data_dir} is not a directory.")
     for task in tasks:  # a missing file fails here, with its path, before any model work
@@ -73,7 +83,7 @@ def _check_tasks(tasks: Sequence[str], data_dir: Path) -> None:
 def evaluate_lm(
     lm: Any,
     tasks: Sequence[str] = TASKS,
-    data_dir: str | Path = DEFAULT_DATA_DIR,
+    data_dir: str | Path | None = DEFAULT_DATA_DIR,
     limit: int | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
     """Runs the local tasks on any lm-eval ``LM`` (an ``HFLM``, or a fake one in tests).
@@ -83,16 +93,23 @@ def evaluate_lm(
     from lm_eval.evaluator import evaluate  # lazy: heavy
     from lm_eval.tasks import TaskManager
 
-    data_dir = Path(data_dir).expanduser().resolve()
+    data_dir = None if data_dir is None else Path(data_dir).expanduser().resolve()
     tasks = list(tasks)
     _check_tasks(tasks, data_dir)
-    with _offline_env():
-        manager = TaskManager(
+    if data_dir is None:  # online: lm-eval's built-in tasks of the same names
+        names = {t: t for t in tasks}
+        env, manager_kw = contextlib.nullcontext(), {}
+    else:
+        names = {t: f"onebit_{t}" for t in tasks}
+        env = _offline_env()
+        manager_kw = dict(
             include_path=str(TASKS_DIR),
             include_defaults=False,
             metadata={"data_dir": str(data_dir)},
         )
-        loaded = manager.load([f"onebit_{t}" for t in tasks])
+    with env:
+        manager = TaskManager(**manager_kw)
+        loaded = manager.load([names[t] for t in tasks])
         for task_obj in loaded["tasks"].values():
             task_obj.set_config(key="num_fewshot", value=0)
         out = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=False, verbosity="WARNING")
@@ -101,8 +118,8 @@ def evaluate_lm(
     results, n_samples = out["results"], out.get("n-samples", {})
     scores: dict[str, dict[str, float | int | None]] = {}
     for task in tasks:
-        res = results[f"onebit_{task}"]
-        n = n_samples.get(f"onebit_{task}", {}).get("effective")
+        res = results[names[task]]
+        n = n_samples.get(names[task], {}).get("effective")
         scores[task] = {
             "acc": float(res["acc,none"]),
             "acc_norm": float(res["acc_norm,none"]) if "acc_norm,none" in res else None,
@@ -123,7 +140,7 @@ def zero_shot(
     model: nn.Module,
     tokenizer: Any,
     tasks: Sequence[str] = TASKS,
-    data_dir: str | Path = DEFAULT_DATA_DIR,
+    data_dir: str | Path | None = DEFAULT_DATA_DIR,
     limit: int | None = None,
     batch_size: int = 8,
     device: str | None = None,
@@ -135,7 +152,8 @@ def zero_shot(
             it is put in eval mode and, if ``device`` is given, moved there in place.
         tokenizer: its tokenizer.
         tasks: any of :data:`TASKS`.
-        data_dir: the folder with ``piqa/``, ``hellaswag/``, ``arc/``, ``boolq/``, ``winogrande/``.
+        data_dir: the folder with ``piqa/``, ``hellaswag/``, ``arc/``, ``boolq/``, ``winogrande/``;
+            None runs lm-eval's built-in tasks on the Hub's data (needs internet).
         limit: at most this many items per task (the first ones), for quick runs; None for all.
         batch_size: lm-eval's batch size.
         device: where to run; None keeps the model's device.
@@ -147,7 +165,7 @@ def zero_shot(
     """
     from lm_eval.models.huggingface import HFLM  # lazy: heavy
 
-    data_dir = Path(data_dir).expanduser().resolve()
+    data_dir = None if data_dir is None else Path(data_dir).expanduser().resolve()
     _check_tasks(list(tasks), data_dir)
     if limit is not None and limit < 1:
         raise OneBitInputError(f"Zero-shot limit must be a positive number of items, got {limit}.")

@@ -121,3 +121,11 @@ def test_tiny_real_model_on_all_tasks(stories_path: Path, data_dir: Path) -> Non
             assert s["acc_norm"] is None
         else:
             assert 0.0 <= s["acc_norm"] <= 1.0
+
+
+def test_hub_mode_offline_is_one_clear_sentence(monkeypatch) -> None:
+    import onebit.hub
+
+    monkeypatch.setattr(onebit.hub, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(OneBitInputError, match="zero_shot_data_dir="):
+        evaluate_lm(object(), tasks=["piqa"], data_dir=None)
