@@ -21,6 +21,33 @@ MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
 
+def _train_cli(tmp_path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python train.py`` with ``overrides``, no logger, and every path under ``tmp_path``."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *overrides,
+            "logger=none",
+            f"paths.log_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+@pytest.fixture
+def offline() -> None:
+    from onebit.hub import hub_reachable
+
+    if hub_reachable():
+        pytest.skip("the Hugging Face Hub is reachable from here")
+
+
 def _validate(cfg) -> None:
     resolved = {
         k: OmegaConf.to_container(cfg[k], resolve=True)
@@ -79,25 +106,10 @@ def test_unknown_group_option_lists_the_valid_ones() -> None:
 
 
 def test_missing_local_model_is_one_clear_sentence(tmp_path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "model=local",
-            f"model.path={tmp_path}/nope",
-            f"paths.cache_dir={tmp_path}",
-            f"paths.log_dir={tmp_path}",
-            "logger=none",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _train_cli(tmp_path, "model=local", f"model.path={tmp_path}/nope")
     assert out.returncode == 2
-    assert (
-        out.stderr.strip().splitlines()[-1] == f"error: model.path={tmp_path}/nope does not exist."
-    )
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == f"error: model.path={tmp_path}/nope does not exist."
 
 
 @pytest.mark.slow
@@ -148,30 +160,11 @@ def test_slurm_launcher_config_composes() -> None:
     assert launcher["nodes"] == 2 and launcher["tasks_per_node"] == 8
 
 
-def test_offline_hub_data_set_fails_fast_with_one_sentence(tmp_path, stories_path) -> None:
+def test_offline_hub_data_set_fails_fast_with_one_sentence(tmp_path, stories_path, offline) -> None:
     import time
 
-    from onebit.hub import hub_reachable
-
-    if hub_reachable():
-        pytest.skip("the Hugging Face Hub is reachable from here")
     start = time.perf_counter()
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "model=stories260k",
-            f"model.path={stories_path}",
-            "data=c4",
-            "logger=none",
-            f"paths.log_dir={tmp_path}",
-            f"paths.cache_dir={tmp_path}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _train_cli(tmp_path, "model=stories260k", f"model.path={stories_path}", "data=c4")
     elapsed = time.perf_counter() - start
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
@@ -179,25 +172,11 @@ def test_offline_hub_data_set_fails_fast_with_one_sentence(tmp_path, stories_pat
     assert elapsed < 60  # process start-up and imports included; the hub probe itself is ~ms
 
 
-def test_offline_hub_model_fails_at_once_naming_it(tmp_path) -> None:
-    from onebit.hub import hub_reachable
-
-    if hub_reachable():
-        pytest.skip("the Hugging Face Hub is reachable from here")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "model=llama7b",
-            "data=self_generated",
-            "logger=none",
-            f"paths.log_dir={tmp_path}",
-            f"paths.cache_dir={tmp_path}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+def test_offline_hub_model_fails_at_once_naming_it(tmp_path, offline) -> None:
+    out = _train_cli(
+        tmp_path,
+        "model=llama7b",
+        "data=self_generated",
         env={**os.environ, "HF_HOME": str(tmp_path / "hf")},
     )
     assert out.returncode == 2, out.stderr[-2000:]
