@@ -141,8 +141,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The paper's layout: perplexity (lower is better), then zero-shot accuracy in %, average."""
-    head = TABLE_HEAD
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" + "---:|" * (len(TABLE_HEAD) - 1)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 

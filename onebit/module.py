@@ -255,6 +255,3 @@ class OneBitDistillation(L.LightningModule):
                 self.log("val/ppl", ppl, prog_bar=True, sync_dist=False)
         if self.teacher_val_ppl is not None and "teacher" not in self._val_sums:
             self.log("val/ppl_teacher", self.teacher_val_ppl, sync_dist=False)
-
-    def onebit_layers(self) -> list[OneBitLinear]:
-        return [m for m in self.student.modules() if isinstance(m, OneBitLinear)]

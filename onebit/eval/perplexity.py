@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from onebit.data.sampler import dist_rank_world
 from onebit.errors import OneBitInputError
 
 
@@ -95,9 +96,7 @@ def perplexity(
         raise OneBitInputError(
             f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}."
         )
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = dist_rank_world()
     device = device or next(model.parameters()).device
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
