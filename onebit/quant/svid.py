@@ -31,6 +31,10 @@ import math
 import torch
 from torch import Tensor
 
+from onebit import kernels
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def _balance(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Rescale (a, b) → (a·c, b/c) so both have the same RMS; a bᵀ is unchanged."""
@@ -65,16 +69,20 @@ def _rank1_als(
 ) -> tuple[Tensor, Tensor, int]:
     """Alternating non-negative least squares for rank 1 on ``A = |W|``; see the module docstring.
 
-    One round (a ← A b/‖b‖², b ← Aᵀ a/‖a‖²) is a *single* pass over W: rows are taken in blocks of
-    about ``chunk_bytes``, made absolute into a reused cache-sized buffer and used twice while they
-    are hot (``A_R b`` for the block's part of a, then ``A_Rᵀ a_R`` added into the next b). |W| is
-    never materialised and no large temporary is allocated, so a round costs one read of W (on GPU
-    the block is the whole matrix). On LLM weights three or four rounds meet ``tol = 1e-7``.
+    One round (a ← A b/‖b‖², b ← Aᵀ a/‖a‖²) is a *single* pass over W. On CPU the C++ op
+    ``torch.ops.onebit.svid_rank1_als`` (``onebit.kernels``) runs the whole loop: it reads each row
+    once, as stored (fp32, bf16 or fp16), and uses it twice from cache, ``a_r = |w_r|·b`` and then
+    ``z += a_r |w_r|`` into a per-thread z. Without it (and on GPU) rows are taken in blocks of
+    about ``chunk_bytes``, made absolute into a reused buffer and used by two GEMVs while hot (on
+    GPU the block is the whole matrix). Either way |W| is never materialised. On LLM weights three
+    to five rounds meet ``tol = 1e-7``.
 
     Returns (a, b, rounds) with b the least-squares b for a, so that
     ``‖A − a bᵀ‖² = ‖A‖² − ‖a‖²·‖b‖²``: the captured energy ``‖a‖²·‖b‖²`` rises monotonically to
     σ₁², and we stop when a round raises it by less than ``tol`` (relatively).
     """
+    if W.dtype in _KERNEL_DTYPES and kernels.use_kernel(W):
+        return torch.ops.onebit.svid_rank1_als(W, max_iter, tol)
     out_f, in_f = W.shape
     dev = W.device
     rows = out_f if dev.type != "cpu" else max(1, min(out_f, chunk_bytes // (4 * in_f)))

@@ -96,3 +96,31 @@ def test_bad_input_is_named() -> None:
         svid(torch.randn(4, 4), "qr")
     with pytest.raises(ValueError, match="2-D weight"):
         svid(torch.randn(4), "nmf")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (64, 172), (300, 401), (513, 257)])
+def test_cpp_kernel_matches_the_torch_path(shape: tuple[int, int]) -> None:
+    from onebit import kernels
+
+    if not kernels.available():
+        pytest.skip(f"no C++ kernels: {kernels.status()}")
+    W = _llm_like(*shape, seed=sum(shape))  # (300, 401) and (513, 257) use two threads
+    # tol 1e-7 stops on the energy, where the vectors agree only to ~sqrt(1e-7): compare at the
+    # fixed point instead
+    with kernels.disabled():
+        a_ref, b_ref = svid(W, "nmf", max_iter=1000, tol=1e-13)
+    a, b = svid(W, "nmf", max_iter=1000, tol=1e-13)
+    torch.testing.assert_close(a, a_ref, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(b, b_ref, rtol=2e-5, atol=1e-7)
+    assert svid_error(W, "nmf") == pytest.approx(rank1_optimal_error(W), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpp_kernel_reads_half_precision_weights_as_stored(dtype: torch.dtype) -> None:
+    from onebit import kernels
+
+    if not kernels.available():
+        pytest.skip(f"no C++ kernels: {kernels.status()}")
+    W = _llm_like(300, 401).to(dtype)  # the same values in fp32 give the same arithmetic
+    for x, y in zip(svid(W, "nmf"), svid(W.float(), "nmf"), strict=True):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
