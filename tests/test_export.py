@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from onebit import kernels
 from onebit.errors import OneBitInputError
 from onebit.export import load_onebit, save_onebit
 from onebit.models import tiny_causal_lm
@@ -32,8 +33,13 @@ def test_export_load_gives_the_students_logits(arch: str, tmp_path) -> None:
     loaded = load_onebit(path)
     n_packed = sum(isinstance(m, PackedOneBitLinear) for m in loaded.modules())
     assert n_packed == footprint(student).quantized_layers
-    with torch.no_grad():
+    with torch.no_grad(), kernels.disabled():  # reference path: bitwise
         torch.testing.assert_close(loaded(ids).logits, expected, atol=0, rtol=0)
+    if kernels.available():  # the C++ kernel: decode (1 token) and prefill, fp32 rounding
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-4, rtol=1e-4)
+            one = loaded(ids[:1, :1]).logits
+        torch.testing.assert_close(one, expected[:1, :1], atol=1e-4, rtol=1e-4)
     info = json.loads((path / "config.json").read_text())["onebit"]
     assert info["bit_order"] == "little" and info["quant"]["sign_of_zero"] == "plus"
 

@@ -1,10 +1,20 @@
 """PackedOneBitLinear: the inference form of OneBitLinear, holding 1 bit per weight.
 
 It stores the packed signs (uint8, 8 per byte, see :mod:`onebit.quant.packing`), the value vectors g
-and h and the bias, and computes exactly what the trained layer computes: the signs are unpacked to
-the activation dtype and fed through the same forward function, so for the same dtype the output is
-bitwise equal. This reference path unpacks the whole matrix on each call; a fast kernel that reads
-the bits directly comes with the export format.
+and h and the bias. Two paths compute the same layer:
+
+* the C++ kernel (``onebit.kernels``, CPU): ``z = (x ⊙ g) · Sᵀ`` straight from the bits in fp32,
+  whatever the activation dtype (the result is cast back). Up to ``GEMV_MAX_TOKENS`` tokens it
+  uses the bits as AVX-512 lane masks (``Σ x_j s_j = 2 Σ_{s_j=+1} x_j − Σ x_j``, no multiplies, 1
+  bit read per weight); above, it unpacks 256-row tiles of ±1 and calls the BLAS GEMM. It agrees
+  with the trained layer to fp32 rounding (a different summation order), not bitwise.
+  ``int8_prefill=True`` makes the many-token case quantize ``x ⊙ g`` to int8 per token (absmax)
+  and multiply int8 tiles (``torch._int_mm``); decode stays exact. That mode is lossy: its effect
+  on perplexity is measured in the README.
+* the reference path (other devices, autograd, or kernels off): the signs are unpacked to the
+  activation dtype and fed through the trained layer's own forward function, so for the same
+  dtype the output is bitwise equal to :class:`OneBitLinear`'s. It unpacks the whole matrix on
+  every call, as the official inference code does, and is slow.
 """
 
 from __future__ import annotations
@@ -12,8 +22,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from onebit import kernels
 from onebit.quant.linear import OneBitLinear, onebit_forward
 from onebit.quant.packing import pack_signs, unpack_signs
+
+GEMV_MAX_TOKENS = 8  # up to this many tokens per call the bit-mask kernel, above it tiled GEMM
+_INT8_MIN_TOKENS = 17  # torch._int_mm needs more than 16 rows
 
 
 class PackedOneBitLinear(nn.Module):
@@ -38,6 +52,7 @@ class PackedOneBitLinear(nn.Module):
         self.out_features = out_features
         self.output_norm = output_norm
         self.norm_eps = norm_eps
+        self.int8_prefill = False
         kw = {"device": device, "dtype": dtype}
         self.register_buffer(
             "packed_signs",
@@ -77,10 +92,31 @@ class PackedOneBitLinear(nn.Module):
         return unpack_signs(self.packed_signs, self.in_features, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = onebit_forward(
-            x, self.signs(x.dtype), self.in_scale, self.out_scale, self.output_norm, self.norm_eps
-        )
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        if (torch.is_grad_enabled() and x.requires_grad) or not kernels.use_kernel(x):
+            y = onebit_forward(
+                x, self.signs(x.dtype), self.in_scale, self.out_scale, self.output_norm,
+                self.norm_eps,
+            )  # fmt: skip
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return self._forward_kernel(x)
+
+    def _forward_kernel(self, x: Tensor) -> Tensor:
+        u = (x.reshape(-1, self.in_features).float() * self.in_scale.float()).contiguous()
+        if self.int8_prefill and u.shape[0] >= _INT8_MIN_TOKENS:
+            scale = u.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127  # (tokens, 1)
+            q = torch.round(u / scale).to(torch.int8)
+            z = torch.ops.onebit.sign_matmul_int8(q, self.packed_signs, self.in_features)
+            z = z.float() * scale  # (tokens, out)
+        else:
+            z = torch.ops.onebit.sign_matmul(
+                u, self.packed_signs, self.in_features, GEMV_MAX_TOKENS
+            )  # (tokens, out)
+        y = z * self.out_scale.float()
+        if self.output_norm:
+            y = torch.nn.functional.layer_norm(y, (self.out_features,), eps=self.norm_eps)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -1,4 +1,5 @@
-"""Packing: exact round trip, documented bit order, packed layer equals trained layer exactly."""
+"""Packing: exact round trip, documented bit order, packed layer equals trained layer exactly
+(reference path) and to fp32 rounding (C++ kernel)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from onebit import kernels
 from onebit.models import tiny_causal_lm
 from onebit.quant import (
     OneBitConfig,
@@ -54,14 +56,14 @@ def test_packed_equals_trained_exactly(dtype: torch.dtype, in_features: int, bia
     packed = PackedOneBitLinear.from_onebit(layer)
     assert packed.packed_signs.numel() == 13 * ((in_features + 7) // 8)
     x = torch.randn(3, 7, in_features, dtype=dtype)
-    with torch.no_grad():
+    with torch.no_grad(), kernels.disabled():  # the reference path: bitwise
         torch.testing.assert_close(packed(x), layer(x), atol=0, rtol=0)
 
 
 def test_packed_model_logits_equal_the_students() -> None:
     student = freeze_(quantize_(tiny_causal_lm("llama"), OneBitConfig()))
     ids = torch.randint(0, 128, (2, 16))
-    with torch.no_grad():
+    with torch.no_grad(), kernels.disabled():
         expected = student(ids).logits
         pack_(student)
         got = student(ids).logits
@@ -76,3 +78,74 @@ def test_packing_refuses_zero_signs_under_the_official_convention() -> None:
         layer.weight[0, 0] = 0.0
     with pytest.raises(ValueError, match="sign_of_zero='zero'"):
         PackedOneBitLinear.from_onebit(layer)
+
+
+def _trained_like(in_features: int, out_features: int, bias: bool, norm: bool) -> OneBitLinear:
+    cfg = OneBitConfig(output_norm=norm)
+    layer = OneBitLinear.from_linear(nn.Linear(in_features, out_features, bias=bias), cfg)
+    with torch.no_grad():
+        layer.weight.add_(0.02 * torch.randn_like(layer.weight))
+        layer.in_scale.mul_(1 + 0.1 * torch.rand_like(layer.in_scale))
+        if bias:
+            layer.bias.normal_()
+    return layer
+
+
+# The kernel sums in another order than F.linear: it agrees to fp32 rounding. Outputs are O(1)
+# after the LayerNorm (and O(|h|·sqrt(in)) without it), so the tolerance is relative to that.
+KERNEL_RTOL, KERNEL_ATOL = 1e-4, 1e-4
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 40])  # bit-mask kernel ≤ 8 tokens, GEMM above
+@pytest.mark.parametrize(("in_features", "out_features"), [(1, 1), (29, 13), (100, 67), (333, 258)])
+@pytest.mark.parametrize("norm", [True, False])
+def test_kernel_equals_trained_layer(
+    tokens: int, in_features: int, out_features: int, norm: bool
+) -> None:
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    layer = _trained_like(in_features, out_features, bias=True, norm=norm)
+    packed = PackedOneBitLinear.from_onebit(layer)
+    x = torch.randn(tokens, in_features)
+    with torch.no_grad():
+        expected = layer(x)
+        got = packed(x)
+    scale = 1.0 if norm else float(expected.abs().max())
+    torch.testing.assert_close(got, expected, rtol=KERNEL_RTOL, atol=KERNEL_ATOL * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_keeps_the_activation_dtype(dtype: torch.dtype) -> None:
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    packed = PackedOneBitLinear.from_onebit(_trained_like(70, 30, bias=False, norm=True))
+    x = torch.randn(2, 5, 70).to(dtype)
+    with torch.no_grad():
+        got = packed(x)
+        with kernels.disabled():
+            expected = packed(x.float())  # fp32 reference on the same (rounded) inputs
+    assert got.dtype == dtype and got.shape == (2, 5, 30)
+    # the kernel computes in fp32 and rounds once at the end
+    torch.testing.assert_close(got, expected.to(dtype), rtol=1e-2, atol=1e-2)
+
+
+def test_int8_prefill_is_close_and_decode_stays_exact() -> None:
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    layer = _trained_like(300, 200, bias=False, norm=True)
+    packed = PackedOneBitLinear.from_onebit(layer)
+    packed.int8_prefill = True
+    x = torch.randn(64, 300)
+    with torch.no_grad():
+        exact, got = layer(x), packed(x)
+        one = packed(x[:1])
+    err = float((got - exact).abs().max())
+    assert 0 < err < 0.05  # lossy, but by at most a few percent of the unit-scale output
+    torch.testing.assert_close(one, exact[:1], rtol=KERNEL_RTOL, atol=KERNEL_ATOL)
+
+
+def test_kernel_is_not_used_under_autograd() -> None:
+    packed = PackedOneBitLinear.from_onebit(_trained_like(16, 8, bias=False, norm=True))
+    x = torch.randn(2, 16, requires_grad=True)
+    packed(x).sum().backward()  # the reference path: differentiable in x
+    assert x.grad is not None and x.grad.abs().sum() > 0

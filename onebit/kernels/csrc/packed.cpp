@@ -1,0 +1,262 @@
+// z = x · Sᵀ for a ±1 matrix S stored as packed bits (onebit.quant.packing: row-major, 8 signs per
+// byte, least significant bit first, bit 1 = +1, bit 0 = −1, the last byte of a row zero-padded).
+//
+// Decode (few tokens): no multiplications and no unpacking. With P the set bits of a row,
+//     Σ_j x_j s_j = 2 Σ_{j∈P} x_j − Σ_j x_j,
+// and 16 bits of the row are used directly as an AVX-512 lane mask: acc += x[j:j+16] where the bit
+// is set (one masked add per 16 weights). Four rows share each load of x; threads split the rows.
+// The weights are read once, as one sequential stream per row: 1 bit per weight.
+//
+// Prefill (many tokens): the arithmetic is M·out·in multiply-adds either way, so it is done by the
+// BLAS GEMM on ±1 tiles unpacked from the bits into a small buffer (exact, fp32), or on int8 ±1
+// tiles against int8 activations (sign_matmul_int8: int32 results, exact for the integers given).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define ONEBIT_AVX512 1
+#endif
+
+namespace onebit {
+namespace {
+
+// Bits [j, j+n) of a row (n ≤ 16, j a multiple of 8) as a 16-bit mask; reads only bytes it owns.
+inline uint16_t bits16(const uint8_t* row, int64_t j, int64_t n) {
+  uint16_t m = 0;
+  std::memcpy(&m, row + j / 8, static_cast<size_t>((n + 7) / 8));
+  return n >= 16 ? m : static_cast<uint16_t>(m & ((1u << n) - 1u));
+}
+
+// z[m, r] for rows [r0, r1) and all M tokens. x (M, in) fp32, xsum[m] = Σ_j x[m, j].
+void gemv_rows(const float* x, const float* xsum, const uint8_t* P, float* z, int64_t M, int64_t in,
+               int64_t nb, int64_t out, int64_t r0, int64_t r1) {
+  const int64_t full = in / 16 * 16, rem = in - full;
+#if ONEBIT_AVX512
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const uint8_t* p0 = P + r * nb;
+    const uint8_t* p1 = p0 + nb;
+    const uint8_t* p2 = p1 + nb;
+    const uint8_t* p3 = p2 + nb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+      for (int64_t j = 0; j < full; j += 16) {
+        const __m512 v = _mm512_loadu_ps(xm + j);
+        uint16_t k0, k1, k2, k3;
+        std::memcpy(&k0, p0 + j / 8, 2);
+        std::memcpy(&k1, p1 + j / 8, 2);
+        std::memcpy(&k2, p2 + j / 8, 2);
+        std::memcpy(&k3, p3 + j / 8, 2);
+        a0 = _mm512_mask_add_ps(a0, k0, a0, v);
+        a1 = _mm512_mask_add_ps(a1, k1, a1, v);
+        a2 = _mm512_mask_add_ps(a2, k2, a2, v);
+        a3 = _mm512_mask_add_ps(a3, k3, a3, v);
+      }
+      if (rem) {
+        const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rem) - 1u), xm + full);
+        a0 = _mm512_mask_add_ps(a0, bits16(p0, full, rem), a0, v);
+        a1 = _mm512_mask_add_ps(a1, bits16(p1, full, rem), a1, v);
+        a2 = _mm512_mask_add_ps(a2, bits16(p2, full, rem), a2, v);
+        a3 = _mm512_mask_add_ps(a3, bits16(p3, full, rem), a3, v);
+      }
+      float* zm = z + m * out + r;
+      zm[0] = 2.0f * _mm512_reduce_add_ps(a0) - xsum[m];
+      zm[1] = 2.0f * _mm512_reduce_add_ps(a1) - xsum[m];
+      zm[2] = 2.0f * _mm512_reduce_add_ps(a2) - xsum[m];
+      zm[3] = 2.0f * _mm512_reduce_add_ps(a3) - xsum[m];
+    }
+  }
+  for (; r < r1; ++r) {
+    const uint8_t* p = P + r * nb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t j = 0; j < full; j += 16) {
+        uint16_t k;
+        std::memcpy(&k, p + j / 8, 2);
+        a = _mm512_mask_add_ps(a, k, a, _mm512_loadu_ps(xm + j));
+      }
+      if (rem)
+        a = _mm512_mask_add_ps(
+            a, bits16(p, full, rem), a,
+            _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rem) - 1u), xm + full));
+      z[m * out + r] = 2.0f * _mm512_reduce_add_ps(a) - xsum[m];
+    }
+  }
+#else
+  (void)full;
+  (void)rem;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* p = P + r * nb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      float acc = 0;
+      for (int64_t j = 0; j < in; ++j)
+        if ((p[j >> 3] >> (j & 7)) & 1) acc += xm[j];
+      z[m * out + r] = 2.0f * acc - xsum[m];
+    }
+  }
+#endif
+}
+
+// Rows [r0, r1) of S unpacked into `dst` (row stride `ld` ≥ in; columns in..ld are zero) as T
+// with +1 for a set bit and −1 for a clear one.
+template <typename T>
+void unpack_rows(const uint8_t* P, int64_t nb, int64_t in, int64_t r0, int64_t r1, T* dst,
+                 int64_t ld) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* p = P + r * nb;
+    T* d = dst + (r - r0) * ld;
+    int64_t j = 0;
+#if ONEBIT_AVX512
+    if constexpr (std::is_same_v<T, float>) {
+      const __m512 pos = _mm512_set1_ps(1.0f), neg = _mm512_set1_ps(-1.0f);
+      for (; j + 16 <= in; j += 16) {
+        uint16_t k;
+        std::memcpy(&k, p + j / 8, 2);
+        _mm512_storeu_ps(d + j, _mm512_mask_blend_ps(k, neg, pos));
+      }
+    } else {
+      const __m512i pos = _mm512_set1_epi8(1), neg = _mm512_set1_epi8(-1);
+      for (; j + 64 <= in; j += 64) {
+        uint64_t k;
+        std::memcpy(&k, p + j / 8, 8);
+        _mm512_storeu_si512(d + j, _mm512_mask_blend_epi8(k, neg, pos));
+      }
+    }
+#endif
+    for (; j < in; ++j) d[j] = ((p[j >> 3] >> (j & 7)) & 1) ? T(1) : T(-1);
+    for (; j < ld; ++j) d[j] = T(0);
+  }
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& packed, int64_t in, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), op, ": x must be a 2-D CPU tensor");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.device().is_cpu(),
+              op, ": packed must be a 2-D uint8 CPU tensor");
+  TORCH_CHECK(x.size(1) == in, op, ": x has ", x.size(1), " features, expected ", in);
+  TORCH_CHECK(packed.size(1) == (in + 7) / 8, op, ": packed has ", packed.size(1),
+              " bytes per row, ", in, " signs need ", (in + 7) / 8);
+}
+
+constexpr int64_t kTileRows = 256;  // rows of S unpacked per GEMM call (4 MB of fp32 at in=4096)
+
+// z = x Sᵀ, fp32. gemv_max: up to this many tokens, the bit-mask kernel; above, unpacked tiles
+// through the BLAS GEMM.
+at::Tensor sign_matmul(const at::Tensor& x_, const at::Tensor& packed_, int64_t in,
+                       int64_t gemv_max) {
+  check_args(x_, packed_, in, "sign_matmul");
+  TORCH_CHECK(x_.scalar_type() == at::kFloat, "sign_matmul: x must be float32");
+  const at::Tensor x = x_.contiguous(), packed = packed_.contiguous();
+  const int64_t M = x.size(0), out = packed.size(0), nb = packed.size(1);
+  const float* xp = x.const_data_ptr<float>();
+  const uint8_t* P = packed.const_data_ptr<uint8_t>();
+  if (M <= gemv_max) {
+    at::Tensor z = at::empty({M, out}, x.options());
+    std::vector<float> xsum(M);
+    for (int64_t m = 0; m < M; ++m) {
+      double s = 0;
+      for (int64_t j = 0; j < in; ++j) s += xp[m * in + j];
+      xsum[m] = static_cast<float>(s);
+    }
+    float* zp = z.mutable_data_ptr<float>();
+    const int64_t blocks = (out + 3) / 4;
+    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+      gemv_rows(xp, xsum.data(), P, zp, M, in, nb, out, b0 * 4, std::min(out, b1 * 4));
+    });
+    return z;
+  }
+  at::Tensor zt = at::empty({out, M}, x.options());  // zᵀ: each tile fills contiguous rows
+  at::Tensor tile = at::empty({std::min(kTileRows, out), in}, x.options());
+  const at::Tensor xt = x.t();
+  for (int64_t r0 = 0; r0 < out; r0 += kTileRows) {
+    const int64_t n = std::min(kTileRows, out - r0);
+    float* tp = tile.mutable_data_ptr<float>();
+    at::parallel_for(0, n, 16, [&](int64_t a, int64_t b) {
+      unpack_rows<float>(P, nb, in, r0 + a, r0 + b, tp + a * in, in);
+    });
+    at::Tensor dst = zt.narrow(0, r0, n);
+    at::mm_out(dst, tile.narrow(0, 0, n), xt);
+  }
+  return zt.t().contiguous();
+}
+
+// Integer z = x Sᵀ for int8 x (M, in): int32 (M, out), through torch._int_mm on int8 ±1 tiles
+// (K padded with zeros to a multiple of 8). Needs M > 16 (a _int_mm constraint).
+at::Tensor sign_matmul_int8(const at::Tensor& x_, const at::Tensor& packed_, int64_t in) {
+  check_args(x_, packed_, in, "sign_matmul_int8");
+  TORCH_CHECK(x_.scalar_type() == at::kChar, "sign_matmul_int8: x must be int8");
+  const at::Tensor packed = packed_.contiguous();
+  const int64_t M = x_.size(0), out = packed.size(0), nb = packed.size(1);
+  TORCH_CHECK(M > 16, "sign_matmul_int8: needs more than 16 tokens, got ", M);
+  const int64_t K = (in + 7) / 8 * 8;
+  at::Tensor x = x_;
+  if (K != in) {
+    x = at::zeros({M, K}, x_.options());
+    x.narrow(1, 0, in).copy_(x_);
+  } else {
+    x = x_.contiguous();
+  }
+  const uint8_t* P = packed.const_data_ptr<uint8_t>();
+  const int64_t tile_rows = std::max<int64_t>(8, kTileRows * 4 / 8 * 8);  // int8: 4× the rows
+  at::Tensor zt = at::empty({out, M}, x.options().dtype(at::kInt));
+  at::Tensor tile = at::empty({std::min(tile_rows, (out + 7) / 8 * 8), K}, x.options());
+  const at::Tensor xt = x.t();
+  for (int64_t r0 = 0; r0 < out; r0 += tile_rows) {
+    const int64_t n = std::min(tile_rows, out - r0);
+    const int64_t n8 = (n + 7) / 8 * 8;  // _int_mm wants N % 8 == 0: pad with zero rows
+    int8_t* tp = tile.mutable_data_ptr<int8_t>();
+    at::parallel_for(0, n, 16, [&](int64_t a, int64_t b) {
+      unpack_rows<int8_t>(P, nb, in, r0 + a, r0 + b, tp + a * K, K);
+    });
+    if (n8 != n) std::memset(tp + n * K, 0, static_cast<size_t>((n8 - n) * K));
+    at::Tensor prod = at::_int_mm(tile.narrow(0, 0, n8), xt);  // (n8, M)
+    zt.narrow(0, r0, n).copy_(prod.narrow(0, 0, n));
+  }
+  return zt.t().contiguous();
+}
+
+// S unpacked to fp32 ±1 (out, in): for tests and the reference path.
+at::Tensor unpack_signs_f32(const at::Tensor& packed_, int64_t in) {
+  TORCH_CHECK(packed_.dim() == 2 && packed_.scalar_type() == at::kByte,
+              "unpack_signs_f32: packed must be 2-D uint8");
+  TORCH_CHECK(packed_.size(1) == (in + 7) / 8, "unpack_signs_f32: wrong bytes per row");
+  const at::Tensor packed = packed_.contiguous();
+  const int64_t out = packed.size(0), nb = packed.size(1);
+  at::Tensor s = at::empty({out, in}, packed.options().dtype(at::kFloat));
+  const uint8_t* P = packed.const_data_ptr<uint8_t>();
+  float* sp = s.mutable_data_ptr<float>();
+  at::parallel_for(0, out, 64, [&](int64_t a, int64_t b) {
+    unpack_rows<float>(P, nb, in, a, b, sp + a * in, in);
+  });
+  return s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(onebit, m) {
+  m.def("sign_matmul(Tensor x, Tensor packed, int in_features, int gemv_max) -> Tensor");
+  m.def("sign_matmul_int8(Tensor x, Tensor packed, int in_features) -> Tensor");
+  m.def("unpack_signs_f32(Tensor packed, int in_features) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(onebit, CPU, m) {
+  m.impl("sign_matmul", &sign_matmul);
+  m.impl("sign_matmul_int8", &sign_matmul_int8);
+  m.impl("unpack_signs_f32", &unpack_signs_f32);
+}
+
+}  // namespace onebit
