@@ -8,9 +8,11 @@ and h and the bias. Two paths compute the same layer:
   uses the bits as AVX-512 lane masks (``Σ x_j s_j = 2 Σ_{s_j=+1} x_j − Σ x_j``, no multiplies, 1
   bit read per weight); above, it unpacks 256-row tiles of ±1 and calls the BLAS GEMM. It agrees
   with the trained layer to fp32 rounding (a different summation order), not bitwise.
-  ``int8_prefill=True`` makes the many-token case quantize ``x ⊙ g`` to int8 per token (absmax)
-  and multiply int8 tiles (``torch._int_mm``); decode stays exact. That mode is lossy: its effect
-  on perplexity is measured in the README.
+  ``prefill`` chooses the many-token arithmetic: ``fp32`` (default, exact to rounding), ``bf16``
+  (``x ⊙ g`` and the products rounded to bf16, the BLAS bf16 GEMM) or ``int8`` (``x ⊙ g``
+  quantized to int8 per token by its absmax, int8 tiles through ``torch._int_mm``). Decode stays
+  fp32 in every mode. ``bf16`` and ``int8`` are lossy; their effect on perplexity is measured in
+  the README.
 * the reference path (other devices, autograd, or kernels off): the signs are unpacked to the
   activation dtype and fed through the trained layer's own forward function, so for the same
   dtype the output is bitwise equal to :class:`OneBitLinear`'s. It unpacks the whole matrix on
@@ -27,6 +29,7 @@ from onebit.quant.linear import OneBitLinear, onebit_forward
 from onebit.quant.packing import pack_signs, unpack_signs
 
 GEMV_MAX_TOKENS = 8  # up to this many tokens per call the bit-mask kernel, above it tiled GEMM
+PREFILL_MODES = ("fp32", "bf16", "int8")
 _INT8_MIN_TOKENS = 17  # torch._int_mm needs more than 16 rows
 
 
@@ -52,7 +55,7 @@ class PackedOneBitLinear(nn.Module):
         self.out_features = out_features
         self.output_norm = output_norm
         self.norm_eps = norm_eps
-        self.int8_prefill = False
+        self.prefill = "fp32"  # see the module docstring; set_prefill_mode_ sets a whole model
         kw = {"device": device, "dtype": dtype}
         self.register_buffer(
             "packed_signs",
@@ -102,7 +105,11 @@ class PackedOneBitLinear(nn.Module):
 
     def _forward_kernel(self, x: Tensor) -> Tensor:
         u = (x.reshape(-1, self.in_features).float() * self.in_scale.float()).contiguous()
-        if self.int8_prefill and u.shape[0] >= _INT8_MIN_TOKENS:
+        tokens = u.shape[0]
+        if self.prefill == "bf16" and tokens > GEMV_MAX_TOKENS:
+            z = torch.ops.onebit.sign_matmul_bf16(u.bfloat16(), self.packed_signs, self.in_features)
+            z = z.float()
+        elif self.prefill == "int8" and tokens >= _INT8_MIN_TOKENS:
             scale = u.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127  # (tokens, 1)
             q = torch.round(u / scale).to(torch.int8)
             z = torch.ops.onebit.sign_matmul_int8(q, self.packed_signs, self.in_features)
@@ -123,3 +130,13 @@ class PackedOneBitLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, output_norm={self.output_norm}"
         )
+
+
+def set_prefill_mode_(model: nn.Module, mode: str) -> nn.Module:
+    """Set the many-token arithmetic (``fp32``, ``bf16`` or ``int8``) of every packed layer."""
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"prefill mode {mode!r} is not one of {', '.join(PREFILL_MODES)}.")
+    for m in model.modules():
+        if isinstance(m, PackedOneBitLinear):
+            m.prefill = mode
+    return model

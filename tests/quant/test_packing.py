@@ -19,6 +19,7 @@ from onebit.quant import (
     quantize_,
     unpack_signs,
 )
+from onebit.quant.packed_linear import set_prefill_mode_
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 64, 100])
@@ -129,12 +130,14 @@ def test_kernel_keeps_the_activation_dtype(dtype: torch.dtype) -> None:
     torch.testing.assert_close(got, expected.to(dtype), rtol=1e-2, atol=1e-2)
 
 
-def test_int8_prefill_is_close_and_decode_stays_exact() -> None:
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_lossy_prefill_is_close_and_decode_stays_exact(mode: str) -> None:
     if not kernels.available():
         pytest.skip(kernels.status())
     layer = _trained_like(300, 200, bias=False, norm=True)
     packed = PackedOneBitLinear.from_onebit(layer)
-    packed.int8_prefill = True
+    set_prefill_mode_(packed, mode)
+    assert packed.prefill == mode
     x = torch.randn(64, 300)
     with torch.no_grad():
         exact, got = layer(x), packed(x)
@@ -149,3 +152,8 @@ def test_kernel_is_not_used_under_autograd() -> None:
     x = torch.randn(2, 16, requires_grad=True)
     packed(x).sum().backward()  # the reference path: differentiable in x
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_unknown_prefill_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="prefill mode 'fp8' is not one of fp32, bf16, int8"):
+        set_prefill_mode_(nn.Sequential(), "fp8")

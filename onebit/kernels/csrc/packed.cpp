@@ -4,18 +4,20 @@
 // Decode (few tokens): no multiplications and no unpacking. With P the set bits of a row,
 //     Σ_j x_j s_j = 2 Σ_{j∈P} x_j − Σ_j x_j,
 // and 16 bits of the row are used directly as an AVX-512 lane mask: acc += x[j:j+16] where the bit
-// is set (one masked add per 16 weights). Four rows share each load of x; threads split the rows.
+// is set (one masked add per 16 weights). Eight rows share each load of x; threads split the rows.
 // The weights are read once, as one sequential stream per row: 1 bit per weight.
 //
 // Prefill (many tokens): the arithmetic is M·out·in multiply-adds either way, so it is done by the
-// BLAS GEMM on ±1 tiles unpacked from the bits into a small buffer (exact, fp32), or on int8 ±1
-// tiles against int8 activations (sign_matmul_int8: int32 results, exact for the integers given).
+// BLAS GEMM on ±1 tiles unpacked from the bits into a small buffer: fp32 (exact to fp32 rounding),
+// bf16 (sign_matmul_bf16: bf16 activations and results) or int8 against int8 activations
+// (sign_matmul_int8: int32 results, exact for the integers given).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -44,40 +46,29 @@ void gemv_rows(const float* x, const float* xsum, const uint8_t* P, float* z, in
                int64_t nb, int64_t out, int64_t r0, int64_t r1) {
   const int64_t full = in / 16 * 16, rem = in - full;
 #if ONEBIT_AVX512
+  constexpr int R = 8;  // rows per pass over x: R independent accumulators share each x load
   int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    const uint8_t* p0 = P + r * nb;
-    const uint8_t* p1 = p0 + nb;
-    const uint8_t* p2 = p1 + nb;
-    const uint8_t* p3 = p2 + nb;
+  for (; r + R <= r1; r += R) {
+    const uint8_t* p = P + r * nb;
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * in;
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+      __m512 acc[R];
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
       for (int64_t j = 0; j < full; j += 16) {
         const __m512 v = _mm512_loadu_ps(xm + j);
-        uint16_t k0, k1, k2, k3;
-        std::memcpy(&k0, p0 + j / 8, 2);
-        std::memcpy(&k1, p1 + j / 8, 2);
-        std::memcpy(&k2, p2 + j / 8, 2);
-        std::memcpy(&k3, p3 + j / 8, 2);
-        a0 = _mm512_mask_add_ps(a0, k0, a0, v);
-        a1 = _mm512_mask_add_ps(a1, k1, a1, v);
-        a2 = _mm512_mask_add_ps(a2, k2, a2, v);
-        a3 = _mm512_mask_add_ps(a3, k3, a3, v);
+        for (int i = 0; i < R; ++i) {
+          uint16_t k;
+          std::memcpy(&k, p + i * nb + j / 8, 2);
+          acc[i] = _mm512_mask_add_ps(acc[i], k, acc[i], v);
+        }
       }
       if (rem) {
         const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rem) - 1u), xm + full);
-        a0 = _mm512_mask_add_ps(a0, bits16(p0, full, rem), a0, v);
-        a1 = _mm512_mask_add_ps(a1, bits16(p1, full, rem), a1, v);
-        a2 = _mm512_mask_add_ps(a2, bits16(p2, full, rem), a2, v);
-        a3 = _mm512_mask_add_ps(a3, bits16(p3, full, rem), a3, v);
+        for (int i = 0; i < R; ++i)
+          acc[i] = _mm512_mask_add_ps(acc[i], bits16(p + i * nb, full, rem), acc[i], v);
       }
       float* zm = z + m * out + r;
-      zm[0] = 2.0f * _mm512_reduce_add_ps(a0) - xsum[m];
-      zm[1] = 2.0f * _mm512_reduce_add_ps(a1) - xsum[m];
-      zm[2] = 2.0f * _mm512_reduce_add_ps(a2) - xsum[m];
-      zm[3] = 2.0f * _mm512_reduce_add_ps(a3) - xsum[m];
+      for (int i = 0; i < R; ++i) zm[i] = 2.0f * _mm512_reduce_add_ps(acc[i]) - xsum[m];
     }
   }
   for (; r < r1; ++r) {
@@ -130,6 +121,14 @@ void unpack_rows(const uint8_t* P, int64_t nb, int64_t in, int64_t r0, int64_t r
         std::memcpy(&k, p + j / 8, 2);
         _mm512_storeu_ps(d + j, _mm512_mask_blend_ps(k, neg, pos));
       }
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m512i pos = _mm512_set1_epi16(0x3F80), neg = _mm512_set1_epi16(
+                                                        static_cast<int16_t>(0xBF80));  // ±1.0
+      for (; j + 32 <= in; j += 32) {
+        uint32_t k;
+        std::memcpy(&k, p + j / 8, 4);
+        _mm512_storeu_si512(d + j, _mm512_mask_blend_epi16(k, neg, pos));
+      }
     } else {
       const __m512i pos = _mm512_set1_epi8(1), neg = _mm512_set1_epi8(-1);
       for (; j + 64 <= in; j += 64) {
@@ -174,9 +173,9 @@ at::Tensor sign_matmul(const at::Tensor& x_, const at::Tensor& packed_, int64_t 
       xsum[m] = static_cast<float>(s);
     }
     float* zp = z.mutable_data_ptr<float>();
-    const int64_t blocks = (out + 3) / 4;
-    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-      gemv_rows(xp, xsum.data(), P, zp, M, in, nb, out, b0 * 4, std::min(out, b1 * 4));
+    const int64_t blocks = (out + 7) / 8;
+    at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+      gemv_rows(xp, xsum.data(), P, zp, M, in, nb, out, b0 * 8, std::min(out, b1 * 8));
     });
     return z;
   }
@@ -188,6 +187,29 @@ at::Tensor sign_matmul(const at::Tensor& x_, const at::Tensor& packed_, int64_t 
     float* tp = tile.mutable_data_ptr<float>();
     at::parallel_for(0, n, 16, [&](int64_t a, int64_t b) {
       unpack_rows<float>(P, nb, in, r0 + a, r0 + b, tp + a * in, in);
+    });
+    at::Tensor dst = zt.narrow(0, r0, n);
+    at::mm_out(dst, tile.narrow(0, 0, n), xt);
+  }
+  return zt.t().contiguous();
+}
+
+// z = x Sᵀ for bf16 x (M, in): bf16 (M, out), the BLAS bf16 GEMM on exact ±1 bf16 tiles (fp32
+// accumulation inside the GEMM, one rounding of each result to bf16).
+at::Tensor sign_matmul_bf16(const at::Tensor& x_, const at::Tensor& packed_, int64_t in) {
+  check_args(x_, packed_, in, "sign_matmul_bf16");
+  TORCH_CHECK(x_.scalar_type() == at::kBFloat16, "sign_matmul_bf16: x must be bfloat16");
+  const at::Tensor x = x_.contiguous(), packed = packed_.contiguous();
+  const int64_t M = x.size(0), out = packed.size(0), nb = packed.size(1);
+  const uint8_t* P = packed.const_data_ptr<uint8_t>();
+  at::Tensor zt = at::empty({out, M}, x.options());
+  at::Tensor tile = at::empty({std::min(kTileRows, out), in}, x.options());
+  const at::Tensor xt = x.t();
+  for (int64_t r0 = 0; r0 < out; r0 += kTileRows) {
+    const int64_t n = std::min(kTileRows, out - r0);
+    auto* tp = tile.mutable_data_ptr<c10::BFloat16>();
+    at::parallel_for(0, n, 16, [&](int64_t a, int64_t b) {
+      unpack_rows<c10::BFloat16>(P, nb, in, r0 + a, r0 + b, tp + a * in, in);
     });
     at::Tensor dst = zt.narrow(0, r0, n);
     at::mm_out(dst, tile.narrow(0, 0, n), xt);
@@ -212,7 +234,7 @@ at::Tensor sign_matmul_int8(const at::Tensor& x_, const at::Tensor& packed_, int
     x = x_.contiguous();
   }
   const uint8_t* P = packed.const_data_ptr<uint8_t>();
-  const int64_t tile_rows = std::max<int64_t>(8, kTileRows * 4 / 8 * 8);  // int8: 4× the rows
+  const int64_t tile_rows = kTileRows;  // a multiple of 8
   at::Tensor zt = at::empty({out, M}, x.options().dtype(at::kInt));
   at::Tensor tile = at::empty({std::min(tile_rows, (out + 7) / 8 * 8), K}, x.options());
   const at::Tensor xt = x.t();
@@ -250,11 +272,13 @@ at::Tensor unpack_signs_f32(const at::Tensor& packed_, int64_t in) {
 
 TORCH_LIBRARY_FRAGMENT(onebit, m) {
   m.def("sign_matmul(Tensor x, Tensor packed, int in_features, int gemv_max) -> Tensor");
+  m.def("sign_matmul_bf16(Tensor x, Tensor packed, int in_features) -> Tensor");
   m.def("sign_matmul_int8(Tensor x, Tensor packed, int in_features) -> Tensor");
   m.def("unpack_signs_f32(Tensor packed, int in_features) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(onebit, CPU, m) {
   m.impl("sign_matmul", &sign_matmul);
+  m.impl("sign_matmul_bf16", &sign_matmul_bf16);
   m.impl("sign_matmul_int8", &sign_matmul_int8);
   m.impl("unpack_signs_f32", &unpack_signs_f32);
 }

@@ -1,0 +1,172 @@
+"""Per-layer time of the packed 1-bit layer against dense layers, side by side in one run.
+
+For LLaMA-7B layer shapes (out × in) and 1 token (decode) or 512 tokens (prefill), it times
+
+    dense fp32      F.linear(x, W) with W fp32 (what the teacher does)
+    dense bf16      F.linear(x, W) with x and W bf16
+    official-style  the whole sign matrix unpacked from the bits on every call, then the layer's
+                    math densely (the official inference code does this, in fp16 on GPU); this is
+                    PackedOneBitLinear with the C++ kernels disabled
+    onebit          PackedOneBitLinear with the C++ kernel (exact fp32: bit masks for decode,
+                    unpacked ±1 tiles + BLAS GEMM for prefill); includes g, h and the LayerNorm
+    onebit bf16     the same with prefill="bf16" (512 tokens only; lossy, see the README)
+    onebit int8     the same with prefill="int8" (512 tokens only; lossy, see the README)
+
+Methods are run round-robin (one call of each per round, after a warm-up round), so they share
+the machine's state; the table gives the median per call. "GB/s" is the weight bytes a method must
+read per call (dense: 4 or 2 bytes per weight; packed: 1/8 byte per weight plus g and h) divided by
+its time, next to this machine's read bandwidth measured in the same run (sum of a 1 GiB fp32
+tensor, same threads). Run:
+
+    python benchmarks/bench_packed.py                   # ~2 minutes on 2 cores
+    python benchmarks/bench_packed.py --rounds 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+SHAPES = {"q/k/v/o_proj": (4096, 4096), "gate/up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def read_bandwidth(rounds: int) -> float:
+    """GB/s of ``t.sum()`` over a 1 GiB fp32 tensor (median of ``rounds``)."""
+    t = torch.ones(256 * 1024 * 1024)
+    t.sum()
+    times = []
+    for _ in range(max(3, rounds)):
+        t0 = time.perf_counter()
+        t.sum()
+        times.append(time.perf_counter() - t0)
+    return t.numel() * 4 / statistics.median(times) / 1e9
+
+
+def make_layer(out_f: int, in_f: int, seed: int):
+    """A packed layer with random signs and positive value vectors, and the dense W it encodes."""
+    from onebit.quant import PackedOneBitLinear
+    from onebit.quant.packing import pack_signs
+
+    g = torch.Generator().manual_seed(seed)
+    W = 0.02 * torch.randn(out_f, in_f, generator=g)
+    layer = PackedOneBitLinear(in_f, out_f, output_norm=True)
+    with torch.no_grad():
+        layer.packed_signs.copy_(pack_signs(W))
+        layer.in_scale.copy_(W.abs().mean(0))
+        layer.out_scale.copy_(W.abs().mean(1))
+    return layer.eval(), W
+
+
+def with_prefill(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
+    layer.prefill = mode
+    try:
+        return layer(x)
+    finally:
+        layer.prefill = "fp32"
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    from onebit import kernels
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not kernels.available():
+        raise SystemExit(f"the C++ kernels are needed for this benchmark: {kernels.status()}")
+    bw = read_bandwidth(args.rounds)
+    rows = []
+    for name, (out_f, in_f) in SHAPES.items():
+        layer, W = make_layer(out_f, in_f, seed=out_f + in_f)
+        W_bf16 = W.bfloat16()
+        packed_bytes = out_f * ((in_f + 7) // 8) + 4 * (out_f + in_f)
+        for tokens in (1, 512):
+            x = torch.randn(tokens, in_f)
+            x_bf16 = x.bfloat16()
+
+            def official(x=x, layer=layer) -> torch.Tensor:
+                with kernels.disabled():
+                    return layer(x)
+
+            methods: dict[str, tuple[Callable[[], torch.Tensor], int]] = {
+                "dense fp32": (lambda x=x, W=W: F.linear(x, W), 4 * out_f * in_f),
+                "dense bf16": (lambda x=x_bf16, W=W_bf16: F.linear(x, W), 2 * out_f * in_f),
+                "official-style": (official, packed_bytes),
+                "onebit": (lambda x=x, layer=layer: layer(x), packed_bytes),
+            }
+            if tokens > 1:
+                methods["onebit bf16"] = (partial(with_prefill, layer, x, "bf16"), packed_bytes)
+                methods["onebit int8"] = (partial(with_prefill, layer, x, "int8"), packed_bytes)
+            times: dict[str, list[float]] = {m: [] for m in methods}
+            with torch.no_grad():
+                for r in range(args.rounds + 1):  # round 0 warms up and is discarded
+                    for m, (fn, _) in methods.items():
+                        reps = 1 if tokens > 1 or m == "official-style" else args.decode_reps
+                        t0 = time.perf_counter()
+                        for _ in range(reps):
+                            fn()
+                        if r:
+                            times[m].append((time.perf_counter() - t0) / reps)
+            print(f"[{name} {out_f}×{in_f}, {tokens} token(s)] done", file=sys.stderr, flush=True)
+            base = statistics.median(times["dense fp32"])
+            for m, (_, nbytes) in methods.items():
+                t = statistics.median(times[m])
+                rows.append(
+                    f"| {name} | {out_f}×{in_f} | {tokens} | {m} | {t * 1e3:.3f} "
+                    f"| {base / t:.2f}x | {nbytes / t / 1e9:.1f} | {nbytes / t / 1e9 / bw:.0%} |"
+                )
+    head = [
+        "# Packed 1-bit layer vs dense layers",
+        "",
+        f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
+        f"- python {platform.python_version()}, torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}, CPU: {cpu_model()} ({os.cpu_count()} cores)",
+        f"- {kernels.status()}",
+        f"- read bandwidth measured now (sum of 1 GiB fp32): {bw:.1f} GB/s",
+        f"- median over {args.rounds} rounds (round-robin, after one warm-up round); decode "
+        f"calls of the fast methods are repeated {args.decode_reps}× per round and averaged",
+        "- GB/s: weight bytes read per call / time; % bw: that over the measured bandwidth",
+        "",
+        "| layer | out×in | tokens | method | ms / call | vs dense fp32 | GB/s | % bw |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    return head + rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds (median)")
+    p.add_argument("--decode-reps", type=int, default=20, help="decode calls per round")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    lines = run(args)
+    lines += ["", f"Total wall time: {time.perf_counter() - t0:.0f} s"]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
