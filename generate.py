@@ -1,0 +1,93 @@
+"""Generate text from a 1-bit export (through the packed CPU kernel) or a full-precision model.
+
+    python generate.py path=outputs/train/runs/<time>/onebit_model prompt="Once upon a time"
+    python generate.py source=hf model=smollm2_135m max_new_tokens=32
+
+Prints the text, then prefill and decode tokens/s and the peak resident memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("onebit.generate")
+
+
+def load_for_generation(cfg: DictConfig):
+    """(model, tokenizer) for ``cfg.source``: export or hf."""
+    import torch
+
+    from onebit.errors import OneBitInputError
+    from onebit.models import ModelSpec, load_causal_lm, load_tokenizer
+
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.source == "hf":
+        spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        return load_causal_lm(spec).to(dtype), load_tokenizer(spec)
+    if cfg.source != "export":
+        raise OneBitInputError(f"source={cfg.source} is not one of export, hf.")
+    if not cfg.path or not Path(cfg.path).is_dir():
+        raise OneBitInputError(f"path={cfg.path} is not a directory (source=export needs one).")
+    from transformers import AutoTokenizer
+
+    from onebit.export import load_onebit
+    from onebit.quant.packed_linear import set_prefill_mode_
+
+    model = set_prefill_mode_(load_onebit(cfg.path, dtype=dtype), cfg.prefill)
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+    except (OSError, ValueError):
+        info = model.config.onebit.get("model")
+        if not info:
+            raise OneBitInputError(f"{cfg.path} holds no tokenizer and names no model.") from None
+        tok = load_tokenizer(ModelSpec.from_dict(info))
+    return model, tok
+
+
+def run(cfg: DictConfig) -> dict:
+    import torch
+
+    from onebit import kernels
+    from onebit.generation import generate, peak_rss_bytes
+    from onebit.quant.footprint import human_bytes
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    model, tok = load_for_generation(cfg)
+    model.eval()
+    ids = tok(cfg.prompt, return_tensors="pt").input_ids
+    out, stats = generate(
+        model,
+        ids,
+        int(cfg.max_new_tokens),
+        do_sample=bool(cfg.do_sample),
+        temperature=float(cfg.temperature),
+        top_k=int(cfg.top_k),
+        seed=int(cfg.seed),
+        eos_token_id=tok.eos_token_id,
+    )
+    text = tok.decode(out[0], skip_special_tokens=True)
+    rss = peak_rss_bytes()
+    print(text)
+    print(
+        f"\n[{cfg.source}] prompt {stats.prompt_tokens} tokens, {stats.new_tokens} new | "
+        f"prefill {stats.prefill_tokens_per_s:.1f} tok/s | decode {stats.decode_tokens_per_s:.2f} "
+        f"tok/s | peak RSS {human_bytes(rss)} | threads {torch.get_num_threads()} | "
+        f"{kernels.status()}"
+    )
+    return {"text": text, "stats": stats, "peak_rss": rss}
+
+
+@hydra.main(config_path="conf", config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from onebit.errors import run_cli
+
+    run_cli(run, cfg)
+
+
+if __name__ == "__main__":
+    main()
