@@ -31,6 +31,10 @@
 #define ONEBIT_AVX512 1
 #endif
 
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 2
+#endif
+
 namespace onebit {
 namespace {
 
@@ -47,9 +51,17 @@ void gemv_rows(const float* x, const float* xsum, const uint8_t* P, float* z, in
   const int64_t full = in / 16 * 16, rem = in - full;
 #if ONEBIT_AVX512
   constexpr int R = 8;  // rows per pass over x: R independent accumulators share each x load
+  constexpr int64_t kPrefetchBlocks = PREFETCH_BLOCKS;
   int64_t r = r0;
   for (; r + R <= r1; r += R) {
     const uint8_t* p = P + r * nb;
+    // The block's R rows are R·nb contiguous bytes read as R short interleaved streams, which
+    // the hardware prefetcher does not follow: fetch the block kPrefetchBlocks ahead by hand.
+    if (r + (kPrefetchBlocks + 1) * R <= r1) {
+      const uint8_t* ahead = p + kPrefetchBlocks * R * nb;
+      for (int64_t o = 0; o < R * nb; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + o), _MM_HINT_T0);
+    }
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * in;
       __m512 acc[R];
