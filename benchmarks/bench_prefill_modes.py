@@ -1,0 +1,86 @@
+"""Accuracy and speed of the packed layer's prefill modes (fp32, bf16, int8) on a real export.
+
+Loads a 1-bit export, evaluates WikiText-2 perplexity (GPTQ protocol, the first --windows windows
+of --seqlen tokens) with each prefill mode of ``PackedOneBitLinear`` (every window is one many-token
+forward, so the mode decides all the arithmetic of the packed layers), and times the forward passes.
+The same windows and the same model are used for every mode, in one process; the reference path
+(whole sign matrix unpacked, F.linear, fp32) is the baseline the kernel must match.
+
+    python benchmarks/bench_prefill_modes.py --export outputs/train/runs/<time>/onebit_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+WIKITEXT2 = REPO_ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--export", type=Path, required=True, help="a 1-bit export directory")
+    p.add_argument("--wikitext2", type=Path, default=WIKITEXT2, help="wiki.test.raw")
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=2048)
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from onebit import kernels
+    from onebit.eval.perplexity import perplexity, wikitext2_ids
+    from onebit.export import load_onebit
+    from onebit.models import ModelSpec, load_tokenizer
+    from onebit.quant.packed_linear import PREFILL_MODES, set_prefill_mode_
+
+    model = load_onebit(args.export)
+    try:
+        tok = AutoTokenizer.from_pretrained(args.export, local_files_only=True)
+    except (OSError, ValueError):
+        tok = load_tokenizer(ModelSpec.from_dict(model.config.onebit["model"]))
+    ids = wikitext2_ids(tok, args.wikitext2)
+    seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen))
+    rows = []
+    for mode in ("reference", *PREFILL_MODES):
+        print(f"{mode} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        if mode == "reference":
+            with kernels.disabled():
+                res = perplexity(model, ids, seqlen, max_windows=args.windows)
+        else:
+            set_prefill_mode_(model, mode)
+            res = perplexity(model, ids, seqlen, max_windows=args.windows)
+        rows.append((mode, res, time.perf_counter() - t0))
+    ref_ppl = rows[0][1].ppl
+    ref_t = rows[0][2]
+    fp32_t = rows[1][2]
+    lines = [
+        "# Prefill modes of the packed layer: WikiText-2 perplexity and time",
+        "",
+        f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
+        f"- export: `{args.export}`; {rows[0][1].n_tokens:,} tokens in {args.windows} windows of "
+        f"{seqlen}; torch threads {torch.get_num_threads()}; {kernels.status()}",
+        "",
+        "| prefill | Wiki2 ppl | vs reference | time (s) | speed-up vs reference "
+        "| vs fp32 kernel |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode, res, t in rows:
+        lines.append(
+            f"| {mode} | {res.ppl:.4f} | {(res.ppl / ref_ppl - 1) * 100:+.3f} % | {t:.1f} "
+            f"| {ref_t / t:.2f}x | {fp32_t / t:.2f}x |"
+        )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
