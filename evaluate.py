@@ -58,12 +58,10 @@ def load_for_eval(cfg: DictConfig):
             tok = load_tokenizer(ModelSpec.from_dict(info["model"]))
         return model, tok, f"{info.get('model', {}).get('name', Path(cfg.path).name)} (OneBit)"
     if cfg.source == "checkpoint":
+        from onebit.checkpoint import load_checkpoint_file
         from onebit.module import OneBitDistillation
 
-        try:
-            ckpt = torch.load(cfg.path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise OneBitInputError(f"path={cfg.path} is not a readable checkpoint: {e}") from e
+        ckpt = load_checkpoint_file(cfg.path)  # checksum verified, weights_only: no code runs
         hp = ckpt.get("hyper_parameters") or {}
         if "model" not in hp or "quant" not in hp:
             raise OneBitInputError(f"path={cfg.path} is not a checkpoint written by train.py.")
@@ -72,6 +70,7 @@ def load_for_eval(cfg: DictConfig):
             hp["model"], {**hp["quant"], "svid_method": "none"}, hp.get("loss")
         )
         module.configure_model()
+        module.check_state_dict(ckpt["state_dict"], f"checkpoint {cfg.path}")
         module.load_state_dict(ckpt["state_dict"])
         spec = ModelSpec.from_dict(hp["model"])
         return module.student.eval().to(dtype), load_tokenizer(spec), f"{spec.name} (OneBit ckpt)"
@@ -111,11 +110,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         for task, s in scores.items():
             row[task] = {**s, "paper_metric": PAPER_METRIC.get(task, "acc")}
+    from onebit.checkpoint import atomic_write_text
+
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table([row])
-    (out_dir / "eval.json").write_text(json.dumps(row, indent=2))
-    (out_dir / "eval.md").write_text(table + "\n")
+    atomic_write_text(out_dir / "eval.json", json.dumps(row, indent=2))
+    atomic_write_text(out_dir / "eval.md", table + "\n")
     print("\n" + table + "\n", flush=True)
     print(_notes(row), flush=True)
     _log_wandb(cfg, row)
@@ -190,4 +191,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from onebit.preflight import exit_on_bad_command_line
+
+    exit_on_bad_command_line(Path(__file__).resolve().parent / "conf")  # before Hydra saves it
     main()

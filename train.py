@@ -44,6 +44,23 @@ def build_loggers(cfg: DictConfig) -> list:
     return out
 
 
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, letting our one-sentence errors through unwrapped."""
+    from hydra.errors import InstantiationException
+
+    from onebit.errors import OneBitInputError
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, OneBitInputError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def build_callbacks(cfg: DictConfig) -> list:
     from onebit.callbacks import OneBitCheckpoint
 
@@ -53,15 +70,42 @@ def build_callbacks(cfg: DictConfig) -> list:
         out.append(OneBitCheckpoint(**node["checkpoint"]))
     for key, spec in node.items():
         if key != "checkpoint" and isinstance(spec, dict) and "_target_" in spec:
-            out.append(hydra.utils.instantiate(spec))
+            out.append(_instantiate(spec))
     return out
+
+
+def preflight(cfg: DictConfig, module, datamodule, world_size: int) -> Path | None:
+    """Every check that needs no weights, before anything is loaded or written; returns the
+    checkpoint to resume from (``ckpt_path``: none, ``auto``, a directory or a file)."""
+    from onebit.checkpoint import resolve_ckpt_path
+    from onebit.preflight import (
+        check_checkpoint_fits,
+        check_loss_weights,
+        check_no_secrets,
+        check_seq_len,
+        model_config,
+    )
+
+    check_no_secrets(_container(cfg))
+    check_loss_weights(module.loss_config)
+    hf_config = model_config(module.spec)  # a missing, offline or remote-code model fails here
+    if hasattr(datamodule, "preflight"):  # offline, missing, empty or too short data
+        datamodule.preflight(world_size)
+    check_seq_len(getattr(datamodule, "seq_len", None), module.spec.name, hf_config)
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir) / "checkpoints")
+    if ckpt is not None:
+        check_checkpoint_fits(ckpt, module.spec, hf_config, module.quant)
+    return ckpt
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, export and report; returns the final metrics and where everything went."""
     import lightning as L
     import torch
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from onebit.checkpoint import AtomicCheckpointIO, atomic_write_text
+    from onebit.errors import Preempted
     from onebit.models import ModelSpec, load_tokenizer
     from onebit.module import OneBitDistillation
 
@@ -70,31 +114,57 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     spec = ModelSpec.from_dict(_container(cfg.model))
     out_dir = Path(cfg.paths.output_dir)
 
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    if hasattr(datamodule, "tokenizer") and datamodule.tokenizer is None:
-        datamodule.tokenizer = lambda: load_tokenizer(spec)
-    module = OneBitDistillation(
+    module = OneBitDistillation(  # checks every config value; loads nothing yet
         model=spec,
         quant=_container(cfg.quant),
         loss=_container(cfg.loss),
         optim=_container(cfg.optim),
+        guard=_container(cfg.get("guard")),
     )
-    loggers = build_loggers(cfg)
+    datamodule = _instantiate(cfg.data, _convert_="all")
+    if hasattr(datamodule, "tokenizer") and datamodule.tokenizer is None:
+        datamodule.tokenizer = lambda: load_tokenizer(spec)
+
+    loggers = build_loggers(cfg)  # nothing is written until log_hyperparams below
     callbacks = build_callbacks(cfg)
     trainer = L.Trainer(
         **_container(cfg.trainer),
         logger=loggers or False,
         callbacks=callbacks,
         default_root_dir=str(out_dir),
+        plugins=[AtomicCheckpointIO()],
     )
+    if cfg.get("global_batch_size") is not None:
+        from onebit.preflight import per_device_batch
+
+        datamodule.batch_size = per_device_batch(
+            cfg.global_batch_size, trainer.world_size, trainer.accumulate_grad_batches
+        )
+    ckpt_path = preflight(cfg, module, datamodule, trainer.world_size)
     for lg in loggers:
         lg.log_hyperparams(_container(cfg))
 
     result: dict[str, Any] = {"output_dir": str(out_dir)}
-    if cfg.get("validate_before_training") and not cfg.get("ckpt_path"):
-        before = trainer.validate(module, datamodule=datamodule, verbose=False)
-        result["metrics_before"] = {k: float(v) for k, v in (before[0] if before else {}).items()}
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if ckpt_path is not None:
+        result["resumed_from"] = str(ckpt_path)
+    try:
+        if cfg.get("validate_before_training") and ckpt_path is None:
+            before = trainer.validate(module, datamodule=datamodule, verbose=False)
+            result["metrics_before"] = {
+                k: float(v) for k, v in (before[0] if before else {}).items()
+            }
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # Lightning's: SIGTERM before training started, nothing to save
+        raise Preempted(
+            "SIGTERM before training started; nothing was trained or saved.", 15
+        ) from None
+    except Preempted as e:  # ResumeCheckpoint: saved at the end of a step
+        raise Preempted(
+            f"{e}; run the same command with ckpt_path=auto and hydra.run.dir={out_dir} to "
+            f"resume (or ckpt_path={e.checkpoint}).",
+            e.signum,
+            e.checkpoint,
+        ) from None
 
     if trainer.is_global_zero:
         report = module.footprint_report()
@@ -103,28 +173,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)
     final = {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
     result["metrics"] = final
+    result["global_step"] = trainer.global_step
+    result["nonfinite_skipped"] = module.nonfinite_skipped
     ckpt = next((c for c in callbacks if hasattr(c, "best_model_path")), None)
     if ckpt is not None:
         result["checkpoint_last"] = ckpt.last_model_path or None
         result["checkpoint_best"] = ckpt.best_model_path or None
     if cfg.get("export") and trainer.is_global_zero:
-        from onebit.export import save_onebit
-
-        dtype = getattr(torch, cfg.export_dtype)
-        tokenizer = None
-        try:
-            tokenizer = load_tokenizer(spec)
-        except Exception as e:  # the export is still usable without it
-            log.warning("tokenizer not exported: %s", e)
-        path = save_onebit(
-            module.student,
-            out_dir / "onebit_model",
-            module.quant,
-            dtype,
-            tokenizer,
-            extra={"model": spec.to_dict()},
-        )
-        result["export"] = str(path)
+        result["export"] = str(_export(cfg, module, spec, out_dir / "onebit_model"))
     for lg in loggers:
         summary = getattr(getattr(lg, "experiment", None), "summary", None)
         if summary is not None and trainer.is_global_zero:
@@ -135,7 +191,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             result["wandb_dir"] = str(Path(lg.experiment.dir).parent)
             lg.experiment.finish()  # flush the summary now, not at interpreter exit
     if trainer.is_global_zero:
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+        atomic_write_text(out_dir / "result.json", json.dumps(result, indent=2))
         held_out = (
             "generated text"
             if hasattr(datamodule, "cache_path")
@@ -143,6 +199,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         print(_summary(result, spec.name, held_out), flush=True)
     return result
+
+
+def _export(cfg: DictConfig, module, spec, path: Path) -> Path:
+    """The packed 1-bit student, written beside ``path`` and renamed into place."""
+    import errno
+
+    import torch
+
+    from onebit.errors import OneBitRunError
+    from onebit.export import save_onebit
+    from onebit.models import load_tokenizer
+
+    dtype = getattr(torch, cfg.export_dtype)
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(spec)
+    except Exception as e:  # the export is still usable without it
+        log.warning("tokenizer not exported: %s", e)
+    try:
+        return save_onebit(
+            module.student, path, module.quant, dtype, tokenizer, extra={"model": spec.to_dict()}
+        )
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        reason = "the disk is full" if full else (e.strerror or str(e))
+        kept = "the previous export there is intact" if path.exists() else "none existed before"
+        raise OneBitRunError(
+            f"could not export the 1-bit model to {path} ({reason}); nothing was replaced "
+            f"({kept}) and the checkpoints are complete: free space and rerun with "
+            f"ckpt_path=auto hydra.run.dir={path.parent} to export again."
+        ) from e
 
 
 def _summary(result: dict[str, Any], name: str, held_out: str) -> str:
@@ -185,4 +272,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from onebit.preflight import exit_on_bad_command_line
+
+    exit_on_bad_command_line(Path(__file__).resolve().parent / "conf")  # before Hydra saves it
     main()

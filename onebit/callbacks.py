@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+
+from onebit.errors import OneBitInputError
+
+log = logging.getLogger("onebit.callbacks")
 
 
 class OneBitCheckpoint(ModelCheckpoint):
@@ -25,6 +36,177 @@ class OneBitCheckpoint(ModelCheckpoint):
         trainer.save_checkpoint(path)
         self.last_model_path = path
         self._last_global_step_saved = trainer.global_step
+
+
+class ResumeCheckpoint(Checkpoint):
+    """Periodic checkpoints to resume from, and a clean stop on SIGTERM/SIGUSR1 (pre-emption).
+
+    Every ``every_n_train_steps`` optimizer steps the whole training state (student, optimizer,
+    schedule, loop counters, data position) is saved as ``<dirpath>/step{N:08d}.ckpt`` through the
+    trainer's checkpoint I/O (atomic, with a checksum: :mod:`onebit.checkpoint`); the newest
+    ``keep`` are kept, an older one is deleted only after a newer one is complete.
+
+    On one of ``signals`` the run finishes the optimizer step in progress, saves the same kind of
+    checkpoint and raises :class:`~onebit.errors.Preempted` at once: no validation, no other save
+    in the grace time the scheduler gives (``train.py`` then exits with status 128 + signal; in
+    DDP a signal on any rank stops every rank at the same step). With ``requeue`` (``auto``: on
+    SIGUSR1 inside a SLURM job, i.e. after ``sbatch --signal=USR1@<seconds>``), rank 0 runs
+    ``scontrol requeue`` so that the job starts again and resumes with ``ckpt_path=auto``. SIGTERM
+    is not requeued by ``auto``: SLURM sends it on ``scancel`` and on pre-emption, which SLURM
+    requeues itself when configured to.
+
+    Args:
+        dirpath: the run's checkpoint directory.
+        every_n_train_steps: steps between saves; 0 saves only on a signal.
+        keep: periodic checkpoints kept (>= 1; 2 keeps the previous one should the newest be lost).
+        signals: names of the signals that save and stop (``SIGTERM``, ``SIGUSR1``, ...).
+        requeue: ``auto``, ``true`` or ``false``.
+    """
+
+    FILE = re.compile(r"^step(\d{8})\.ckpt$")
+
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_train_steps: int = 500,
+        keep: int = 2,
+        signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR1"),
+        requeue: bool | str = "auto",
+    ) -> None:
+        for key, value, low in (("every_n_train_steps", every_n_train_steps, 0), ("keep", keep, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise OneBitInputError(
+                    f"callbacks.resume.{key}={value!r} must be an integer >= {low}."
+                )
+        bad = [s for s in signals if not isinstance(getattr(signal, str(s), None), signal.Signals)]
+        if bad:
+            raise OneBitInputError(
+                f"callbacks.resume.signals has {', '.join(map(str, bad))}, not signal names."
+            )
+        if requeue not in (True, False, "auto"):
+            raise OneBitInputError(
+                f"callbacks.resume.requeue={requeue!r} is not one of auto, true, false."
+            )
+        self.dirpath = Path(dirpath)
+        self.every_n_train_steps, self.keep, self.requeue = every_n_train_steps, keep, requeue
+        self.signals = tuple(getattr(signal, str(s)) for s in signals)
+        self.stopped_by: str | None = None  # the signal's name, once the run stopped on it
+        self.last_saved: Path | None = None
+        self._received: int | None = None
+        self._handlers: dict[int, Any] = {}
+        self._last_step: int | None = None
+
+    # -- signals --------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # only a flag: the save happens at the end of the optimizer step in progress
+        if self._received is None:
+            self._received = signum
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.signals:
+            self._handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore(self) -> None:
+        for sig, handler in self._handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        self._handlers = {}
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from onebit.checkpoint import remove_stale_temporaries
+
+        self._last_step = trainer.global_step
+        if trainer.is_global_zero:
+            for p in remove_stale_temporaries(self.dirpath):
+                log.info("removed %s, left by an interrupted write", p)
+        self._install()
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # accumulating: no optimizer step ended with this batch
+            return
+        self._last_step = step
+        # Lightning's own SIGTERM flag is set when the signal came before training started
+        stop = self._received is not None or trainer.received_sigterm
+        if trainer.world_size > 1:  # one rank's signal stops every rank at the same step
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop or (self.every_n_train_steps and step % self.every_n_train_steps == 0):
+            self.save(trainer)
+        if stop:
+            from onebit.errors import Preempted
+
+            signum = self._received or signal.SIGTERM
+            self.stopped_by = signal.Signals(signum).name
+            if trainer.is_global_zero and self._should_requeue(signum):
+                self._requeue()
+            raise Preempted(
+                f"{self.stopped_by} at step {step}: the training state is saved in "
+                f"{self.last_saved}",
+                signum,
+                str(self.last_saved),
+            )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(self, trainer: L.Trainer) -> Path:
+        """Save the training state at this step and drop periodic checkpoints beyond ``keep``."""
+        path = self.dirpath / f"step{trainer.global_step:08d}.ckpt"
+        trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
+        self.last_saved = path
+        if trainer.is_global_zero:
+            self._prune(trainer, trainer.global_step)
+        return path
+
+    def _prune(self, trainer: L.Trainer, step: int) -> None:
+        # only checkpoints up to this step: later ones belong to an abandoned attempt and are
+        # overwritten when the run gets there
+        ours = sorted(
+            (int(m.group(1)), p)
+            for p in self.dirpath.glob("step*.ckpt")
+            if (m := self.FILE.match(p.name)) and int(m.group(1)) <= step
+        )
+        for _, p in ours[: -self.keep]:
+            trainer.strategy.remove_checkpoint(p)
+
+    def _should_requeue(self, signum: int) -> bool:
+        if self.requeue == "auto":
+            return signum == signal.SIGUSR1 and "SLURM_JOB_ID" in os.environ
+        return bool(self.requeue)
+
+    @staticmethod
+    def _requeue() -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if not job:
+            log.warning("requeue asked for, but SLURM_JOB_ID is not set; not requeued")
+            return
+        try:
+            done = subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.warning("scontrol requeue %s failed: %s", job, e)
+            return
+        if done.returncode == 0:
+            log.info("requeued SLURM job %s", job)
+        else:
+            log.warning("scontrol requeue %s exited with %s", job, done.returncode)
 
 
 class PerplexityEval(L.Callback):

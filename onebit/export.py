@@ -134,8 +134,11 @@ def load_onebit(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
         raise OneBitInputError(f"{path} is not a OneBit export (needs config.json and {WEIGHTS}).")
-    raw = json.loads((path / "config.json").read_text())
-    info = raw.get("onebit")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise OneBitInputError(f"{path}/config.json is not valid JSON ({e}).") from None
+    info = raw.get("onebit") if isinstance(raw, dict) else None
     if not info:
         raise OneBitInputError(f"{path}/config.json has no 'onebit' block: not a OneBit export.")
     if info.get("format_version") != FORMAT_VERSION:
@@ -144,10 +147,20 @@ def load_onebit(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
             f"{FORMAT_VERSION}."
         )
     quant = OneBitConfig.from_dict(info["quant"])
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:  # trust_remote_code stays off: an export never runs code shipped beside it
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise OneBitInputError(f"{path}/config.json is not a usable model config: {first}") from e
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real
         model = AutoModelForCausalLM.from_config(config)
-    state = load_file(path / WEIGHTS)
+    try:  # safetensors: tensors only, nothing executed
+        state = load_file(path / WEIGHTS)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OneBitInputError(
+            f"{path}/{WEIGHTS} is truncated or corrupt ({first}); export the model again."
+        ) from e
     for name in info["modules"]:
         try:
             old = model.get_submodule(name)
@@ -174,6 +187,12 @@ def load_onebit(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
             device="meta",
         )
         _set_submodule(model, name, new)
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    for key, t in state.items():
+        if key in expected and tuple(t.shape) != expected[key]:
+            raise OneBitInputError(
+                f"{path}: {key} has shape {tuple(t.shape)}, the architecture needs {expected[key]}."
+            )
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise OneBitInputError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}.")

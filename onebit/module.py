@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +22,14 @@ from torch import Tensor, nn
 from onebit.config_utils import check_number, from_mapping
 from onebit.distill import DistillLoss, DistillLossConfig
 from onebit.errors import OneBitInputError
+from onebit.guards import (
+    GuardConfig,
+    NonFiniteError,
+    first_nonfinite,
+    format_terms,
+    is_finite,
+    locate_nonfinite,
+)
 from onebit.models import ModelSpec, load_causal_lm
 from onebit.quant import OneBitConfig, OneBitLinear, footprint, freeze_, quantize_
 
@@ -72,6 +81,31 @@ def _as(cls, value):
     return value if isinstance(value, cls) or value is None else cls.from_dict(dict(value))
 
 
+def _norm_of_norms(tensors: list[Tensor]) -> Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+def state_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str | None:
+    """How two ``{key: shape}`` maps differ, in a few words; None when they are the same."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if not (missing or extra or wrong):
+        return None
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(
+            f"{len(wrong)} tensor(s) of another shape, e.g. {k} is {tuple(found[k])} there and "
+            f"{tuple(expected[k])} here"
+        )
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}")
+    return ", ".join(parts)
+
+
 class OneBitDistillation(L.LightningModule):
     """Distil a full-precision teacher into its OneBit student.
 
@@ -80,6 +114,7 @@ class OneBitDistillation(L.LightningModule):
         quant: OneBit layer and initialisation options.
         loss: distillation loss weights and reductions.
         optim: optimizer and schedule.
+        guard: what to do on a NaN/inf loss or gradient (stop, or skip the step and count it).
         teacher: an already loaded teacher to use instead of loading ``model`` (tests, notebooks).
     """
 
@@ -89,6 +124,7 @@ class OneBitDistillation(L.LightningModule):
         quant: OneBitConfig | dict[str, Any] | None = None,
         loss: DistillLossConfig | dict[str, Any] | None = None,
         optim: OptimConfig | dict[str, Any] | None = None,
+        guard: GuardConfig | dict[str, Any] | None = None,
         teacher: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -96,6 +132,7 @@ class OneBitDistillation(L.LightningModule):
         self.quant = _as(OneBitConfig, quant) or OneBitConfig()
         self.loss_config = _as(DistillLossConfig, loss) or DistillLossConfig()
         self.optim = _as(OptimConfig, optim) or OptimConfig()
+        self.guard = _as(GuardConfig, guard) or GuardConfig()
         self.save_hyperparameters(
             {
                 "model": self.spec.to_dict(),
@@ -111,6 +148,9 @@ class OneBitDistillation(L.LightningModule):
         self._step_start: float | None = None
         self._val_sums: dict[str, Tensor] = {}
         self.teacher_val_ppl: float | None = None
+        self.nonfinite_skipped = 0  # steps dropped by guard.nonfinite=skip, over the whole run
+        self._skips_in_a_row = 0
+        self._skip_pending = False  # this optimizer step is dropped (guard.nonfinite=skip)
 
     # -- model set-up --------------------------------------------------------------------------
     @property
@@ -160,12 +200,67 @@ class OneBitDistillation(L.LightningModule):
             batch.get("attention_mask"),
             batch["input_ids"],
         )
+        if not self._finite_on_every_rank(terms["loss"]):
+            self._nonfinite_loss(batch, terms)  # raises with guard.nonfinite=stop
+            # a zero that reaches every trainable weight: backward runs on every rank as DDP
+            # needs (Lightning refuses a None loss there); the step's update is dropped later
+            return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=bs)
         for key in ("kd", "hidden", "lm"):
             if key in terms:
                 self.log(f"train/loss_{key}", terms[key], batch_size=bs)
         return terms["loss"]
+
+    # -- numerical guards (onebit.guards) -------------------------------------------------------
+    def _finite_on_every_rank(self, loss: Tensor) -> bool:
+        bad = (~torch.isfinite(loss.detach())).float()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # every rank must skip or none
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")
+        return not bool(bad > 0)
+
+    def _step_name(self) -> str:
+        step = self.trainer.global_step
+        return f"training step {step + 1} (global_step={step})"
+
+    def _nonfinite_loss(self, batch: dict[str, Tensor], terms: dict[str, Tensor]) -> None:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if is_finite(terms["loss"]):
+            where = "another rank's loss is NaN/inf, this rank's is finite"
+        else:
+            where = locate_nonfinite(
+                self.student,
+                self.teacher,
+                lambda m: m(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    output_hidden_states=self.loss_config.needs_hidden_states,
+                ),
+            )
+        self._skip_or_stop(
+            f"non-finite loss at {self._step_name()}: {format_terms(terms)}; {where}"
+        )
+
+    def _skip_or_stop(self, what: str) -> None:
+        if self.guard.nonfinite == "stop":
+            raise NonFiniteError(f"{what}; guard.nonfinite=skip would skip such steps instead.")
+        if self._skip_pending:  # another micro-batch of the same optimizer step
+            return
+        self._skip_pending = True
+        self.nonfinite_skipped += 1
+        self._skips_in_a_row += 1
+        if self._skips_in_a_row > self.guard.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{what}; that is {self._skips_in_a_row} skipped steps in a row, more than "
+                f"guard.max_consecutive_skips={self.guard.max_consecutive_skips}."
+            )
+        if self.trainer.is_global_zero:
+            warnings.warn(f"skipped: {what} ({self.nonfinite_skipped} so far).", stacklevel=2)
+
+    def _grad_scaler_active(self) -> bool:
+        # fp16 loss scaling skips overflowing steps itself while it calibrates the scale
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step_start = time.perf_counter()
@@ -177,14 +272,60 @@ class OneBitDistillation(L.LightningModule):
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/tokens_per_s", tokens / max(dt, 1e-9), prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+        with_grad = [(n, p) for n, p in self.student.named_parameters() if p.grad is not None]
+        if not with_grad:
+            self._skip_pending = False
+            return
+        # a NaN latent weight is invisible to the loss (sign(NaN) is a sign): check the weights
+        # too; NaN/inf anywhere makes a norm non-finite
+        weights = _norm_of_norms([p.detach() for _, p in with_grad])
+        if not is_finite(weights):
+            name = first_nonfinite((n, p.detach()) for n, p in with_grad)
+            raise NonFiniteError(
+                f"non-finite parameter at {self._step_name()}: {name} of the student holds NaN/inf "
+                "while the loss and gradients are finite; skipping steps cannot repair a weight, "
+                "so the run stops (resume from an earlier checkpoint)."
             )
+        if not self._skip_pending:
+            norm = _norm_of_norms([p.grad for _, p in with_grad])
             self.log("train/grad_norm", norm)
+            # gradients are already reduced over ranks, so every rank takes the same decision
+            if self._grad_scaler_active() or is_finite(norm):
+                self._skips_in_a_row = 0
+                return
+            name = first_nonfinite((n, p.grad) for n, p in with_grad)
+            self._skip_or_stop(
+                f"non-finite gradient at {self._step_name()} in parameter {name} of the student "
+                "(the loss was finite)"
+            )
+        for p in self.student.parameters():  # skip: no update, no optimizer-state change
+            p.grad = None
+        self._skip_pending = False
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["onebit"] = {"format_version": 1, "nonfinite_skipped": self.nonfinite_skipped}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_state_dict(checkpoint.get("state_dict", {}), "the checkpoint")
+        self.nonfinite_skipped = int(checkpoint.get("onebit", {}).get("nonfinite_skipped", 0))
+
+    def check_state_dict(self, state: dict[str, Tensor], what: str) -> None:
+        """Refuse, in one sentence, a student state of another architecture or quantization.
+
+        Raises:
+            OneBitInputError: naming how ``state`` differs from this module's student.
+        """
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        diff = state_mismatch(own, {k: tuple(v.shape) for k, v in state.items()})
+        if diff:
+            raise OneBitInputError(
+                f"{what} does not fit this run's student ({self.spec.name}): {diff}; it was "
+                "written for another model or quantization config."
+            )
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -192,6 +192,16 @@ class SelfGeneratedDataModule(L.LightningDataModule):
     def cache_path(self) -> Path:
         return self.cache_dir / f"{self.spec.name}-{self.cache_key}.pt"
 
+    def preflight(self, world_size: int = 1) -> None:
+        """Fail at once when a rank would get fewer training sequences than one batch."""
+        per_rank = self.num_sequences // world_size
+        if per_rank < self.batch_size:
+            raise OneBitInputError(
+                f"data.num_sequences={self.num_sequences} gives each of the {world_size} rank(s) "
+                f"{per_rank} sequence(s), fewer than one batch of data.batch_size="
+                f"{self.batch_size}."
+            )
+
     def prepare_data(self) -> None:
         if self.cache_path.exists():
             return
@@ -227,7 +237,14 @@ class SelfGeneratedDataModule(L.LightningDataModule):
             return
         if not self.cache_path.exists():  # e.g. setup() without prepare_data() on this node
             self.prepare_data()
-        blocks = torch.load(self.cache_path, weights_only=True)["blocks"]
+        try:
+            blocks = torch.load(self.cache_path, weights_only=True)["blocks"]
+        except Exception as e:
+            raise OneBitInputError(
+                f"the self-generated data cache {self.cache_path} cannot be read "
+                f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                "delete it to generate the data again."
+            ) from e
         self.train_blocks = blocks[: self.num_sequences]
         self.val_blocks = blocks[self.num_sequences :]
 

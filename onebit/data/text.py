@@ -299,6 +299,19 @@ class TextDataModule(L.LightningDataModule):
                 name=self.name,
             )
 
+    def preflight(self, world_size: int = 1) -> None:
+        """Fail in seconds on bad data input, before any model is loaded: no tokenizer, a Hub data
+        set offline, local files missing, empty or shorter than one block of ``seq_len``."""
+        tok = self._resolve_tokenizer()
+        if self.source == "hub":
+            check_hub(self.hub_name, self.hub_config, self.train_split, self.hub_timeout_s)
+            return
+        resolve_local_files(self.path)
+        if self.val_path:
+            resolve_local_files(self.val_path)
+        docs = LocalDocuments(self.path, text_field=self.text_field, sample_by=self.sample_by)
+        self._check_one_block(docs, tok)
+
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tok is None:
             tok = self.tokenizer

@@ -1,0 +1,260 @@
+"""Checks that run before anything heavy or anything written: bad input fails in seconds.
+
+``train.py`` calls :func:`check_command_line` before Hydra composes (and saves) the config, then
+the others on the composed config before it loads a model, generates data or opens a logger. Each
+failure is a :class:`~onebit.errors.OneBitInputError` of one sentence naming the key or path.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from onebit.errors import OneBitInputError
+
+# a config key that holds a credential: api_key, token, hf_token, secret, password, ...
+SECRET_KEY = re.compile(r"(^|_)(api_key|apikey|token|secret|password)$", re.IGNORECASE)
+# a Hugging Face access token pasted as a value
+HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
+# quantization options that change what the student computes; the others only set its start
+# (svid_*, latent_init*), which a checkpoint supersedes, or how it is computed (fused)
+QUANT_SEMANTICS = ("ste", "sign_of_zero", "output_norm", "norm_eps", "skip_modules")
+
+
+# -- the command line, before Hydra -------------------------------------------------------------
+def config_groups(conf_dir: Path) -> dict[str, list[str]]:
+    """``{group: [options]}`` of a Hydra config directory (``hydra/launcher`` for nested ones)."""
+    groups: dict[str, list[str]] = {}
+    for d in sorted(p for p in conf_dir.rglob("*") if p.is_dir()):
+        options = sorted(f.stem for f in d.glob("*.yaml"))
+        if options:
+            groups[d.relative_to(conf_dir).as_posix()] = options
+    return groups
+
+
+def check_command_line(argv: Sequence[str], conf_dir: Path) -> None:
+    """Refuse an unknown option of a config group, and a secret passed as an override.
+
+    Hydra's own message for an unknown option spans a dozen lines; a secret on the command line
+    would be saved by Hydra in ``.hydra/`` and by W&B with the run, so it is refused before either
+    sees it (the message names the key, never the value).
+
+    Raises:
+        OneBitInputError: naming the override and the valid options.
+    """
+    groups = config_groups(conf_dir)
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key.split("@", 1)[0] in groups and not key.startswith("hydra/"):
+            group = key.split("@", 1)[0]
+            if "(" in value or value.strip() in ("", "null"):  # sweep functions, deletion
+                continue
+            for option in value.split(","):
+                option = option.strip().strip("'\"")
+                if option not in groups[group]:
+                    raise OneBitInputError(
+                        f"{group}={option} is not an option of the {group} group; valid: "
+                        f"{', '.join(groups[group])}."
+                    )
+        last = key.rsplit(".", 1)[-1]
+        if (SECRET_KEY.search(last) and value.strip() not in ("", "null")) or HF_TOKEN_VALUE.search(
+            value
+        ):
+            raise OneBitInputError(
+                f"the override {key}=... puts a secret on the command line, where Hydra would save "
+                "it to .hydra/ and W&B to its run; set it in the environment instead "
+                "(WANDB_API_KEY, HF_TOKEN)."
+            )
+
+
+def exit_on_bad_command_line(conf_dir: Path, argv: Sequence[str] | None = None) -> None:
+    """:func:`check_command_line` for a script's ``__main__``: one sentence and exit status 2."""
+    from onebit.errors import EXIT_INPUT
+
+    try:
+        check_command_line(sys.argv[1:] if argv is None else argv, conf_dir)
+    except OneBitInputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INPUT)
+
+
+def find_secrets(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a composed config that hold a credential (a non-empty secret-named key)."""
+    found = []
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, Mapping | list):
+                found += find_secrets(v, key)
+            elif (SECRET_KEY.search(str(k)) and v not in (None, "")) or (
+                isinstance(v, str) and HF_TOKEN_VALUE.search(v)
+            ):
+                found.append(key)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += find_secrets(v, f"{prefix}[{i}]")
+    return found
+
+
+def check_no_secrets(config: Mapping[str, Any]) -> None:
+    """Refuse a config that carries a credential (it would reach the logs and W&B)."""
+    keys = find_secrets(config)
+    if keys:
+        raise OneBitInputError(
+            f"the config holds a secret at {', '.join(keys)}; remove it and set it in the "
+            "environment instead (WANDB_API_KEY, HF_TOKEN), so that it is never written to logs."
+        )
+
+
+# -- the model ------------------------------------------------------------------------------------
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def model_config(spec):
+    """The Hugging Face config of the model ``spec`` names, without loading any weight.
+
+    Raises:
+        OneBitInputError: the model is missing, offline and not cached, not a model, or ships its
+            own code while ``model.trust_remote_code`` is off.
+    """
+    from transformers import AutoConfig
+
+    from onebit.models import _from_hub, _local_dir, _package_file, tiny_config
+
+    if spec.source == "tiny":
+        return tiny_config(spec.arch, **spec.tiny_overrides)
+    try:
+        if spec.source == "hub":
+            return _from_hub(AutoConfig, spec, "model")
+        if spec.source == "local":
+            path = _local_dir(spec)
+            kw = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+            return AutoConfig.from_pretrained(
+                path, local_files_only=True, trust_remote_code=spec.trust_remote_code, **kw
+            )
+        f = _package_file(spec)
+        return AutoConfig.from_pretrained(f.parent, gguf_file=f.name, local_files_only=True)
+    except OneBitInputError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        where = spec.path or spec.package or spec.name
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise OneBitInputError(
+                f"model {where} ships its own modelling code, which is not run unless you set "
+                "model.trust_remote_code=true (only for code you trust)."
+            ) from e
+        raise OneBitInputError(
+            f"the config of model {where} cannot be read: {_first_line(e)}"
+        ) from e
+
+
+def context_length(config) -> int | None:
+    """The most positions the model takes (``max_position_embeddings``, GPT-2's ``n_positions``)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(seq_len: int | None, model_name: str, config) -> None:
+    """Refuse training sequences longer than the model's context."""
+    ctx = context_length(config)
+    if isinstance(seq_len, int) and ctx is not None and seq_len > ctx:
+        raise OneBitInputError(
+            f"data.seq_len={seq_len} is above the context of model {model_name} ({ctx} "
+            "positions); lower data.seq_len."
+        )
+
+
+def check_loss_weights(loss) -> None:
+    """Refuse a loss whose every term has weight 0 (negative and NaN weights: the config does)."""
+    if loss.kd_scale == 0 and loss.alpha == 0 and loss.lm_weight == 0:
+        raise OneBitInputError(
+            "loss.kd_scale, loss.alpha and loss.lm_weight are all 0, so the loss is constant; "
+            "set at least one above 0."
+        )
+
+
+def per_device_batch(global_batch_size: int, world_size: int, accumulate: int) -> int:
+    """Sequences per device and micro-batch for ``global_batch_size`` sequences per step.
+
+    Raises:
+        OneBitInputError: ``global_batch_size`` is not a multiple of world size × accumulation.
+    """
+    if not isinstance(global_batch_size, int) or isinstance(global_batch_size, bool):
+        raise OneBitInputError(f"global_batch_size={global_batch_size!r} must be an integer.")
+    per_step = world_size * accumulate
+    if global_batch_size < 1 or global_batch_size % per_step:
+        raise OneBitInputError(
+            f"global_batch_size={global_batch_size} is not divisible by the world size "
+            f"{world_size} x trainer.accumulate_grad_batches={accumulate} = {per_step}; use a "
+            f"multiple of {per_step}."
+        )
+    return global_batch_size // per_step
+
+
+# -- resuming -------------------------------------------------------------------------------------
+def student_shapes(config, quant, trust_remote_code: bool = False) -> dict[str, tuple]:
+    """``{key: shape}`` of the LightningModule's state dict for this model and quantization,
+    computed on the ``meta`` device (no memory, no SVID)."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onebit.quant import quantize_
+
+    with torch.device("meta"):
+        kw = {"trust_remote_code": True} if trust_remote_code else {}
+        model = AutoModelForCausalLM.from_config(config, **kw)
+    quantize_(model, dataclasses.replace(quant, svid_method="none"))
+    return {f"student.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_checkpoint_fits(path: Path, spec, config, quant) -> None:
+    """Refuse, before any model is loaded, a checkpoint of another architecture or quantization.
+
+    Reads the checkpoint memory-mapped (``weights_only``): its hyper-parameters and tensor shapes.
+    """
+    import torch
+
+    from onebit.module import state_mismatch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise OneBitInputError(f"ckpt_path={path} cannot be read: {_first_line(e)}") from e
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hp or "quant" not in hp or "model" not in hp or "state_dict" not in ckpt:
+        raise OneBitInputError(f"ckpt_path={path} is not a checkpoint written by train.py.")
+    theirs, ours = hp["quant"], quant.to_dict()
+    diffs = [
+        f"quant.{k}={theirs.get(k)!r} there, {ours[k]!r} here"
+        for k in QUANT_SEMANTICS
+        if k in theirs and _norm(theirs[k]) != _norm(ours[k])
+    ]
+    if diffs:
+        raise OneBitInputError(
+            f"ckpt_path={path} was trained with another quantization config ({'; '.join(diffs)}); "
+            "resume with the same quant settings or start a new run."
+        )
+    shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+    diff = state_mismatch(student_shapes(config, quant, spec.trust_remote_code), shapes)
+    if diff:
+        raise OneBitInputError(
+            f"ckpt_path={path} is for another architecture (model "
+            f"{hp['model'].get('name')!r}, this run's is {spec.name!r}): {diff}."
+        )
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
