@@ -98,8 +98,48 @@ def preflight(cfg: DictConfig, module, datamodule, world_size: int) -> Path | No
     return ckpt
 
 
+def plan(cfg: DictConfig) -> dict[str, Any]:
+    """Print the per-GPU memory plan of this configuration (onebit.planner) and return it."""
+    from onebit.errors import OneBitInputError
+    from onebit.models import ModelSpec
+    from onebit.planner import KNOWN_ARCHITECTURES, PlanSettings, count_model, plan_memory
+    from onebit.preflight import model_config
+
+    spec = ModelSpec.from_dict(_container(cfg.model))
+    try:
+        config = model_config(spec)
+    except OneBitInputError:
+        if spec.name not in KNOWN_ARCHITECTURES:
+            raise
+        config = KNOWN_ARCHITECTURES[spec.name]()  # offline: the published architecture
+    p, t = cfg.plan, cfg.trainer
+    world = p.world_size
+    if world is None:
+        devices, nodes = t.get("devices", 1), t.get("num_nodes", 1) or 1
+        world = devices * nodes if isinstance(devices, int) else 8
+    strategy = p.strategy or ("fsdp" if "fsdp" in str(t.get("strategy", "")) else "ddp")
+    try:
+        settings = PlanSettings(
+            strategy=strategy,
+            world_size=int(world),
+            batch_size=int(cfg.data.batch_size),
+            seq_len=int(cfg.data.seq_len),
+            activation_checkpointing=bool(p.activation_checkpointing),
+            recipe=p.recipe,
+            hidden_loss=float(cfg.loss.get("alpha", 1.0)) > 0,
+            gpu_gib=float(p.gpu_gib),
+        )
+    except ValueError as e:
+        raise OneBitInputError(f"plan: {e}") from None
+    result = plan_memory(count_model(config), settings)
+    print(result.format(spec.name))
+    return {"plan_gib": result.total / 2**30, "fits": result.fits}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, export and report; returns the final metrics and where everything went."""
+    if cfg.get("plan") and cfg.plan.enabled:
+        return plan(cfg)
     import lightning as L
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException

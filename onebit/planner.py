@@ -4,7 +4,7 @@ The architecture is built on the ``meta`` device (no weights are read or downloa
 quantized weights ``n_q`` (latent, trained), value vectors ``n_gh`` (g and h, trained), and the
 frozen full-precision rest ``n_fp`` (embeddings, norms, ``lm_head``). Per GPU, in bytes, with
 ``T`` = per-device batch × sequence length tokens, ``L`` blocks, hidden ``h``, intermediate ``i``,
-vocabulary ``V``, ``H`` heads and sequence length ``s``:
+vocabulary ``V``, ``H`` heads and sequence length ``s`` (reported in GiB):
 
     teacher          (n_q + n_fp) · 2               16-bit, frozen
     student          (n_q + n_gh) · 16 + n_fp · 2   trained: 16 bytes per parameter for fp32 master
@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 STRATEGIES = ("ddp", "fsdp", "zero3")
-GB = 1024**3
+GIB = 1024**3
 
 
 @dataclass
@@ -56,7 +56,7 @@ class PlanSettings:
     activation_checkpointing: bool = True
     recipe: str = "ours"  # ours | official (fp16 DeepSpeed, eager attention, fp32 logits)
     hidden_loss: bool = True
-    gpu_gb: float = 80.0
+    gpu_gib: float = 80.0  # A100-80GB and H100-80GB: 81,920 MiB
     overhead_gb: float = 2.0
     reserve_factor: float = 1.33  # calibrated: see the module docstring
 
@@ -98,12 +98,12 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.settings.gpu_gb * GB
+        return self.total <= self.settings.gpu_gib * GIB
 
     def format(self, name: str = "model") -> str:
         s, c = self.settings, self.counts
         head = (
-            f"memory plan: {name}, {s.strategy} on {s.world_size} GPU(s) of {s.gpu_gb:g} GB, "
+            f"memory plan: {name}, {s.strategy} on {s.world_size} GPU(s) of {s.gpu_gib:g} GiB, "
             f"per-device batch {s.batch_size} × {s.seq_len} tokens, activation checkpointing "
             f"{'on' if s.activation_checkpointing else 'off'}"
             f", {s.recipe} recipe"
@@ -114,12 +114,12 @@ class MemoryPlan:
             f"{c.full_precision:,} full precision ({c.layers} blocks, hidden {c.hidden})",
         ]
         for key, val in self.rows.items():
-            lines.append(f"  {key:<18} {val / GB:8.2f} GB")
+            lines.append(f"  {key:<18} {val / GIB:8.2f} GiB")
         verdict = "fits" if self.fits else "does NOT fit"
-        lines.append(f"  {'sum':<18} {sum(self.rows.values()) / GB:8.2f} GB")
+        lines.append(f"  {'sum':<18} {sum(self.rows.values()) / GIB:8.2f} GiB")
         lines.append(
-            f"  {'total':<18} {self.total / GB:8.2f} GB per GPU (× {s.reserve_factor:g} allocator "
-            f"reserve): {verdict} in {s.gpu_gb:g} GB"
+            f"  {'total':<18} {self.total / GIB:8.2f} GiB per GPU (× {s.reserve_factor:g} "
+            f"allocator reserve): {verdict} in {s.gpu_gib:g} GiB"
         )
         return "\n".join(lines)
 
@@ -184,7 +184,7 @@ def plan_memory(counts: ModelCounts, settings: PlanSettings) -> MemoryPlan:
     if official:
         blocks_alive = 1 if s.activation_checkpointing else c.layers
         rows["attention"] = s.batch_size * c.heads * s.seq_len**2 * 14 * blocks_alive
-    rows["overhead"] = s.overhead_gb * GB
+    rows["overhead"] = s.overhead_gb * GIB
     return MemoryPlan(settings, counts, rows)
 
 
@@ -203,3 +203,11 @@ def llama_config(size: str):
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
+
+
+KNOWN_ARCHITECTURES = {  # planned offline when the Hub is unreachable (LLaMA-2 has the same shapes)
+    "llama7b": lambda: llama_config("7b"),
+    "llama2_7b": lambda: llama_config("7b"),
+    "llama13b": lambda: llama_config("13b"),
+    "llama2_13b": lambda: llama_config("13b"),
+}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from onebit.planner import GB, PlanSettings, count_model, llama_config, plan_memory
+from onebit.planner import GIB, PlanSettings, count_model, llama_config, plan_memory
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,14 @@ def test_counts_match_the_footprint_of_llama7b(llama7b) -> None:
     ],
 )
 def test_official_recipe_agrees_with_the_known_runs(llama7b, world, batch, fits) -> None:
-    settings = PlanSettings("zero3", world, batch, 2048, recipe="official", gpu_gb=80)
+    settings = PlanSettings("zero3", world, batch, 2048, recipe="official", gpu_gib=80)
     plan = plan_memory(llama7b, settings)
     assert plan.fits is fits, plan.format("LLaMA-7B")
 
 
 def test_batch_3_on_3_gpus_reproduces_the_reported_reservation(llama7b) -> None:
     plan = plan_memory(llama7b, PlanSettings("zero3", 3, 3, 2048, recipe="official"))
-    assert plan.total / GB == pytest.approx(80_406 / 1024, rel=0.01)
+    assert plan.total / GIB == pytest.approx(80_406 / 1024, rel=0.01)
 
 
 def test_sharding_divides_weights_and_ddp_replicates_them(llama7b) -> None:
@@ -64,3 +64,35 @@ def test_checkpointing_keeps_one_block_of_saved_tensors(llama7b) -> None:
 def test_bad_settings_are_refused(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         PlanSettings(**kwargs)
+
+
+def _plan_cli(tmp_path, *overrides: str):
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    return subprocess.run(
+        [sys.executable, "train.py", "model=llama7b", "plan.enabled=true", "logger=none",
+         f"hydra.run.dir={tmp_path}/run", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_train_py_prints_the_plan_offline(tmp_path) -> None:
+    out = _plan_cli(
+        tmp_path, "plan.strategy=zero3", "plan.recipe=official", "plan.world_size=3",
+        "data.batch_size=4", "data.seq_len=2048",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "memory plan: llama7b, zero3 on 3 GPU(s) of 80 GiB" in out.stdout
+    assert "does NOT fit in 80 GiB" in out.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained or loaded
+
+
+def test_train_py_refuses_an_unknown_plan_strategy(tmp_path) -> None:
+    out = _plan_cli(tmp_path, "plan.strategy=zero2")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: plan: strategy='zero2' is not one of ddp, fsdp, zero3."
+    )
