@@ -49,8 +49,10 @@ def load_for_eval(cfg: DictConfig):
         from transformers import AutoTokenizer
 
         from onebit.export import load_onebit
+        from onebit.quant.packed_linear import set_prefill_mode_
 
-        model = load_onebit(cfg.path, dtype=dtype)
+        model = load_onebit(cfg.path, dtype=dtype)  # packed layers: the C++ kernel on CPU
+        set_prefill_mode_(model, cfg.get("prefill", "fp32"))
         info = model.config.onebit
         try:
             tok = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
