@@ -13,7 +13,10 @@ For LLaMA-7B layer shapes (out × in) and 1 token (decode) or 512 tokens (prefil
     onebit int8     the same with prefill="int8" (512 tokens only; lossy, see the README)
 
 Methods are run round-robin (one call of each per round, after a warm-up round), so they share
-the machine's state; the table gives the median per call. "GB/s" is the weight bytes a method must
+the machine's state; the table gives the median per call. Each method cycles through copies of
+its weights totalling at least 128 MiB (4× the 32 MiB L3 cache), so that weights stream from
+memory as they do in a real model instead of staying in cache (a single packed 4096×4096 layer,
+2 MiB, would). "GB/s" is the weight bytes a method must
 read per call (dense: 4 or 2 bytes per weight; packed: 1/8 byte per weight plus g and h) divided by
 its time, next to this machine's read bandwidth measured in the same run (sum of a 1 GiB fp32
 tensor, same threads). Run:
@@ -82,7 +85,29 @@ def make_layer(out_f: int, in_f: int, seed: int):
     return layer.eval(), W
 
 
-def with_prefill(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
+WORKING_SET = 128 * 2**20
+
+
+def copies(nbytes: int) -> int:
+    """How many copies of ``nbytes`` of weights exceed WORKING_SET."""
+    return max(1, -(-WORKING_SET // nbytes))
+
+
+def shuffled(layer, seed: int):
+    """A copy of a packed layer with other random signs (same shapes, its own memory)."""
+    from onebit.quant import PackedOneBitLinear
+
+    g = torch.Generator().manual_seed(seed)
+    p = PackedOneBitLinear(layer.in_features, layer.out_features, output_norm=True)
+    with torch.no_grad():
+        p.packed_signs.copy_(torch.randint(0, 256, p.packed_signs.shape, generator=g))
+        p.in_scale.copy_(layer.in_scale)
+        p.out_scale.copy_(layer.out_scale)
+    return p.eval()
+
+
+def with_prefill(layers: list, x: torch.Tensor, mode: str, k: int) -> torch.Tensor:
+    layer = layers[k % len(layers)]
     layer.prefill = mode
     try:
         return layer(x)
@@ -101,33 +126,45 @@ def run(args: argparse.Namespace) -> list[str]:
     rows = []
     for name, (out_f, in_f) in SHAPES.items():
         layer, W = make_layer(out_f, in_f, seed=out_f + in_f)
-        W_bf16 = W.bfloat16()
         packed_bytes = out_f * ((in_f + 7) // 8) + 4 * (out_f + in_f)
+        # Weights stream from memory as in a real model, not from cache: each method cycles
+        # through enough copies of its weights to exceed WORKING_SET (4× this CPU's 32 MiB L3).
+        dense32 = [W] + [W.roll(k, 0) for k in range(1, copies(4 * W.numel()))]
+        dense16 = [w.bfloat16() for w in (dense32 * 4)[: copies(2 * W.numel())]]
+        packed = [layer] + [shuffled(layer, k) for k in range(1, copies(packed_bytes))]
         for tokens in (1, 512):
             x = torch.randn(tokens, in_f)
             x_bf16 = x.bfloat16()
 
-            def official(x=x, layer=layer) -> torch.Tensor:
+            def official(k: int, x=x, packed=packed) -> torch.Tensor:
                 with kernels.disabled():
-                    return layer(x)
+                    return packed[k % len(packed)](x)
 
-            methods: dict[str, tuple[Callable[[], torch.Tensor], int]] = {
-                "dense fp32": (lambda x=x, W=W: F.linear(x, W), 4 * out_f * in_f),
-                "dense bf16": (lambda x=x_bf16, W=W_bf16: F.linear(x, W), 2 * out_f * in_f),
+            methods: dict[str, tuple[Callable[[int], torch.Tensor], int]] = {
+                "dense fp32": (
+                    lambda k, x=x, ws=dense32: F.linear(x, ws[k % len(ws)]),
+                    4 * out_f * in_f,
+                ),
+                "dense bf16": (
+                    lambda k, x=x_bf16, ws=dense16: F.linear(x, ws[k % len(ws)]),
+                    2 * out_f * in_f,
+                ),
                 "official-style": (official, packed_bytes),
-                "onebit": (lambda x=x, layer=layer: layer(x), packed_bytes),
+                "onebit": (lambda k, x=x, ls=packed: ls[k % len(ls)](x), packed_bytes),
             }
             if tokens > 1:
-                methods["onebit bf16"] = (partial(with_prefill, layer, x, "bf16"), packed_bytes)
-                methods["onebit int8"] = (partial(with_prefill, layer, x, "int8"), packed_bytes)
+                methods["onebit bf16"] = (partial(with_prefill, packed, x, "bf16"), packed_bytes)
+                methods["onebit int8"] = (partial(with_prefill, packed, x, "int8"), packed_bytes)
             times: dict[str, list[float]] = {m: [] for m in methods}
+            calls = dict.fromkeys(methods, 0)
             with torch.no_grad():
                 for r in range(args.rounds + 1):  # round 0 warms up and is discarded
                     for m, (fn, _) in methods.items():
                         reps = 1 if tokens > 1 or m == "official-style" else args.decode_reps
                         t0 = time.perf_counter()
                         for _ in range(reps):
-                            fn()
+                            fn(calls[m])
+                            calls[m] += 1
                         if r:
                             times[m].append((time.perf_counter() - t0) / reps)
             print(f"[{name} {out_f}×{in_f}, {tokens} token(s)] done", file=sys.stderr, flush=True)
@@ -138,6 +175,7 @@ def run(args: argparse.Namespace) -> list[str]:
                     f"| {name} | {out_f}×{in_f} | {tokens} | {m} | {t * 1e3:.3f} "
                     f"| {base / t:.2f}x | {nbytes / t / 1e9:.1f} | {nbytes / t / 1e9 / bw:.0%} |"
                 )
+        del dense32, dense16, packed
     head = [
         "# Packed 1-bit layer vs dense layers",
         "",
@@ -148,7 +186,8 @@ def run(args: argparse.Namespace) -> list[str]:
         f"- read bandwidth measured now (sum of 1 GiB fp32): {bw:.1f} GB/s",
         f"- median over {args.rounds} rounds (round-robin, after one warm-up round); decode "
         f"calls of the fast methods are repeated {args.decode_reps}× per round and averaged",
-        "- GB/s: weight bytes read per call / time; % bw: that over the measured bandwidth",
+        "- GB/s: weight bytes read per call / time; % bw: that over the measured bandwidth; "
+        f"weights cycle through copies of ≥ {WORKING_SET >> 20} MiB per method (not cached)",
         "",
         "| layer | out×in | tokens | method | ms / call | vs dense fp32 | GB/s | % bw |",
         "|---|---|---:|---|---:|---:|---:|---:|",
