@@ -160,6 +160,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         loss=_container(cfg.loss),
         optim=_container(cfg.optim),
         guard=_container(cfg.get("guard")),
+        svid_cache_dir=cfg.get("svid_cache_dir"),
     )
     datamodule = _instantiate(cfg.data, _convert_="all")
     if hasattr(datamodule, "tokenizer") and datamodule.tokenizer is None:

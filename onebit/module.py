@@ -9,10 +9,12 @@ never reaches the optimizer or a checkpoint; it stays in eval mode with gradient
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -32,6 +34,7 @@ from onebit.guards import (
 )
 from onebit.models import ModelSpec, load_causal_lm
 from onebit.quant import OneBitConfig, OneBitLinear, footprint, freeze_, quantize_
+from onebit.quant.svid_cache import SvidCache, svid_cache_key
 
 
 @dataclass
@@ -116,6 +119,9 @@ class OneBitDistillation(L.LightningModule):
         optim: optimizer and schedule.
         guard: what to do on a NaN/inf loss or gradient (stop, or skip the step and count it).
         teacher: an already loaded teacher to use instead of loading ``model`` (tests, notebooks).
+        svid_cache_dir: where SVID results are cached (``onebit.quant.svid_cache``): computed
+            once (by rank 0 in a distributed run, the other ranks wait and read them) and reused
+            by later runs of the same model and SVID setting; None computes them every time.
     """
 
     def __init__(
@@ -126,8 +132,10 @@ class OneBitDistillation(L.LightningModule):
         optim: OptimConfig | dict[str, Any] | None = None,
         guard: GuardConfig | dict[str, Any] | None = None,
         teacher: nn.Module | None = None,
+        svid_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+        self.svid_cache_dir = svid_cache_dir
         self.spec = _as(ModelSpec, model)
         self.quant = _as(OneBitConfig, quant) or OneBitConfig()
         self.loss_config = _as(DistillLossConfig, loss) or DistillLossConfig()
@@ -166,11 +174,34 @@ class OneBitDistillation(L.LightningModule):
             self._teacher.append(load_causal_lm(self.spec))
         teacher = self.teacher.eval().requires_grad_(False)
         student = copy.deepcopy(teacher)
-        quantize_(student, self.quant, progress=True)
+        self._quantize(student)
         for layer in student.modules():  # trainable weights are fp32 masters, whatever the teacher
             if isinstance(layer, OneBitLinear):
                 layer.float()
         self.student = freeze_(student).train()  # embeddings, norms, lm_head: full precision
+
+    def _quantize(self, student: nn.Module) -> None:
+        """``quantize_`` with the SVID cache: rank 0 computes and writes, the others read."""
+        if not self.svid_cache_dir or self.quant.svid_method == "none":
+            quantize_(student, self.quant, progress=True)
+            return
+        q = self.quant
+        key = svid_cache_key(
+            json.dumps(self.spec.to_dict(), sort_keys=True), q.svid_method, q.svid_max_iter,
+            q.svid_tol,
+        )  # fmt: skip
+        path = Path(self.svid_cache_dir) / f"{self.spec.name}-{q.svid_method}-{key}.safetensors"
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if dist else 0
+        if dist and rank != 0:
+            torch.distributed.barrier()  # rank 0 has written the cache
+        cache = SvidCache(path)
+        quantize_(student, q, progress=True, svid_cache=cache)
+        if rank == 0:
+            cache.save()
+            if dist:
+                torch.distributed.barrier()
+        self.svid_cache_hits = cache.hits
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)

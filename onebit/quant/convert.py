@@ -17,6 +17,8 @@ from torch import nn
 from onebit.quant.config import OneBitConfig
 from onebit.quant.linear import OneBitLinear
 from onebit.quant.packed_linear import PackedOneBitLinear
+from onebit.quant.svid import svid
+from onebit.quant.svid_cache import SvidCache, cached_svid
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -94,6 +96,7 @@ def quantize_(
     config: OneBitConfig | None = None,
     filter_fn: FilterFn | None = None,
     progress: bool = False,
+    svid_cache: SvidCache | None = None,
 ) -> nn.Module:
     """Replace, in place, each targeted decoder-block linear by a SVID-initialised OneBitLinear.
 
@@ -102,7 +105,9 @@ def quantize_(
         config: layer and initialisation options; ``config.skip_modules`` globs stay full precision.
         filter_fn: ``filter_fn(module, qualified_name) -> bool``; only modules it accepts are
             replaced.
-        progress: show a progress bar over the layers (SVID of a 7B model takes minutes).
+        progress: show a progress bar over the layers.
+        svid_cache: value vectors to reuse by layer name (``onebit.quant.svid_cache``); layers
+            it lacks are computed and added to it (the caller saves it).
 
     Returns:
         ``model`` itself, with its targeted layers replaced. Layers already converted are left
@@ -115,7 +120,17 @@ def quantize_(
 
         targets = tqdm(targets, desc="OneBit: SVID", unit="layer")
     for name, module in targets:
-        _set_submodule(model, name, OneBitLinear.from_linear(module, config, _is_conv1d(module)))
+        transposed = _is_conv1d(module)
+        ab = None
+        if svid_cache is not None and module.weight.device.type != "meta":
+            W = module.weight.T if transposed else module.weight
+            ab = cached_svid(
+                svid_cache,
+                name,
+                W,
+                lambda W=W: svid(W, config.svid_method, config.svid_max_iter, config.svid_tol),
+            )
+        _set_submodule(model, name, OneBitLinear.from_linear(module, config, transposed, ab))
     return model
 
 

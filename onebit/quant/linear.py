@@ -124,7 +124,11 @@ class OneBitLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(
-        cls, linear: nn.Module, config: OneBitConfig | None = None, transposed: bool = False
+        cls,
+        linear: nn.Module,
+        config: OneBitConfig | None = None,
+        transposed: bool = False,
+        value_vectors: tuple[Tensor, Tensor] | None = None,
     ) -> OneBitLinear:
         """A OneBitLinear initialised from a full-precision layer by SVID.
 
@@ -132,6 +136,7 @@ class OneBitLinear(nn.Module):
             linear: an ``nn.Linear`` (or any module with ``weight`` and optional ``bias``).
             config: layer and initialisation options.
             transposed: the source stores its weight as (in, out), as GPT-2's ``Conv1D`` does.
+            value_vectors: ``(a, b)`` already computed (an SVID cache); skips the SVID.
         """
         config = config or OneBitConfig()
         W = linear.weight.T if transposed else linear.weight  # (out, in)
@@ -142,7 +147,9 @@ class OneBitLinear(nn.Module):
         )
         if W.device.type == "meta":  # shapes only
             return layer
-        a, b = svid(W, config.svid_method, config.svid_max_iter, config.svid_tol)
+        if value_vectors is None:
+            value_vectors = svid(W, config.svid_method, config.svid_max_iter, config.svid_tol)
+        a, b = value_vectors
         layer.out_scale.copy_(a)
         layer.in_scale.copy_(b)
         if config.latent_init == "sign":
