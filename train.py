@@ -136,10 +136,39 @@ def plan(cfg: DictConfig) -> dict[str, Any]:
     return {"plan_gib": result.total / 2**30, "fits": result.fits}
 
 
+def check_launcher(cfg: DictConfig) -> None:
+    """Refuse a multi-process strategy inside Hydra's basic launcher.
+
+    The basic launcher runs every sweep job one after another in this one process; DDP and FSDP
+    start their worker processes by re-running the command line, which then re-runs the whole
+    sweep in each worker. Each sweep point must be its own launch (SLURM via submitit, or a loop).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from onebit.errors import OneBitInputError
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    t = cfg.trainer
+    strategy = str(t.get("strategy", "auto"))
+    devices, nodes = t.get("devices", 1), t.get("num_nodes", 1) or 1
+    many = (isinstance(devices, int) and devices > 1) or nodes > 1 or devices in ("auto", -1)
+    distributed = strategy.startswith(("ddp", "fsdp", "model_parallel", "deepspeed"))
+    if "BasicLauncher" in launcher and (distributed or (many and strategy != "auto")):
+        raise OneBitInputError(
+            f"trainer.strategy={strategy} under Hydra's basic launcher (python train.py -m) "
+            "would re-run the whole sweep in every worker process; sweep with "
+            "hydra/launcher=slurm (one job per sweep point) or launch each point yourself."
+        )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, export and report; returns the final metrics and where everything went."""
     if cfg.get("plan") and cfg.plan.enabled:
         return plan(cfg)
+    check_launcher(cfg)
     import lightning as L
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
