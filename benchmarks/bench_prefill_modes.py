@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from onebit.models import ModelSpec, load_tokenizer
     from onebit.quant.packed_linear import PREFILL_MODES, set_prefill_mode_
 
-    model = load_onebit(args.export)
+    model = load_onebit(args.export, dtype=torch.float32)  # fp32 activations around the layers
     try:
         tok = AutoTokenizer.from_pretrained(args.export, local_files_only=True)
     except (OSError, ValueError):
