@@ -22,7 +22,8 @@ For each matrix and method the Markdown table on stdout reports
                run's time is the mean per pass, while a method whose warm-up pass took longer
                than --slow-seconds (default 30) is not repeated: that pass is the measurement
                (1 × 1)
-    time       median over the runs of the wall time (time.perf_counter) of one pass: computing
+    time       median over the runs of the wall time (time.perf_counter; with --cpu-time the
+               calling thread's CPU time, all work on one thread) of one pass: computing
                (a, b) only (not the dense approximation); for xnor, the per-row scale mean|W|
     error      relative Frobenius error ||W − sign(W)⊙(a bᵀ)||_F / ||W||_F
     − optimum  error minus the rank-1 optimum (rank1_optimal_error in float64 when the matrix
@@ -48,6 +49,7 @@ Run from anywhere (the script puts the repository root on sys.path):
     python benchmarks/bench_svid.py                  # full run (~5 minutes on 2 cores)
     python benchmarks/bench_svid.py --quick          # small shapes (~30 s on 2 idle cores)
     python benchmarks/bench_svid.py --repeats 5 --skip-sklearn-above 20000000 --with-optimum
+    python benchmarks/bench_svid.py --cpu-time       # one thread, CPU time: for a shared machine
 
 Progress goes to stderr, the table to stdout. Torch threads are left at torch's default
 (reported in the header); scikit-learn runs with its own (numpy/BLAS) threading. The footer
@@ -90,6 +92,7 @@ QUICK_SHAPES = {
     "down_proj /4": (1024, 2752),
 }
 MAX_CALLS = 1000  # cap on the passes per timed run
+CPU_TIME = False  # --cpu-time: one thread everywhere, timed by the thread's CPU time
 CALIBRATE_BELOW_S = 1.0  # a method whose warm-up pass is slower is timed one pass per run
 SMALL_NUMEL = 4 * 1024 * 1024  # exact float64 optimum by default up to this many elements
 ROW_COL_SIGMA = 0.5
@@ -202,10 +205,11 @@ def time_group(
 ) -> tuple[float, list[tuple[Tensor, ...]]]:
     """Wall time of one pass of ``fn`` over ``weights`` (mean of ``calls`` passes), and results."""
     results: list[tuple[Tensor, ...]] = []
-    t0 = time.perf_counter()
+    clock = time.thread_time if CPU_TIME else time.perf_counter
+    t0 = clock()
     for _ in range(calls):
         results = [fn(w) for w in weights]
-    return (time.perf_counter() - t0) / calls, results
+    return (clock() - t0) / calls, results
 
 
 def bench(case: Case, method: str, args: argparse.Namespace) -> Row:
@@ -308,17 +312,24 @@ def header(args: argparse.Namespace, model_path: Path, load_start: str) -> list[
         f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
         (
             f"- python {platform.python_version()}, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()} (torch default, not changed), "
+            f"torch threads {torch.get_num_threads()}, "
             f"os.cpu_count() {os.cpu_count()}"
         ),
         f"- CPU: {cpu_model()}; 1-min load average at start {load_start}",
         f"- {kernels_status()}",
         (
+            "- clock: "
+            + (
+                "CPU time of the calling thread (time.thread_time), torch and BLAS limited to "
+                "1 thread (--cpu-time)"
+                if args.cpu_time
+                else "wall time (time.perf_counter)"
+            ),
             f"- svid(max_iter={args.max_iter}, tol={args.tol:g}); per method: 1 discarded "
             f"warm-up pass, then {args.repeats} run(s) of `passes` passes lasting "
             f"~{args.min_run_seconds:g} s (1 × 1: the warm-up took > {args.slow_seconds:g} s "
             "and is the measurement); "
-            f"nmf_sklearn skipped above: {args.skip_sklearn_above or 'never'} elements"
+            f"nmf_sklearn skipped above: {args.skip_sklearn_above or 'never'} elements",
         ),
         (
             f"- real weights: all nn.Linear weights of the decoder blocks of `{model_path}`; "
@@ -330,7 +341,7 @@ def header(args: argparse.Namespace, model_path: Path, load_start: str) -> list[
             f"torch.Generator seed {args.seed}"
         ),
         (
-            "- time: median over runs of the mean wall time (time.perf_counter) of one pass "
+            "- time: median over runs of the mean time (clock above) of one pass "
             "computing (a, b); xnor: of computing mean|W| per row"
         ),
         (
@@ -417,6 +428,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-iter", type=int, default=200, help="svid max_iter")
     p.add_argument("--tol", type=float, default=1e-7, help="svid tol (nmf, power)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random matrices")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="one thread for torch and BLAS, timed by CPU time (time.thread_time) instead of "
+        "wall time: fair side-by-side ratios on a machine that other jobs share",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -424,7 +441,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global CPU_TIME
     args = parse_args(argv)
+    if args.cpu_time:
+        from threadpoolctl import threadpool_limits
+
+        CPU_TIME = True
+        torch.set_num_threads(1)
+        threadpool_limits(limits=1)  # numpy/scipy BLAS under scikit-learn: this thread only
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
     load_start = load_average()
