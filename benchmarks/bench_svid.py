@@ -317,19 +317,19 @@ def header(args: argparse.Namespace, model_path: Path, load_start: str) -> list[
         ),
         f"- CPU: {cpu_model()}; 1-min load average at start {load_start}",
         f"- {kernels_status()}",
+        "- clock: "
+        + (
+            "CPU time of the calling thread (time.thread_time), torch and BLAS limited to "
+            "1 thread (--cpu-time)"
+            if args.cpu_time
+            else "wall time (time.perf_counter)"
+        ),
         (
-            "- clock: "
-            + (
-                "CPU time of the calling thread (time.thread_time), torch and BLAS limited to "
-                "1 thread (--cpu-time)"
-                if args.cpu_time
-                else "wall time (time.perf_counter)"
-            ),
             f"- svid(max_iter={args.max_iter}, tol={args.tol:g}); per method: 1 discarded "
             f"warm-up pass, then {args.repeats} run(s) of `passes` passes lasting "
             f"~{args.min_run_seconds:g} s (1 × 1: the warm-up took > {args.slow_seconds:g} s "
             "and is the measurement); "
-            f"nmf_sklearn skipped above: {args.skip_sklearn_above or 'never'} elements",
+            f"nmf_sklearn skipped above: {args.skip_sklearn_above or 'never'} elements"
         ),
         (
             f"- real weights: all nn.Linear weights of the decoder blocks of `{model_path}`; "
