@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     from onebit.quant.svid import relative_error, svid, svid_approx
 
     t_start = time.perf_counter()
+    svid(draw(64, 64, seed=0), "nmf")  # warm-up: builds or loads the C++ kernels
     per_shape: dict[tuple[int, int], list[float]] = {}
     errors = []
     total = 0.0
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     sk_total = None
     sk_rows = []
     if not args.no_sklearn:
+        svid(draw(64, 64, seed=0), "nmf_sklearn")  # warm-up: scikit-learn's import is not SVID
         sk_total = 0.0
         for shape, times in per_shape.items():
             W = draw(*shape, seed=10_000 + shape[0])
