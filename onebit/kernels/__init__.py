@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -62,6 +63,12 @@ def _build() -> None:
 
     path = build_dir()
     path.mkdir(parents=True, exist_ok=True)
+    if not any(path.glob("*.so")):
+        print(
+            f"onebit: building the C++ CPU kernels in {path} (once per machine, ~15 s)",
+            file=sys.stderr,
+            flush=True,
+        )
     cpp_extension.load(
         name="onebit_cpu",
         sources=[str(s) for s in _sources()],
