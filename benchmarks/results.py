@@ -1,0 +1,731 @@
+"""The results table: a OneBit student against untrained 1-bit baselines and its own ablations.
+
+    python benchmarks/results.py experiment=results_stories260k      # ~10 min, 1 thread
+    python benchmarks/results.py experiment=results_smollm2_135m     # < 1 h on 2 CPU cores
+    python benchmarks/results.py experiment=results_smollm2_135m 'rows=[teacher,onebit]' \
+        train.steps=5000 eval.max_windows=null eval.limit=null       # a bigger budget, full eval
+
+One row per method, every row evaluated by the same code on the same tokens (``onebit.eval``):
+
+    teacher       the full-precision teacher
+    xnor          sign(W) · mean|W| per output row, no training: a OneBitLinear with g = 1,
+                  h = mean|W| of the row and no LayerNorm, i.e. exactly ``x · xnor_approx(W)ᵀ``
+    svid          the OneBit student as initialised (SVID, output LayerNorm), no training
+    svid_no_ln    sign(W) ⊙ a bᵀ without the LayerNorm: the best rank-1 sign-value approximation
+    onebit        OneBit distilled for ``train.steps`` steps
+    <ablation>    OneBit distilled for ``train.ablation_steps`` steps with one key of quant/loss
+                  changed (``ref`` is the unchanged recipe at that budget)
+
+The distillation is a plain loop over the library (``quantize_``, ``freeze_``, ``DistillLoss``,
+AdamW with ``cosine_with_warmup``), the recipe ``OneBitDistillation`` runs, plus a learning-rate
+multiplier for g and h. Every run reads the same training blocks in the same seeded order. Writes
+``results.json``, ``results.csv``, ``curves.csv`` and ``results.md`` to the run directory, the plot
+to ``plot``, and a W&B run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("onebit.results")
+
+BASELINE_LABELS = {
+    "teacher": "full precision (teacher)",
+    "xnor": "XNOR sign(W)·mean|W|, no training",
+    "svid": "SVID init (OneBit, with LN), no training",
+    "svid_no_ln": "SVID sign(W)⊙abᵀ without LN, no training",
+}
+TASK_COLUMNS = {  # the paper's column names, in its order
+    "winogrande": "Wino.",
+    "hellaswag": "Hella.",
+    "piqa": "PIQA",
+    "boolq": "BoolQ",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+}
+PPL_COLUMNS = {"wikitext2": "Wiki2", "c4": "C4", "generated": "Gen."}
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+# -- students -------------------------------------------------------------------------------------
+def onebit_student(teacher, quant):
+    """The OneBit student of ``teacher``: SVID-initialised OneBitLinear layers, the rest frozen."""
+    from onebit.quant import OneBitLinear, freeze_, quantize_
+
+    student = quantize_(copy.deepcopy(teacher), quant)
+    for layer in student.modules():  # fp32 masters, as OneBitDistillation keeps them
+        if isinstance(layer, OneBitLinear):
+            layer.float()
+    return freeze_(student)
+
+
+def xnor_student(teacher):
+    """The XNOR baseline ``sign(W) · mean|W|`` (per output row) as a OneBitLinear model.
+
+    Each layer is a OneBitLinear with latent weight W, g = 1, h = mean|W| of the row and no
+    LayerNorm, so it computes ``x · (sign(W) ⊙ mean|W|)ᵀ = F.linear(x, xnor_approx(W))``.
+    """
+    import torch
+
+    from onebit.quant import OneBitConfig, OneBitLinear
+
+    student = onebit_student(
+        teacher, OneBitConfig(svid_method="none", latent_init="weight", output_norm=False)
+    )
+    with torch.no_grad():
+        for layer in student.modules():
+            if isinstance(layer, OneBitLinear):
+                layer.out_scale.copy_(layer.weight.abs().mean(dim=1))
+    return student
+
+
+def ablation_configs(cfg: DictConfig) -> dict[str, tuple[str, Any, Any]]:
+    """Ablation key → (label, OneBitConfig, DistillLossConfig), each one override of the base."""
+    from onebit.distill import DistillLossConfig
+    from onebit.errors import OneBitInputError
+    from onebit.quant import OneBitConfig
+
+    base_q, base_l = _container(cfg.quant), _container(cfg.loss)
+    out = {}
+    for key, spec in (_container(cfg.ablations) or {}).items():
+        if key in BASELINE_LABELS or key == "onebit":
+            raise OneBitInputError(f"ablations.{key}: the name is taken by a row; rename it.")
+        unknown = set(spec or {}) - {"label", "quant", "loss"}
+        if unknown:
+            raise OneBitInputError(
+                f"ablations.{key} has unknown key(s) {sorted(unknown)}; valid: label, quant, loss."
+            )
+        spec = spec or {}
+        quant = OneBitConfig.from_dict({**base_q, **(spec.get("quant") or {})})
+        loss = DistillLossConfig.from_dict({**base_l, **(spec.get("loss") or {})})
+        out[key] = (spec.get("label", key), quant, loss)
+    return out
+
+
+# -- data -----------------------------------------------------------------------------------------
+def c4_train_blocks(tokenizer, path: str, seq_len: int, max_doc_tokens: int) -> Any:
+    """Training blocks from the C4 documents of at most ``max_doc_tokens`` tokens.
+
+    ``onebit.eval.perplexity.c4_ids`` draws evaluation windows only from documents *longer* than
+    its ``seqlen``, so with ``max_doc_tokens = seqlen`` no evaluated token is trained on. Documents
+    are tokenised as the evaluation tokenises them, joined with EOS and cut into blocks.
+
+    Shapes: → (n_blocks, seq_len) int64.
+    """
+    import torch
+
+    from onebit.data.text import pack_blocks
+    from onebit.eval.perplexity import _c4_docs
+
+    eos = tokenizer.eos_token_id
+    docs = []
+    for text in _c4_docs(path):
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) <= max_doc_tokens:
+            docs.append(ids + ([eos] if eos is not None else []))
+    return torch.tensor(list(pack_blocks(docs, seq_len)), dtype=torch.long)
+
+
+def load_data(cfg: DictConfig, spec, tokenizer) -> tuple[Any, Any | None]:
+    """(training blocks, held-out generated blocks or None). Shapes: (n, seq_len) each."""
+    from onebit.errors import OneBitInputError
+
+    d = cfg.data
+    if d.source == "self_generated":
+        from onebit.data.self_generated import SelfGeneratedDataModule
+
+        dm = SelfGeneratedDataModule(
+            spec,
+            num_sequences=int(d.num_sequences),
+            val_sequences=int(d.val_sequences),
+            seq_len=int(d.seq_len),
+            gen_batch_size=int(d.gen_batch_size),
+            cache_dir=str(d.cache_dir),
+            seed=int(cfg.seed),
+            device="cpu",
+        )
+        dm.prepare_data()
+        dm.setup()
+        return dm.train_blocks.long(), dm.val_blocks.long()
+    if d.source == "c4":
+        blocks = c4_train_blocks(tokenizer, d.c4_path, int(d.seq_len), int(cfg.eval.seqlen))
+        return blocks, None
+    raise OneBitInputError(f"data.source={d.source!r} is not one of self_generated, c4.")
+
+
+def eval_streams(cfg: DictConfig, teacher, tokenizer, held_out) -> dict[str, tuple[Any, int]]:
+    """Perplexity data set name → (token stream, window length), per ``eval.datasets``."""
+    from onebit.errors import OneBitInputError
+    from onebit.eval.perplexity import c4_ids, wikitext2_ids
+
+    e = cfg.eval
+    ctx = getattr(teacher.config, "max_position_embeddings", None) or int(e.seqlen)
+    seqlen = min(int(e.seqlen), int(ctx))
+    n_c4 = int(e.max_windows) if e.max_windows is not None else 256
+    out = {}
+    for name in e.datasets:
+        if name == "wikitext2":
+            out[name] = (wikitext2_ids(tokenizer, e.wikitext2_path), seqlen)
+        elif name == "c4":
+            out[name] = (c4_ids(tokenizer, e.c4_path, seqlen, n_c4), seqlen)
+        elif name == "generated":
+            if held_out is None or len(held_out) == 0:
+                raise OneBitInputError(
+                    "eval.datasets has 'generated', which needs data.source=self_generated "
+                    "and data.val_sequences > 0."
+                )
+            out[name] = (held_out.reshape(-1), held_out.shape[1])
+        else:
+            raise OneBitInputError(f"eval.datasets has {name!r}; valid: wikitext2, c4, generated.")
+    if not out:
+        raise OneBitInputError("eval.datasets is empty; name at least one perplexity data set.")
+    return out
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def frozen_signs(model) -> Iterator[None]:
+    """Evaluate OneBitLinear layers with their ±1 signs computed once, not at every forward.
+
+    The training layer recomputes ``sign(W)`` (a weight-sized tensor) at each call, which dominates
+    the many small forwards of zero-shot scoring. Inside this context each layer runs
+    ``onebit_forward`` (the same ops as its own forward) on signs computed on entry: the outputs
+    are identical, bit for bit. Only for inference: the weights must not change meanwhile.
+    """
+    from onebit.quant import OneBitLinear, onebit_forward
+
+    layers = [m for m in model.modules() if isinstance(m, OneBitLinear)]
+    for m in layers:
+        signs = m.signs().to(m.weight.dtype)  # (out, in) ±1
+
+        def forward(x, m=m, signs=signs):
+            c = m.config
+            y = onebit_forward(
+                x, signs.to(x.dtype), m.in_scale, m.out_scale, c.output_norm, c.norm_eps
+            )
+            return y if m.bias is None else y + m.bias.to(y.dtype)
+
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward  # back to the class's forward
+
+
+def curve_ppl(model, streams, windows: int) -> float:
+    """Perplexity on the first ``windows`` windows of the first data set (the curve's metric)."""
+    from onebit.eval.perplexity import perplexity
+
+    ids, seqlen = next(iter(streams.values()))
+    was = model.training
+    with frozen_signs(model):
+        ppl = perplexity(model.eval(), ids, seqlen, max_windows=windows).ppl
+    model.train(was)
+    return ppl
+
+
+def evaluate_row(model, tokenizer, streams, cfg: DictConfig, zero_shot: bool) -> dict[str, Any]:
+    """Perplexity on every stream and, when asked, zero-shot accuracy; with the time it took."""
+    t0 = time.perf_counter()
+    with frozen_signs(model.eval()):
+        row = _evaluate(model, tokenizer, streams, cfg, zero_shot)
+    row["eval_s"] = time.perf_counter() - t0
+    return row
+
+
+def _evaluate(model, tokenizer, streams, cfg: DictConfig, zero_shot: bool) -> dict[str, Any]:
+    from onebit.eval.perplexity import perplexity, windows
+
+    e = cfg.eval
+    row: dict[str, Any] = {"ppl": {}, "zero_shot": {}}
+    for i, (name, (ids, seqlen)) in enumerate(streams.items()):
+        # windows do not overlap, so the first stream is scored as the curve's windows plus the
+        # rest, and the sums combine exactly: the curve metric comes at no extra cost
+        n = len(windows(ids.numel(), seqlen))
+        n = n if e.max_windows is None else min(n, int(e.max_windows))
+        k = min(int(e.curve_windows), n) if i == 0 else 0
+        parts = [perplexity(model, ids[: k * seqlen], seqlen)] if k else []
+        if n > k:
+            parts.append(perplexity(model, ids[k * seqlen :], seqlen, max_windows=n - k))
+        nll, count = sum(p.nll_sum for p in parts), sum(p.n_tokens for p in parts)
+        row["ppl"][name] = {
+            "ppl": math.exp(nll / count),
+            "nll_sum": nll,
+            "n_tokens": count,
+            "n_windows": n,
+            "seqlen": seqlen,
+        }
+        if i == 0:
+            row["curve_ppl"] = parts[0].ppl
+    if zero_shot and e.tasks:
+        from onebit.eval.zeroshot import PAPER_METRIC
+        from onebit.eval.zeroshot import zero_shot as run_zero_shot
+
+        scores = run_zero_shot(
+            model,
+            tokenizer,
+            tuple(e.tasks),
+            e.zero_shot_data_dir,
+            limit=e.limit,
+            batch_size=int(e.batch_size),
+        )
+        for task, s in scores.items():
+            row["zero_shot"][task] = {**s, "paper_metric": PAPER_METRIC[task]}
+    return row
+
+
+# -- distillation ---------------------------------------------------------------------------------
+def distill(
+    teacher,
+    student,
+    blocks,
+    loss_config,
+    optim,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    grad_clip: float | None = 1.0,
+    eval_every: int = 0,
+    on_eval: Callable[[], float] | None = None,
+    scale_lr: float = 1.0,
+) -> dict[str, Any]:
+    """Distil ``teacher`` into ``student`` in place for ``steps`` AdamW steps; the curve.
+
+    The loop of ``OneBitDistillation``: teacher forward without gradients, student forward,
+    ``DistillLoss``, gradient clipping, AdamW (no decay on biases), linear warm-up + cosine.
+    One addition: the value vectors g, h get ``scale_lr`` times the learning rate (1: the same).
+    Batches walk through ``blocks`` in a seeded order, reshuffled at each pass.
+
+    Returns ``{"curve": [{step, tokens, wall_s, ppl, loss}], "steps", "tokens", "train_s"}``; a
+    curve point is taken before training and every ``eval_every`` steps (and at the end) with
+    ``on_eval()``, whose time is not counted in ``train_s``.
+
+    Shapes: blocks (n, seq_len) token ids.
+    """
+    import torch
+
+    from onebit.distill import DistillLoss
+    from onebit.module import cosine_with_warmup
+
+    loss_fn = DistillLoss(loss_config)
+    decay, scales, no_decay = [], [], []
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            if name.endswith(".bias"):
+                no_decay.append(p)
+            elif name.endswith(("in_scale", "out_scale")):
+                scales.append(p)
+            else:
+                decay.append(p)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": scales, "weight_decay": optim.weight_decay, "lr": optim.lr * scale_lr},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=optim.lr,
+        betas=optim.betas,
+        eps=optim.eps,
+    )
+    warmup = min(optim.warmup_steps, steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_with_warmup(s, warmup, steps, optim.min_lr_ratio)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    hidden = loss_config.needs_hidden_states
+    curve: list[dict[str, float]] = []
+    train_s, tokens, last_loss = 0.0, 0, None
+
+    def point(step: int) -> None:
+        if on_eval is not None:
+            ppl = on_eval()
+            curve.append(
+                {"step": step, "tokens": tokens, "train_s": train_s, "ppl": ppl, "loss": last_loss}
+            )
+            log.info("step %d, %d tokens, %.0f s: ppl %.4g", step, tokens, train_s, ppl)
+
+    point(0)
+    student.train()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        while len(order) < batch_size:
+            order += torch.randperm(len(blocks), generator=gen).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        ids = blocks[idx]  # (batch, seq_len)
+        with torch.no_grad():
+            t = teacher(input_ids=ids, output_hidden_states=hidden)
+        s = student(input_ids=ids, output_hidden_states=hidden)
+        terms = loss_fn(s.logits, t.logits, s.hidden_states, t.hidden_states, None, ids)
+        terms["loss"].backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(decay + scales + no_decay, grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        last_loss = terms["loss"].item()
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"the distillation loss is {last_loss} at step {step}.")
+        tokens += ids.numel()
+        train_s += time.perf_counter() - t0
+        if step == steps or (eval_every and step % eval_every == 0):
+            point(step)
+    student.eval()
+    return {"curve": curve, "steps": steps, "tokens": tokens, "train_s": train_s}
+
+
+# -- tables, files, plot, W&B ---------------------------------------------------------------------
+def markdown_table(rows: list[dict[str, Any]], datasets: list[str], tasks: list[str]) -> str:
+    """The paper's layout: Method | perplexities | zero-shot accuracies in % | Avg."""
+    head = ["Method", *(PPL_COLUMNS.get(d, d) for d in datasets)]
+    task_cols = [t for t in TASK_COLUMNS if t in tasks]
+    head += [TASK_COLUMNS[t] for t in task_cols] + (["Avg."] if task_cols else [])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        cells = [r["label"].replace("|", "\\|")]
+        cells += [_fmt_ppl(r["ppl"][d]["ppl"]) if d in r["ppl"] else "-" for d in datasets]
+        accs = []
+        for t in task_cols:
+            s = r["zero_shot"].get(t)
+            if s is None or s.get(s["paper_metric"]) is None:
+                cells.append("-")
+            else:
+                accs.append(100 * s[s["paper_metric"]])
+                cells.append(f"{accs[-1]:.1f}")
+        if task_cols:
+            cells.append(f"{sum(accs) / len(accs):.1f}" if len(accs) == len(task_cols) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def budget_table(rows: list[dict[str, Any]], datasets: list[str]) -> str:
+    """Per trained row: steps, tokens, training time, and student/teacher perplexity ratios."""
+    teacher = next((r for r in rows if r["key"] == "teacher"), None)
+    head = ["Method", "steps", "tokens", "train (s)", "eval (s)"]
+    head += [f"{PPL_COLUMNS.get(d, d)} / teacher" for d in datasets] if teacher else []
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        t = r.get("train") or {}
+        cells = [r["label"].replace("|", "\\|"), str(t.get("steps", 0)), f"{t.get('tokens', 0):,}"]
+        cells += [f"{t.get('train_s', 0):.0f}", f"{r['eval_s']:.0f}"]
+        if teacher:
+            cells += [f"{r['ppl'][d]['ppl'] / teacher['ppl'][d]['ppl']:.3g}" for d in datasets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt_ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.2e}"
+
+
+def write_files(out_dir: Path, result: dict[str, Any], table: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "results.md").write_text(table + "\n")
+    rows = result["rows"]
+    datasets, tasks = result["settings"]["datasets"], result["settings"]["tasks"]
+    with (out_dir / "results.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "key",
+                "label",
+                *(f"ppl_{d}" for d in datasets),
+                *(f"acc_{t}" for t in tasks),
+                *("steps", "tokens", "train_s", "eval_s"),
+            ]
+        )
+        for r in rows:
+            t = r.get("train") or {}
+            accs = []
+            for task in tasks:
+                s = r["zero_shot"].get(task)
+                accs.append(s[s["paper_metric"]] if s else "")
+            w.writerow(
+                [
+                    r["key"],
+                    r["label"],
+                    *(r["ppl"][d]["ppl"] for d in datasets),
+                    *accs,
+                    *(t.get("steps", 0), t.get("tokens", 0), t.get("train_s", 0), r["eval_s"]),
+                ]
+            )
+    with (out_dir / "curves.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "step", "tokens", "train_s", "ppl", "loss"])
+        for r in rows:
+            for p in (r.get("train") or {}).get("curve", []):
+                w.writerow([r["key"], p["step"], p["tokens"], p["train_s"], p["ppl"], p["loss"]])
+
+
+def plot_curves(result: dict[str, Any], path: str | Path) -> Path | None:
+    """Perplexity vs training tokens of the trained rows; untrained rows as horizontal lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("plot skipped: matplotlib is not installed (pip install matplotlib).")
+        return None
+    s = result["settings"]
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    baseline_colors = {"teacher": "black", "xnor": "tab:red", "svid": "tab:purple"}
+    ablation_colors = iter(
+        ["tab:orange", "tab:green", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+        * 3
+    )
+    for r in result["rows"]:
+        curve = (r.get("train") or {}).get("curve")
+        if curve:
+            main = r["key"] == "onebit"
+            ax.plot(
+                [p["tokens"] for p in curve],
+                [p["ppl"] for p in curve],
+                marker="o" if main else ".",
+                lw=2.5 if main else 1.2,
+                color="tab:blue" if main else next(ablation_colors),
+                label=r["label"],
+                zorder=3 if main else 2,
+            )
+        else:
+            ax.axhline(
+                r["curve_ppl"],
+                ls="-" if r["key"] == "teacher" else "--",
+                color=baseline_colors.get(r["key"], "tab:gray"),
+                lw=1.2,
+                label=r["label"],
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ds = s["datasets"][0]
+    ax.set_ylabel(f"{PPL_COLUMNS.get(ds, ds)} perplexity ({s['curve_tokens']:,} tokens, log)")
+    ax.set_title(f"OneBit on {s['model']}: perplexity during distillation")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class WandbLog:
+    """One W&B run for the whole table: each row's curve on its own token axis, then the table."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        node = _container(cfg.get("logger")) or {}
+        self.run = None
+        if "wandb" not in node:
+            return
+        import wandb
+
+        from onebit.loggers import resolve_wandb_mode
+
+        w = node["wandb"]
+        os.environ.setdefault("WANDB_SILENT", "true")
+        Path(w.get("save_dir", ".")).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=w.get("project", "onebit"),
+            name=w.get("name"),
+            dir=w.get("save_dir"),
+            mode=resolve_wandb_mode(w.get("mode", "auto")),
+            job_type="results",
+            config=_container(cfg),
+        )
+
+    def curve(self, key: str, curve: list[dict[str, float]]) -> None:
+        if self.run is None:
+            return
+        self.run.define_metric(f"{key}/tokens")
+        self.run.define_metric(f"{key}/*", step_metric=f"{key}/tokens")
+        for p in curve:
+            self.run.log({f"{key}/{k}": v for k, v in p.items()})
+
+    def finish(self, result: dict[str, Any], plot: Path | None) -> str | None:
+        if self.run is None:
+            return None
+        import wandb
+
+        s = result["settings"]
+        cols = ["key", "label", *(f"ppl_{d}" for d in s["datasets"])]
+        data = [
+            [r["key"], r["label"], *(r["ppl"][d]["ppl"] for d in s["datasets"])]
+            for r in result["rows"]
+        ]
+        log_items: dict[str, Any] = {"results/table": wandb.Table(columns=cols, data=data)}
+        if plot is not None:
+            log_items["results/plot"] = wandb.Image(str(plot))
+        self.run.log(log_items)
+        self.run.summary.update({"rows": result["rows"]})
+        where = str(Path(self.run.dir).parent)
+        self.run.finish()
+        return where
+
+
+# -- the benchmark --------------------------------------------------------------------------------
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Build, train and evaluate every row; write the files, the plot and the W&B run."""
+    import torch
+
+    from onebit.distill import DistillLossConfig
+    from onebit.errors import OneBitInputError
+    from onebit.models import ModelSpec, load_causal_lm, load_tokenizer
+    from onebit.module import OptimConfig
+    from onebit.quant import OneBitConfig
+
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+    spec = ModelSpec.from_dict(_container(cfg.model))
+    quant = OneBitConfig.from_dict(_container(cfg.quant))
+    loss = DistillLossConfig.from_dict(_container(cfg.loss))
+    optim = OptimConfig.from_dict(_container(cfg.optim))
+    ablations = ablation_configs(cfg)
+    tr, e = cfg.train, cfg.eval
+    keys = [*cfg.baselines, "onebit", *ablations]
+    unknown = [k for k in cfg.baselines if k not in BASELINE_LABELS]
+    if unknown:
+        raise OneBitInputError(f"baselines has {unknown}; valid: {list(BASELINE_LABELS)}.")
+    if cfg.rows is not None:
+        missing = [k for k in cfg.rows if k not in keys]
+        if missing:
+            raise OneBitInputError(f"rows has {missing}; valid: {keys}.")
+        keys = [k for k in keys if k in cfg.rows]
+
+    teacher = load_causal_lm(spec).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(spec)
+    blocks, held_out = load_data(cfg, spec, tokenizer)
+    streams = eval_streams(cfg, teacher, tokenizer, held_out)
+    first_ids, first_len = next(iter(streams.values()))
+    curve_tokens = min(int(e.curve_windows), first_ids.numel() // first_len) * (first_len - 1)
+    settings = {
+        "model": spec.name,
+        "datasets": list(e.datasets),
+        "tasks": list(e.tasks),
+        "limit": e.limit,
+        "zero_shot_ablations": bool(e.zero_shot_ablations),
+        "curve_tokens": curve_tokens,
+        "train_blocks": list(blocks.shape),
+        "data_source": cfg.data.source,
+        "threads": torch.get_num_threads(),
+        "config": _container(cfg),
+    }
+    log.info("training data: %d blocks of %d tokens", *blocks.shape)
+    wb = WandbLog(cfg)
+    rows: list[dict[str, Any]] = []
+
+    def add(key: str, label: str, model, zero_shot: bool, train: dict | None = None) -> None:
+        row = {"key": key, "label": label, "train": train}
+        row.update(evaluate_row(model, tokenizer, streams, cfg, zero_shot))
+        rows.append(row)
+        if train:
+            wb.curve(key, train["curve"])
+        ppl = ", ".join(f"{d} {v['ppl']:.4g}" for d, v in row["ppl"].items())
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {label}: {ppl}", flush=True)
+
+    def trained(key: str, label: str, q, lcfg, steps: int, zero_shot: bool) -> None:
+        torch.manual_seed(int(cfg.seed))
+        student = onebit_student(teacher, q)
+        train = distill(
+            teacher,
+            student,
+            blocks,
+            lcfg,
+            optim,
+            steps,
+            int(tr.batch_size),
+            int(cfg.seed),
+            tr.grad_clip,
+            int(tr.eval_every),
+            lambda: curve_ppl(student, streams, int(e.curve_windows)),
+            float(tr.scale_lr),
+        )
+        add(key, label, student, zero_shot, train)
+
+    for key in keys:
+        if key == "teacher":
+            add(key, f"{spec.name} {BASELINE_LABELS[key]}", teacher, True)
+        elif key == "xnor":
+            add(key, BASELINE_LABELS[key], xnor_student(teacher), True)
+        elif key == "svid":
+            add(key, BASELINE_LABELS[key], onebit_student(teacher, quant), True)
+        elif key == "svid_no_ln":
+            q = OneBitConfig.from_dict({**quant.to_dict(), "output_norm": False})
+            add(key, BASELINE_LABELS[key], onebit_student(teacher, q), True)
+        elif key == "onebit":
+            label = f"OneBit, {int(tr.steps)} steps"
+            trained(key, label, quant, loss, int(tr.steps), True)
+        else:
+            label, q, lcfg = ablations[key]
+            trained(key, label, q, lcfg, int(tr.ablation_steps), bool(e.zero_shot_ablations))
+
+    settings["total_s"] = time.perf_counter() - t_start
+    result = {"settings": settings, "rows": rows}
+    out_dir = Path(cfg.paths.output_dir)
+    table = markdown_table(rows, settings["datasets"], settings["tasks"])
+    budget = budget_table(rows, settings["datasets"])
+    notes = _notes(result, streams)
+    write_files(out_dir, result, f"{table}\n\n{budget}\n\n{notes}")
+    plot = plot_curves(result, cfg.plot) if cfg.plot else None
+    result["wandb_dir"] = wb.finish(result, plot)
+    print(f"\n{table}\n\n{budget}\n\n{notes}\n", flush=True)
+    print(f"results: {out_dir}" + (f"\nplot: {plot}" if plot else ""), flush=True)
+    if result["wandb_dir"]:
+        print(f"W&B run: {result['wandb_dir']}", flush=True)
+    return result
+
+
+def _notes(result: dict[str, Any], streams: dict[str, tuple[Any, int]]) -> str:
+    s, rows = result["settings"], result["rows"]
+    parts = []
+    for r in rows[:1]:
+        for d, v in r["ppl"].items():
+            parts.append(
+                f"{d}: {v['n_windows']} windows of {v['seqlen']} tokens, {v['n_tokens']:,} scored"
+            )
+    if s["tasks"]:
+        n = next((v.get("n") for r in rows for v in r["zero_shot"].values()), None)
+        parts.append(f"zero-shot: first {n} items per task (limit {s['limit']})")
+    parts.append(f"curves: {s['curve_tokens']:,} tokens of {s['datasets'][0]}")
+    parts.append(
+        f"training data: {s['data_source']}, {s['train_blocks'][0]} blocks × "
+        f"{s['train_blocks'][1]} tokens"
+    )
+    parts.append(f"{s['threads']} threads, total {s['total_s']:.0f} s")
+    return "; ".join(parts) + "."
+
+
+@hydra.main(config_path="../conf", config_name="results", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from onebit.errors import run_cli
+
+    run_cli(run, cfg)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,235 @@
+"""benchmarks/results.py: rows are what they claim, runs reproduce, the files are right."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from onebit.distill import DistillLossConfig
+from onebit.eval.perplexity import perplexity
+from onebit.models import tiny_causal_lm
+from onebit.module import OptimConfig
+from onebit.quant import OneBitConfig, OneBitLinear, iter_target_linears, xnor_approx
+
+from .conftest import REPO, shared_path
+
+_spec = importlib.util.spec_from_file_location("results", REPO / "benchmarks" / "results.py")
+results = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(results)
+
+
+def compose_results(overrides: list[str], tmp: Path | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="results", overrides=overrides)
+    if tmp is not None:
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(REPO)
+            cfg.paths.output_dir = str(tmp / "out")
+            cfg.paths.cache_dir = str(tmp / "cache")
+            cfg.plot = str(tmp / "out" / "results.png")
+    return cfg
+
+
+@pytest.mark.parametrize("experiment", ["results_stories260k", "results_smollm2_135m"])
+def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
+    cfg = compose_results([f"experiment={experiment}"])
+    ab = results.ablation_configs(cfg)
+    base_q, base_l = OneBitConfig(), DistillLossConfig()
+    assert set(ab) == {
+        "ref", "svd_init", "copy_init", "no_ln", "alpha_0", "alpha_10", "official_loss"
+    }  # fmt: skip
+    assert ab["ref"][1:] == (base_q, base_l)
+    assert ab["svd_init"][1] == OneBitConfig(svid_method="svd")
+    assert ab["copy_init"][1] == OneBitConfig(svid_method="none")
+    assert ab["no_ln"][1] == OneBitConfig(output_norm=False)
+    assert ab["alpha_0"][2] == DistillLossConfig(alpha=0.0)
+    assert ab["alpha_10"][2] == DistillLossConfig(alpha=10.0)
+    assert ab["official_loss"][2] == DistillLossConfig.official()
+    for key in ("alpha_0", "alpha_10", "official_loss"):
+        assert ab[key][1] == base_q
+    OptimConfig.from_dict(dict(cfg.optim))  # the budget's optimizer is valid
+
+
+def test_unknown_ablation_key_is_one_sentence() -> None:
+    from onebit.errors import OneBitInputError
+
+    cfg = compose_results(["+ablations.bad.quant_x={}"])
+    with pytest.raises(OneBitInputError, match=r"ablations\.bad has unknown key"):
+        results.ablation_configs(cfg)
+
+
+def test_xnor_row_computes_sign_times_row_mean_abs() -> None:
+    teacher = tiny_causal_lm("llama")
+    student = results.xnor_student(teacher)
+    dense = {n: m.weight for n, m in iter_target_linears(teacher)}
+    layers = dict(iter_target_linears(student))
+    assert dense.keys() == layers.keys()
+    x = torch.randn(3, 5, 64)
+    for name, W in dense.items():
+        layer = layers[name]
+        assert isinstance(layer, OneBitLinear) and not layer.config.output_norm
+        xin = x[..., : W.shape[1]]
+        ref = F.linear(xin, xnor_approx(W))
+        torch.testing.assert_close(layer(xin), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_c4_training_documents_never_reach_the_evaluation(tmp_path, stories_path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(stories_path)
+    short = "The cat sat on the mat. " * 3
+    long = "Zebra zebra zebra. " * 200  # far more than 64 tokens: only the evaluation sees it
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in [short, long] * 10) + "\n")
+    blocks = results.c4_train_blocks(tok, str(path), seq_len=16, max_doc_tokens=64)
+    zebra = set(tok(long)["input_ids"]) - set(tok(short)["input_ids"])
+    assert blocks.shape[1] == 16 and len(blocks) > 0
+    assert not zebra & set(blocks.flatten().tolist())
+
+
+@pytest.fixture
+def tiny_run(tmp_path, stories_path) -> DictConfig:
+    """The stories260K experiment shrunk to seconds: 2 ablations, a few steps each."""
+    cfg = compose_results(
+        [
+            "experiment=results_stories260k",
+            f"model.path={stories_path}",
+            "logger=none",
+            "threads=1",
+            "data.num_sequences=16",
+            "data.val_sequences=4",
+            "data.seq_len=32",
+            "data.gen_batch_size=20",
+            "train.batch_size=4",
+            "train.steps=16",
+            "train.ablation_steps=8",
+            "train.eval_every=8",
+            "eval.curve_windows=2",
+            "optim.warmup_steps=1",
+        ],
+        tmp_path,
+    )
+    with open_dict(cfg):
+        cfg.ablations = {k: v for k, v in cfg.ablations.items() if k in ("ref", "no_ln")}
+    return cfg
+
+
+def test_benchmark_rows_files_and_reproducibility(tiny_run: DictConfig, tmp_path, capsys) -> None:
+    out = results.run(tiny_run)
+    keys = [r["key"] for r in out["rows"]]
+    assert keys == ["teacher", "xnor", "svid", "svid_no_ln", "onebit", "ref", "no_ln"]
+    rows = {r["key"]: r for r in out["rows"]}
+    gen = {k: r["ppl"]["generated"] for k, r in rows.items()}
+    assert all(g["n_windows"] == 4 and g["n_tokens"] == 4 * 31 for g in gen.values())
+    # untrained rows: the teacher's perplexity is the plain library call; SVID init is the curve's
+    # first point of the reference run (the same student before its first step)
+    assert rows["teacher"]["train"] is None
+    assert rows["ref"]["train"]["curve"][0]["ppl"] == pytest.approx(rows["svid"]["curve_ppl"])
+    onebit = rows["onebit"]["train"]
+    assert [p["step"] for p in onebit["curve"]] == [0, 8, 16]
+    assert onebit["tokens"] == 16 * 4 * 32
+    assert onebit["curve"][-1]["ppl"] < onebit["curve"][0]["ppl"]  # training helps
+    assert gen["onebit"]["ppl"] < min(gen["xnor"]["ppl"], gen["svid"]["ppl"])
+    # files
+    d = Path(tiny_run.paths.output_dir)
+    saved = json.loads((d / "results.json").read_text())
+    assert [r["key"] for r in saved["rows"]] == keys
+    assert (d / "results.csv").read_text().count("\n") == 1 + len(keys)
+    assert (d / "curves.csv").read_text().count("\n") == 1 + 3 + 2 + 2
+    md = (d / "results.md").read_text()
+    assert md.startswith("| Method | Gen. |")
+    assert "XNOR sign(W)·mean\\|W\\|" in md
+    printed = capsys.readouterr().out
+    assert f"| {gen['onebit']['ppl']:.2f} |" in printed
+    # a rerun gives the same numbers to the last bit
+    with open_dict(tiny_run):
+        tiny_run.paths.output_dir = str(tmp_path / "again")
+        tiny_run.rows = ["onebit"]
+    again = results.run(tiny_run)["rows"][0]
+    assert again["ppl"] == rows["onebit"]["ppl"]
+    assert again["train"]["curve"] == [
+        {**p, "train_s": q["train_s"]} for p, q in zip(onebit["curve"], again["train"]["curve"])
+    ]
+
+
+def test_split_perplexity_equals_one_call(stories_path) -> None:
+    """The table's perplexity (curve windows + the rest) is the library's one-call number."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(stories_path).eval()
+    ids = torch.randint(3, 512, (10 * 64,), generator=torch.Generator().manual_seed(0))
+    cfg = compose_results(["eval.max_windows=7", "eval.curve_windows=3"])
+    row = results.evaluate_row(model, None, {"generated": (ids, 64)}, cfg, zero_shot=False)
+    ref = perplexity(model, ids, 64, max_windows=7)
+    assert row["ppl"]["generated"]["n_tokens"] == ref.n_tokens == 7 * 63
+    assert math.isclose(row["ppl"]["generated"]["ppl"], ref.ppl, rel_tol=1e-12)
+    assert math.isclose(row["curve_ppl"], perplexity(model, ids, 64, max_windows=3).ppl)
+
+
+def test_table_layout_and_ratios() -> None:
+    def row(key: str, ppl: float, acc: float | None) -> dict:
+        zs = {} if acc is None else {"piqa": {"acc": acc, "paper_metric": "acc"}}
+        return {
+            "key": key,
+            "label": key,
+            "ppl": {"wikitext2": {"ppl": ppl}},
+            "zero_shot": zs,
+            "train": None,
+            "eval_s": 1.0,
+        }
+
+    rows = [row("teacher", 20.0, 0.65), row("xnor", 2.5e6, 0.5), row("onebit", 100.0, None)]
+    table = results.markdown_table(rows, ["wikitext2"], ["piqa"])
+    assert table.splitlines()[0] == "| Method | Wiki2 | PIQA | Avg. |"
+    assert "| teacher | 20.00 | 65.0 | 65.0 |" in table
+    assert "| xnor | 2.50e+06 | 50.0 | 50.0 |" in table
+    assert "| onebit | 100.00 | - | - |" in table
+    assert "| onebit | 0 | 0 | 0 | 1 | 5 |" in results.budget_table(rows, ["wikitext2"])
+
+
+def test_plot_is_written(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    curve = [{"tokens": t, "ppl": p} for t, p in [(0, 1e5), (100, 50.0), (200, 30.0)]]
+    result = {
+        "settings": {"model": "m", "datasets": ["generated"], "curve_tokens": 62},
+        "rows": [
+            {"key": "teacher", "label": "teacher", "curve_ppl": 4.0},
+            {"key": "xnor", "label": "xnor", "curve_ppl": 1500.0},
+            {"key": "onebit", "label": "OneBit", "train": {"curve": curve}},
+        ],
+    }
+    path = results.plot_curves(result, tmp_path / "p.png")
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shared_data_present_for_smollm2_config() -> None:
+    cfg = compose_results(["experiment=results_smollm2_135m"], Path("/tmp"))
+    shared_path("data", "wikitext2", "wiki.test.raw")
+    assert Path(cfg.eval.c4_path).is_file() and Path(cfg.data.c4_path).is_file()
+    assert Path(cfg.eval.zero_shot_data_dir).is_dir()
+
+
+def test_frozen_signs_give_identical_outputs_and_restore_the_layer() -> None:
+    teacher = tiny_causal_lm("llama")
+    student = results.onebit_student(teacher, OneBitConfig())
+    with torch.no_grad():  # move some latent weights so that signs differ from the teacher's
+        for m in student.modules():
+            if isinstance(m, OneBitLinear):
+                m.weight.add_(0.02 * torch.randn_like(m.weight))
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ref = student(ids).logits
+        with results.frozen_signs(student):
+            cached = student(ids).logits
+        after = student(ids).logits
+    torch.testing.assert_close(cached, ref, rtol=0, atol=0)
+    torch.testing.assert_close(after, ref, rtol=0, atol=0)
+    assert all("forward" not in vars(m) for m in student.modules())
