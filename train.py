@@ -173,6 +173,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    import onebit.strategies  # noqa: F401  (registers trainer.strategy=fsdp2)
     from onebit.checkpoint import AtomicCheckpointIO, atomic_write_text
     from onebit.errors import Preempted
     from onebit.models import ModelSpec, load_tokenizer
@@ -190,6 +191,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         optim=_container(cfg.optim),
         guard=_container(cfg.get("guard")),
         svid_cache_dir=cfg.get("svid_cache_dir"),
+        parallel={
+            "activation_checkpointing": bool(cfg.get("activation_checkpointing", False)),
+            **(_container(cfg.get("fsdp")) or {}),
+        },
     )
     datamodule = _instantiate(cfg.data, _convert_="all")
     if hasattr(datamodule, "tokenizer") and datamodule.tokenizer is None:
@@ -236,8 +241,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             e.checkpoint,
         ) from None
 
+    student = module.plain_student()  # FSDP2: gathered to rank 0 (every rank takes part)
     if trainer.is_global_zero:
-        report = module.footprint_report()
+        report = module.footprint_report(student)
         result["footprint"] = report.to_dict()
         log.info("OneBit footprint:\n%s", report.format())
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -250,7 +256,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         result["checkpoint_last"] = ckpt.last_model_path or None
         result["checkpoint_best"] = ckpt.best_model_path or None
     if cfg.get("export") and trainer.is_global_zero:
-        result["export"] = str(_export(cfg, module, spec, out_dir / "onebit_model"))
+        result["export"] = str(_export(cfg, module, spec, out_dir / "onebit_model", student))
     for lg in loggers:
         summary = getattr(getattr(lg, "experiment", None), "summary", None)
         if summary is not None and trainer.is_global_zero:
@@ -271,7 +277,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _export(cfg: DictConfig, module, spec, path: Path) -> Path:
+def _export(cfg: DictConfig, module, spec, path: Path, student=None) -> Path:
     """The packed 1-bit student, written beside ``path`` and renamed into place."""
     import errno
 
@@ -289,7 +295,12 @@ def _export(cfg: DictConfig, module, spec, path: Path) -> Path:
         log.warning("tokenizer not exported: %s", e)
     try:
         return save_onebit(
-            module.student, path, module.quant, dtype, tokenizer, extra={"model": spec.to_dict()}
+            student if student is not None else module.student,
+            path,
+            module.quant,
+            dtype,
+            tokenizer,
+            extra={"model": spec.to_dict()},
         )
     except OSError as e:
         full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import zlib
 from dataclasses import dataclass
@@ -186,12 +187,18 @@ def _crc32(path: Path, chunk: int = 1 << 24) -> int:
 
 def check_checkpoint(path: str | os.PathLike) -> CheckResult:
     """Is ``path`` a complete, uncorrupted checkpoint? Reads the whole file once (cached per
-    size and modification time)."""
+    size and modification time). A directory is a sharded (FSDP2) checkpoint, checked against its
+    manifest (:mod:`onebit.strategies`)."""
     path = Path(path)
     try:
         st = path.stat()
     except OSError:
         return CheckResult(path, False, "does not exist")
+    if path.is_dir():
+        from onebit.strategies import check_sharded
+
+        ok, why, step = check_sharded(path)
+        return CheckResult(path, ok, why, step, verified=ok)
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key in _VERIFIED:
         return _VERIFIED[key]
@@ -231,6 +238,10 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     result = check_checkpoint(path)
     if not result.ok:
         raise OneBitInputError(f"checkpoint {path} {result.reason}.")
+    if Path(path).is_dir():
+        from onebit.strategies import consolidate
+
+        return consolidate(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -267,7 +278,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _candidates(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*.ckpt") if p.is_file() and not _TMP.match(p.name))
+    # files, and directories (sharded checkpoints), never a temporary being written
+    return sorted(p for p in directory.glob("*.ckpt") if not _TMP.match(p.name))
 
 
 def _rank(path: Path, step: int | None) -> tuple:
@@ -277,6 +289,12 @@ def _rank(path: Path, step: int | None) -> tuple:
         0 if re.fullmatch(r"step\d{8}\.ckpt", path.name) else 1 if path.name == "last.ckpt" else 2
     )
     return (-(step if step is not None else -1), kind, -path.stat().st_mtime_ns)
+
+
+def _sharded_manifest(path: Path) -> dict[str, Any] | None:
+    from onebit.strategies import read_manifest
+
+    return read_manifest(path)
 
 
 def find_resume_checkpoint(directory: str | os.PathLike) -> tuple[Path | None, list[CheckResult]]:
@@ -291,7 +309,7 @@ def find_resume_checkpoint(directory: str | os.PathLike) -> tuple[Path | None, l
     steps: dict[Path, int | None] = {}
     bad: list[CheckResult] = []
     for p in _candidates(directory):
-        meta = _read_sidecar(p)
+        meta = _read_sidecar(p) if p.is_file() else _sharded_manifest(p)
         if meta is not None:
             steps[p] = meta.get("global_step")
             continue
@@ -387,6 +405,9 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
             if _TMP.match(p.name) or (
                 p.name.endswith(SIDECAR_SUFFIX) and _TMP.match(p.name[: -len(SIDECAR_SUFFIX)])
             ):
-                p.unlink(missing_ok=True)
+                if p.is_dir():  # a sharded checkpoint being written when the run died
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
                 removed.append(p)
     return removed

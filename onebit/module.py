@@ -1,14 +1,20 @@
 """The LightningModule: a frozen full-precision teacher and its OneBit student.
 
-The student is built in ``configure_model`` (a copy of the teacher, its decoder-block linears
-swapped for SVID-initialised OneBit layers, everything else frozen), idempotently: Lightning may
-call the hook more than once. The teacher is held beside the student, not as a child module, so it
+The student is built in ``configure_model`` (the teacher's structure, its decoder-block linears
+swapped for SVID-initialised OneBit layers, everything else frozen and *shared* with the teacher,
+so no second copy of embeddings, norms or ``lm_head`` is held), idempotently: Lightning may call
+the hook more than once. The teacher is held beside the student, not as a child module, so it
 never reaches the optimizer or a checkpoint; it stays in eval mode with gradients off.
+
+Under ``trainer.strategy=fsdp2`` (:mod:`onebit.strategies`) the same hook then shards student and
+teacher with FSDP2's ``fully_shard``, one unit per decoder block, with the mixed precision of
+:class:`ParallelConfig` (bf16 compute, fp32 master weights and gradient reduction by default).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import time
@@ -72,6 +78,48 @@ class OptimConfig:
         return from_mapping(cls, values, "optim")
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ParallelConfig:
+    """Memory options for large runs; the ``fsdp`` keys apply under ``trainer.strategy=fsdp2``.
+
+    Attributes:
+        activation_checkpointing: recompute each decoder block's activations of the student in
+            the backward pass instead of storing them (any strategy).
+        param_dtype: FSDP2 compute dtype of gathered parameters (``bfloat16``, ``float16``,
+            ``float32``; None: as stored). The sharded master weights stay fp32.
+        reduce_dtype: FSDP2 dtype of the gradient reduce-scatter.
+        reshard_after_forward: free each block's gathered parameters after its forward (ZeRO-3
+            style; False keeps them for the backward: faster, more memory).
+        shard_teacher: shard the frozen teacher the same way (False: a full copy per rank).
+    """
+
+    activation_checkpointing: bool = False
+    param_dtype: str | None = "bfloat16"
+    reduce_dtype: str | None = "float32"
+    reshard_after_forward: bool = True
+    shard_teacher: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, key)
+            if value is not None and value not in _DTYPES:
+                raise OneBitInputError(
+                    f"fsdp.{key}={value!r} is not one of {', '.join(_DTYPES)} or null."
+                )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ParallelConfig:
+        return from_mapping(cls, values, "fsdp")
+
+
+def _full(t: Tensor) -> Tensor:
+    """A DTensor's value as an ordinary tensor (a collective); other tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR factor: linear warm-up to 1 over ``warmup`` steps, then a cosine down to ``min_ratio``."""
     if step < warmup:
@@ -85,7 +133,10 @@ def _as(cls, value):
 
 
 def _norm_of_norms(tensors: list[Tensor]) -> Tensor:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+    # a sharded (DTensor) norm is reduced over ranks: every rank sees the global value
+    return torch.linalg.vector_norm(
+        torch.stack([_full(torch.linalg.vector_norm(t)).float() for t in tensors])
+    )
 
 
 def state_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str | None:
@@ -119,6 +170,7 @@ class OneBitDistillation(L.LightningModule):
         optim: optimizer and schedule.
         guard: what to do on a NaN/inf loss or gradient (stop, or skip the step and count it).
         teacher: an already loaded teacher to use instead of loading ``model`` (tests, notebooks).
+        parallel: activation checkpointing and the FSDP2 sharding options.
         svid_cache_dir: where SVID results are cached (``onebit.quant.svid_cache``): computed
             once (by rank 0 in a distributed run, the other ranks wait and read them) and reused
             by later runs of the same model and SVID setting; None computes them every time.
@@ -133,8 +185,10 @@ class OneBitDistillation(L.LightningModule):
         guard: GuardConfig | dict[str, Any] | None = None,
         teacher: nn.Module | None = None,
         svid_cache_dir: str | None = None,
+        parallel: ParallelConfig | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.parallel = _as(ParallelConfig, parallel) or ParallelConfig()
         self.svid_cache_dir = svid_cache_dir
         self.spec = _as(ModelSpec, model)
         self.quant = _as(OneBitConfig, quant) or OneBitConfig()
@@ -173,12 +227,52 @@ class OneBitDistillation(L.LightningModule):
         if not self._teacher:
             self._teacher.append(load_causal_lm(self.spec))
         teacher = self.teacher.eval().requires_grad_(False)
-        student = copy.deepcopy(teacher)
+        # the structure is copied, the tensors are not: the student's frozen parts are the
+        # teacher's own, and its quantized linears get new weights below
+        shared = {id(t): t for t in itertools.chain(teacher.parameters(), teacher.buffers())}
+        student = copy.deepcopy(teacher, shared)
         self._quantize(student)
         for layer in student.modules():  # trainable weights are fp32 masters, whatever the teacher
             if isinstance(layer, OneBitLinear):
                 layer.float()
-        self.student = freeze_(student).train()  # embeddings, norms, lm_head: full precision
+        student = freeze_(student).train()  # embeddings, norms, lm_head: full precision
+        if self.parallel.activation_checkpointing:
+            student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            student.config.use_cache = False
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            self._shard(student, teacher, mesh["data_parallel"])
+        self.student = student
+
+    @property
+    def sharded(self) -> bool:
+        """The student is sharded with FSDP2 (``trainer.strategy=fsdp2``)."""
+        return getattr(self, "_device_mesh", None) is not None and self.student is not None
+
+    def _shard(self, student: nn.Module, teacher: nn.Module, mesh) -> None:
+        """FSDP2: ``fully_shard`` every decoder block, then the rest, of student and teacher."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from onebit.quant.convert import find_decoder_blocks
+
+        p = self.parallel
+        policy = MixedPrecisionPolicy(
+            param_dtype=_DTYPES.get(p.param_dtype), reduce_dtype=_DTYPES.get(p.reduce_dtype)
+        )
+        for model in (student, teacher) if p.shard_teacher else (student,):
+            _, blocks = find_decoder_blocks(model)
+            for block in blocks:
+                fully_shard(
+                    block,
+                    mesh=mesh,
+                    mp_policy=policy,
+                    reshard_after_forward=p.reshard_after_forward,
+                )
+            fully_shard(
+                model, mesh=mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward
+            )
 
     def _quantize(self, student: nn.Module) -> None:
         """``quantize_`` with the SVID cache: rank 0 computes and writes, the others read."""
@@ -203,14 +297,59 @@ class OneBitDistillation(L.LightningModule):
                 torch.distributed.barrier()
         self.svid_cache_hits = cache.hits
 
+    def _teacher_to_device(self) -> None:
+        if not (self.sharded and self.parallel.shard_teacher):  # shards already live there
+            self.teacher.to(self.device)
+
     def on_fit_start(self) -> None:
-        self.teacher.to(self.device)
+        self._teacher_to_device()
 
     def on_validation_start(self) -> None:
-        self.teacher.to(self.device)
+        self._teacher_to_device()
 
-    def footprint_report(self):
-        return footprint(self.student, self.quant)
+    def plain_student(self) -> nn.Module | None:
+        """The student as an ordinary module on CPU, for export and reports.
+
+        Unsharded, that is the student itself. Sharded (FSDP2), its full state is gathered to rank
+        0's CPU memory (a collective: every rank must call this) and loaded into a copy built
+        without weights; other ranks get None.
+        """
+        if not self.sharded:
+            return self.student
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(
+            self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.trainer.global_rank != 0:
+            return None
+        return self.student_from_state(state)
+
+    def student_from_state(self, state: dict[str, Tensor]) -> nn.Module:
+        """A plain CPU student holding ``state`` (a full student state dict), built without
+        weights of its own: parameters are created empty and ``state``'s tensors assigned."""
+        import dataclasses
+
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(self.teacher.config)
+        with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed
+            model = AutoModelForCausalLM.from_config(config, dtype=self.spec.torch_dtype)
+        quantize_(model, dataclasses.replace(self.quant, svid_method="none"))
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        still_empty = [k for k in missing if model.get_parameter(k).device.type == "meta"]
+        if still_empty or unexpected:
+            raise RuntimeError(
+                f"student state does not fit its architecture: missing {still_empty[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        return model.requires_grad_(False).eval()
+
+    def footprint_report(self, student: nn.Module | None = None):
+        return footprint(student if student is not None else self.student, self.quant)
 
     # -- training -----------------------------------------------------------------------------
     def _forward_pair(self, batch: dict[str, Tensor]):
@@ -341,7 +480,8 @@ class OneBitDistillation(L.LightningModule):
         checkpoint["onebit"] = {"format_version": 1, "nonfinite_skipped": self.nonfinite_skipped}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_state_dict(checkpoint.get("state_dict", {}), "the checkpoint")
+        if "state_dict" in checkpoint:  # a sharded checkpoint loads in place (checked before)
+            self.check_state_dict(checkpoint["state_dict"], "the checkpoint")
         self.nonfinite_skipped = int(checkpoint.get("onebit", {}).get("nonfinite_skipped", 0))
 
     def check_state_dict(self, state: dict[str, Tensor], what: str) -> None:

@@ -228,9 +228,14 @@ def check_checkpoint_fits(path: Path, spec, config, quant) -> None:
     import torch
 
     from onebit.module import state_mismatch
+    from onebit.strategies import sharded_hyper_parameters, sharded_shapes
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if Path(path).is_dir():  # sharded (FSDP2): its metadata, no tensor is read
+            ckpt = sharded_hyper_parameters(Path(path))
+            ckpt["state_dict"] = sharded_shapes(Path(path))
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise OneBitInputError(f"ckpt_path={path} cannot be read: {_first_line(e)}") from e
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
@@ -247,7 +252,7 @@ def check_checkpoint_fits(path: Path, spec, config, quant) -> None:
             f"ckpt_path={path} was trained with another quantization config ({'; '.join(diffs)}); "
             "resume with the same quant settings or start a new run."
         )
-    shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+    shapes = {k: tuple(getattr(v, "shape", v)) for k, v in ckpt["state_dict"].items()}
     diff = state_mismatch(student_shapes(config, quant, spec.trust_remote_code), shapes)
     if diff:
         raise OneBitInputError(

@@ -75,7 +75,11 @@ def test_teacher_weights_unchanged_and_not_in_state_dict(tiny_overrides) -> None
     module.configure_model()
     module.configure_model()  # idempotent
     assert all(k.startswith("student.") for k in module.state_dict())
-    assert not any(p is q for p in module.parameters() for q in teacher.parameters())
+    # the frozen parts are the teacher's own tensors (no second copy); trainable ones are not
+    shared = {id(q) for q in teacher.parameters()}
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    assert frozen and all(id(p) in shared for p in frozen)
+    assert not any(id(p) in shared for p in module.parameters() if p.requires_grad)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 128, (2, 12))
     for _ in range(3):
@@ -89,6 +93,24 @@ def test_teacher_weights_unchanged_and_not_in_state_dict(tiny_overrides) -> None
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and all(".layers." in n for n in trainable)
+
+
+def test_student_rebuilt_from_its_state_without_weights_gives_the_same_logits() -> None:
+    # what an FSDP2 run exports: the gathered state loaded into a student built on no memory
+    from onebit.models import tiny_causal_lm
+
+    module = OneBitDistillation(
+        {"name": "t", "source": "tiny", "arch": "llama"}, teacher=tiny_causal_lm("llama")
+    )
+    module.configure_model()
+    rebuilt = module.student_from_state(module.student.state_dict())
+    assert all(p.device.type == "cpu" for p in rebuilt.parameters())
+    assert not any(p.requires_grad for p in rebuilt.parameters())
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        want = module.student.eval()(input_ids=ids).logits
+        got = rebuilt(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_resume_continues_the_same_run(tmp_path, tiny_overrides) -> None:

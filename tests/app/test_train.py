@@ -18,7 +18,7 @@ from ..conftest import REPO
 from .conftest import compose_train
 
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
-# the paper's runs; experiment/results_*.yaml configure benchmarks/results.py (tests/test_results.py)
+# the paper's runs (experiment/results_*.yaml configure benchmarks/results.py instead)
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("onebit_*.yaml"))
 
 

@@ -1,0 +1,217 @@
+"""FSDP2 for OneBit: Lightning's ``ModelParallelStrategy`` as a pure data-parallel sharding
+strategy, with atomic, checksummed sharded checkpoints.
+
+``trainer.strategy=fsdp2`` (registered here, see ``conf/trainer/fsdp.yaml``) selects
+:class:`FSDP2Strategy`. It builds a one-dimensional device mesh over every rank of every node, so
+that :meth:`onebit.module.OneBitDistillation.configure_model` can ``fully_shard`` each decoder
+block of student and teacher over it. Unlike Lightning's ``fsdp`` strategy it runs on CPU (gloo),
+so the tests exercise the same code path as a GPU cluster.
+
+A sharded checkpoint ``step00000040.ckpt`` is a directory: one ``.distcp`` file per rank written
+by ``torch.distributed.checkpoint``, Lightning's ``meta.pt`` and our ``onebit-manifest.json``
+(size and CRC-32 of every file, the step). It is written under a temporary name and renamed into
+place by rank 0 once every rank has finished, so a run killed mid-write leaves the previous
+checkpoint intact. :func:`consolidate` turns one into an ordinary single-file state dict (no
+process group needed), from which ``onebit.export`` writes the 1-bit model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+
+from onebit.errors import OneBitInputError
+
+MANIFEST = "onebit-manifest.json"
+FORMAT = "onebit-sharded-checkpoint-v1"
+
+
+def _crc32(path: Path, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write_manifest(directory: Path, global_step: int | None) -> dict[str, Any]:
+    """Record size and CRC-32 of every file of sharded checkpoint ``directory``."""
+    files = {
+        p.name: {"size": p.stat().st_size, "crc32": f"{_crc32(p):08x}"}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    meta = {
+        "format": FORMAT,
+        "global_step": global_step,
+        "files": files,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    tmp = directory / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST)
+    return meta
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def check_sharded(directory: Path) -> tuple[bool, str | None, int | None]:
+    """(ok, why not, global step) of sharded checkpoint ``directory``; reads every file once."""
+    meta = read_manifest(directory)
+    if meta is None:
+        return False, f"is a directory without a readable {MANIFEST} (an incomplete write)", None
+    step = meta.get("global_step")
+    for name, want in meta["files"].items():
+        p = directory / name
+        if not p.is_file():
+            return False, f"lacks its shard file {name}", step
+        size = p.stat().st_size
+        if size != want["size"]:
+            return False, f"has {name} of {size:,} bytes, {want['size']:,} written", step
+        if f"{_crc32(p):08x}" != want["crc32"]:
+            return False, f"has a corrupt {name} (its CRC-32 differs from when written)", step
+    return True, None, step
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def sharded_hyper_parameters(directory: Path) -> dict[str, Any]:
+    """Lightning's non-tensor checkpoint content (``meta.pt``: hyper-parameters, loops, step)."""
+    from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
+
+    return torch.load(directory / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+
+
+def sharded_shapes(directory: Path, prefix: str = "state_dict.") -> dict[str, tuple]:
+    """``{key: shape}`` of the model state in sharded checkpoint ``directory`` (metadata only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return {
+        k[len(prefix) :]: tuple(v.size)
+        for k, v in md.items()
+        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
+    }
+
+
+def consolidate(directory: str | os.PathLike) -> dict[str, Any]:
+    """The full checkpoint of sharded ``directory`` as one ordinary dict (``state_dict`` holds
+    full tensors), in this process, without a process group. Verified against its manifest first.
+
+    Raises:
+        OneBitInputError: the checkpoint is incomplete or corrupt, naming the file.
+    """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    directory = Path(directory)
+    ok, why, _ = check_sharded(directory)
+    if not ok:
+        raise OneBitInputError(f"checkpoint {directory} {why}.")
+    tmp = directory.parent / f".{directory.name}.consolidated.tmp{os.getpid()}"
+    try:
+        dcp_to_torch_save(str(directory), str(tmp))
+        state = torch.load(tmp, map_location="cpu", weights_only=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {**sharded_hyper_parameters(directory), **state}
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallel (FSDP2) over all ranks of all nodes.
+
+    The module shards itself in ``configure_model`` over ``self.device_mesh["data_parallel"]``
+    (here every rank), so this strategy only sets the mesh up and writes checkpoints.
+
+    Args:
+        save_distributed_checkpoint: each rank writes its own shard (a directory per checkpoint,
+            nothing gathered); False gathers the full state on rank 0 into one file.
+        process_group_backend: ``nccl`` on GPU and ``gloo`` on CPU when None.
+    """
+
+    strategy_name = "fsdp2"
+
+    def __init__(
+        self,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size="auto",
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            **kwargs,
+        )
+
+    def setup_environment(self) -> None:
+        # one mesh dimension over every process: data parallel only (no tensor parallelism)
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(f".{path.name}.tmp{self.broadcast(os.getpid())}")
+        step = checkpoint.get("global_step")
+        if self.is_global_zero and tmp.exists():
+            shutil.rmtree(tmp)
+        self.barrier()
+        super().save_checkpoint(checkpoint, tmp)  # every rank writes its shard
+        self.barrier()
+        if self.is_global_zero:
+            write_manifest(tmp, step)
+            old = path.with_name(f".{path.name}.old.tmp{os.getpid()}")
+            if path.exists():  # e.g. last.ckpt: keep the old one until the new one is in place
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        self.barrier()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None):
+        path = Path(checkpoint_path)
+        if path.is_dir():
+            ok, why, _ = check_sharded(path)
+            if not ok:
+                raise OneBitInputError(f"checkpoint {path} {why}.")
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        path = Path(filepath)
+        if not path.is_dir():
+            return super().remove_checkpoint(filepath)
+        if self.is_global_zero:
+            shutil.rmtree(path)
+
+
+if "fsdp2" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard per decoder block), CPU or GPU"
+    )

@@ -1,0 +1,165 @@
+"""Two processes on CPU (gloo) train like one: DDP and FSDP2 (``trainer=fsdp``) runs of the tiny
+model follow the single-process loss curve with the same global batch, and a sharded FSDP2
+checkpoint resumes and exports the same 1-bit model as the single-process run."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from onebit.checkpoint import check_checkpoint, find_resume_checkpoint
+from onebit.strategies import MANIFEST, consolidate, sharded_shapes
+
+from ..reliability.conftest import FAULTS, train_proc
+from .conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+BASE = [o for o in TINY if not o.startswith(("trainer=", "data.batch_size="))]
+COMMON = [
+    # latent weights start as W, not sign(W)·0.01: with Adam's first steps of exactly ±lr, a
+    # latent of ±0.01 lands on zero and its sign is decided by rounding (chaotic in any run)
+    "quant.latent_init=weight",
+    "trainer.accelerator=cpu",
+    f"trainer.max_steps={STEPS}",
+    "trainer.val_check_interval=3",
+    "trainer.enable_progress_bar=false",
+    "validate_before_training=false",
+]
+SINGLE = ["trainer=default", "trainer.devices=1", "data.batch_size=4"]
+DDP = ["trainer=default", "trainer.devices=2", "+trainer.strategy=ddp", "data.batch_size=2"]
+FSDP = ["trainer=fsdp", "trainer.devices=2", "data.batch_size=2", "fsdp.param_dtype=null"]
+
+
+def _losses(path: Path) -> list[float]:
+    """Per optimizer step, the loss of the global batch: the token-weighted mean over ranks."""
+    by_step: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        by_step[r["step"]].append((r["loss"], r["tokens"]))
+    return [
+        sum(loss * n for loss, n in by_step[s]) / sum(n for _, n in by_step[s])
+        for s in sorted(by_step)
+    ]
+
+
+def _run(tmp: Path, name: str, *overrides: str):
+    run_dir = tmp / name / "run"
+    run_dir.mkdir(parents=True)
+    log = run_dir.parent / "loss.jsonl"
+    done = train_proc(
+        run_dir,
+        *COMMON,
+        *overrides,
+        "+callbacks.losslog._target_=tests.app.recorders.LossLog",
+        f"+callbacks.losslog.path={log}",
+        base=BASE,
+        cache=tmp / "cache",
+    )
+    return run_dir, log, done
+
+
+def _export(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "onebit_model" / "model.safetensors")
+
+
+def _assert_same_export(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if v.dtype == torch.uint8:  # packed signs: every bit the same
+            assert torch.equal(v, b[k]), k
+        else:  # fp16 value vectors and full-precision parts, summed in another order
+            torch.testing.assert_close(b[k].float(), v.float(), rtol=2e-3, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> tuple[Path, list[float]]:
+    tmp = tmp_path_factory.mktemp("single")
+    run_dir, log, done = _run(tmp, "single", *SINGLE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir, _losses(log)
+
+
+def test_ddp_two_processes_follow_the_single_process_loss_curve(tmp_path: Path, single) -> None:
+    _, log, done = _run(tmp_path, "ddp", *DDP)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = {json.loads(ln)["rank"] for ln in log.read_text().splitlines()}
+    assert ranks == {0, 1}
+    losses = _losses(log)
+    assert len(losses) == STEPS == len(single[1])
+    assert losses[-1] < losses[0]  # it trains
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single[1]), rtol=1e-4, atol=0)
+
+
+def test_fsdp2_two_processes_follow_the_single_process_curve_and_export_the_same_model(
+    tmp_path: Path, single
+) -> None:
+    run_dir, log, done = _run(tmp_path, "fsdp", *FSDP)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt" / MANIFEST).is_file()  # sharded: FSDP2 ran
+    losses = _losses(log)
+    assert {json.loads(ln)["rank"] for ln in log.read_text().splitlines()} == {0, 1}
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single[1]), rtol=1e-4, atol=0)
+    _assert_same_export(_export(single[0]), _export(run_dir))
+
+
+def test_fsdp2_sharded_checkpoint_resumes_and_exports_the_single_process_model(
+    tmp_path: Path, single
+) -> None:
+    every = ["callbacks.resume.every_n_train_steps=2"]
+    stop = [
+        f"+callbacks.signal._target_={FAULTS}.SendSignal",
+        "+callbacks.signal.at_step=4",
+        "+callbacks.signal.rank=1",  # one rank's signal stops both at the same step
+    ]
+    run_dir, _, stopped = _run(tmp_path, "fsdp", *FSDP, *every, *stop)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+
+    ckpt = run_dir / "checkpoints" / "step00000004.ckpt"
+    assert ckpt.is_dir() and (ckpt / MANIFEST).is_file()  # one shard file per rank
+    assert len(list(ckpt.glob("*.distcp"))) == 2
+    result = check_checkpoint(ckpt)
+    assert result.ok and result.global_step == 4
+    assert find_resume_checkpoint(run_dir / "checkpoints")[0] == ckpt
+    shapes = sharded_shapes(ckpt)
+    latent = [k for k in shapes if k.endswith("self_attn.q_proj.weight")]
+    assert latent and all(len(shapes[k]) == 2 for k in latent)  # full shapes, not shards
+
+    # consolidated without a process group: an ordinary full checkpoint of the same step
+    full = consolidate(ckpt)
+    assert full["global_step"] == 4
+    assert set(full["state_dict"]) == set(shapes)
+    assert all(v.dtype == torch.float32 for k, v in full["state_dict"].items() if k in latent)
+
+    resumed = train_proc(
+        run_dir, *COMMON, *FSDP, *every, "ckpt_path=auto", base=BASE, cache=tmp_path / "cache"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    info = json.loads((run_dir / "result.json").read_text())
+    assert info["resumed_from"].endswith("step00000004.ckpt") and info["global_step"] == STEPS
+    _assert_same_export(_export(single[0]), _export(run_dir))
+
+
+def test_fsdp2_bf16_mixed_precision_keeps_fp32_masters_and_checkpoints(tmp_path: Path) -> None:
+    run_dir, log, done = _run(
+        tmp_path,
+        "bf16",
+        *[o for o in FSDP if not o.startswith("fsdp.")],  # fsdp.param_dtype=bfloat16: the default
+        "activation_checkpointing=true",
+        "callbacks.resume.every_n_train_steps=3",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = _losses(log)
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+    ckpt = run_dir / "checkpoints" / f"step{STEPS:08d}.ckpt"
+    state = consolidate(ckpt)["state_dict"]
+    onebit = [k for k in state if k.endswith(("in_scale", "out_scale", "q_proj.weight"))]
+    assert onebit and all(state[k].dtype == torch.float32 for k in onebit)
+    assert (run_dir / "onebit_model" / "model.safetensors").is_file()
