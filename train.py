@@ -344,10 +344,27 @@ def _summary(result: dict[str, Any], name: str, held_out: str) -> str:
     return "\n".join(lines)
 
 
+def _log_file_per_rank() -> None:
+    """Under torchrun or srun every rank runs Hydra with the same run directory: ranks other
+    than 0 log to ``train_rank<N>.log`` beside rank 0's ``train.log``. (Processes that Lightning
+    starts itself already get ``train_ddp_process_<N>.log``.)"""
+    rank = os.environ.get("RANK") or (
+        os.environ.get("SLURM_PROCID") if int(os.environ.get("SLURM_NTASKS", "1")) > 1 else None
+    )
+    if not rank or rank == "0":
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and "_ddp_process_" not in handler.baseFilename:
+            path = Path(handler.baseFilename)
+            handler.close()
+            handler.baseFilename = str(path.with_name(f"{path.stem}_rank{rank}{path.suffix}"))
+
+
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from onebit.errors import run_cli
 
+    _log_file_per_rank()
     run_cli(run, cfg)
 
 

@@ -40,6 +40,7 @@ from onebit.guards import (
 )
 from onebit.models import ModelSpec, load_causal_lm
 from onebit.quant import OneBitConfig, OneBitLinear, footprint, freeze_, quantize_
+from onebit.quant.convert import find_decoder_blocks
 from onebit.quant.svid_cache import SvidCache, svid_cache_key
 
 
@@ -231,19 +232,24 @@ class OneBitDistillation(L.LightningModule):
         # teacher's own, and its quantized linears get new weights below
         shared = {id(t): t for t in itertools.chain(teacher.parameters(), teacher.buffers())}
         student = copy.deepcopy(teacher, shared)
-        self._quantize(student)
-        for layer in student.modules():  # trainable weights are fp32 masters, whatever the teacher
-            if isinstance(layer, OneBitLinear):
-                layer.float()
-        student = freeze_(student).train()  # embeddings, norms, lm_head: full precision
         if self.parallel.activation_checkpointing:
             student.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
             student.config.use_cache = False
         mesh = getattr(self, "_device_mesh", None)
-        if mesh is not None:
-            self._shard(student, teacher, mesh["data_parallel"])
+        shard = None if mesh is None else self._fully_shard(mesh["data_parallel"])
+        # block by block: under FSDP2 each block is sharded as soon as it is quantized, so a
+        # rank never holds the whole fp32 student, only the teacher and one student block
+        self._quantize(student, after_block=shard)
+        student = freeze_(student).train()  # embeddings, norms, lm_head: full precision
+        if shard is not None:
+            shard(student)
+            if self.parallel.shard_teacher:
+                _, blocks = find_decoder_blocks(teacher)
+                for block in blocks:
+                    shard(block)
+                shard(teacher)
         self.student = student
 
     @property
@@ -251,51 +257,61 @@ class OneBitDistillation(L.LightningModule):
         """The student is sharded with FSDP2 (``trainer.strategy=fsdp2``)."""
         return getattr(self, "_device_mesh", None) is not None and self.student is not None
 
-    def _shard(self, student: nn.Module, teacher: nn.Module, mesh) -> None:
-        """FSDP2: ``fully_shard`` every decoder block, then the rest, of student and teacher."""
+    def _fully_shard(self, mesh):
+        """FSDP2's ``fully_shard`` over ``mesh`` with this run's mixed precision, as a function
+        of the module to shard (a decoder block, then the whole model: the rest)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        from onebit.quant.convert import find_decoder_blocks
 
         p = self.parallel
         policy = MixedPrecisionPolicy(
             param_dtype=_DTYPES.get(p.param_dtype), reduce_dtype=_DTYPES.get(p.reduce_dtype)
         )
-        for model in (student, teacher) if p.shard_teacher else (student,):
-            _, blocks = find_decoder_blocks(model)
-            for block in blocks:
-                fully_shard(
-                    block,
-                    mesh=mesh,
-                    mp_policy=policy,
-                    reshard_after_forward=p.reshard_after_forward,
-                )
+
+        def shard(module: nn.Module) -> None:
             fully_shard(
-                model, mesh=mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward
+                module, mesh=mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward
             )
 
-    def _quantize(self, student: nn.Module) -> None:
-        """``quantize_`` with the SVID cache: rank 0 computes and writes, the others read."""
-        if not self.svid_cache_dir or self.quant.svid_method == "none":
-            quantize_(student, self.quant, progress=True)
-            return
+        return shard
+
+    def _quantize(self, student: nn.Module, after_block=None) -> None:
+        """``quantize_`` block by block, with the SVID cache when set (rank 0 computes and
+        writes, the other ranks wait and read); ``after_block(block)`` runs on each block once
+        its linears are OneBit layers with fp32 master weights."""
         q = self.quant
-        key = svid_cache_key(
-            json.dumps(self.spec.to_dict(), sort_keys=True), q.svid_method, q.svid_max_iter,
-            q.svid_tol,
-        )  # fmt: skip
-        path = Path(self.svid_cache_dir) / f"{self.spec.name}-{q.svid_method}-{key}.safetensors"
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = torch.distributed.get_rank() if dist else 0
-        if dist and rank != 0:
-            torch.distributed.barrier()  # rank 0 has written the cache
-        cache = SvidCache(path)
-        quantize_(student, q, progress=True, svid_cache=cache)
-        if rank == 0:
-            cache.save()
-            if dist:
-                torch.distributed.barrier()
-        self.svid_cache_hits = cache.hits
+        cache, dist, rank = None, False, 0
+        if self.svid_cache_dir and q.svid_method != "none":
+            key = svid_cache_key(
+                json.dumps(self.spec.to_dict(), sort_keys=True), q.svid_method,
+                q.svid_max_iter, q.svid_tol,
+            )  # fmt: skip
+            name = f"{self.spec.name}-{q.svid_method}-{key}.safetensors"
+            dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if dist else 0
+            if dist and rank != 0:
+                torch.distributed.barrier()  # rank 0 has written the cache
+            cache = SvidCache(Path(self.svid_cache_dir) / name)
+        from tqdm.auto import tqdm
+
+        prefix, blocks = find_decoder_blocks(student)
+        for i, block in enumerate(tqdm(blocks, desc="OneBit: SVID", unit="block")):
+            inside = f"{prefix}.{i}."
+            quantize_(
+                student, q, filter_fn=lambda m, n, p=inside: n.startswith(p), svid_cache=cache
+            )
+            # trainable weights are fp32 masters, whatever the teacher's dtype
+            for layer in block.modules():
+                if isinstance(layer, OneBitLinear):
+                    layer.float()
+            freeze_(block)
+            if after_block is not None:
+                after_block(block)
+        if cache is not None:
+            if rank == 0:
+                cache.save()
+                if dist:
+                    torch.distributed.barrier()
+            self.svid_cache_hits = cache.hits
 
     def _teacher_to_device(self) -> None:
         if not (self.sharded and self.parallel.shard_teacher):  # shards already live there

@@ -31,6 +31,19 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def _block_class(module: nn.Module) -> type:
+    """The module's own class; for a block already sharded by FSDP2's ``fully_shard`` (which
+    gives it the class ``FSDP<Class>``, a subclass of both), the class it had before."""
+    cls = type(module)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return cls
+    if issubclass(cls, FSDPModule):
+        return next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    return cls
+
+
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ``ModuleList`` of decoder blocks of a causal LM, and its qualified name.
 
@@ -48,7 +61,7 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if len({type(m) for m in module}) != 1:
+        if len({_block_class(m) for m in module}) != 1:
             continue
         if isinstance(n_layers, int) and len(module) != n_layers:
             continue

@@ -163,3 +163,60 @@ def test_fsdp2_bf16_mixed_precision_keeps_fp32_masters_and_checkpoints(tmp_path:
     onebit = [k for k in state if k.endswith(("in_scale", "out_scale", "q_proj.weight"))]
     assert onebit and all(state[k].dtype == torch.float32 for k in onebit)
     assert (run_dir / "onebit_model" / "model.safetensors").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_under_torchrun_follow_the_single_process_curve(tmp_path: Path, single) -> None:
+    # docs/launch/torchrun.sh as on two nodes (here two torchrun agents on one machine, one
+    # process each): trainer.num_nodes=2, the mesh spans both "nodes"
+    import os
+    import subprocess
+
+    from ..conftest import REPO
+
+    run_dir, log = tmp_path / "run", tmp_path / "loss.jsonl"
+    overrides = [
+        *BASE,
+        *COMMON,
+        "logger=none",
+        "data.batch_size=2",
+        "fsdp.param_dtype=null",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "+callbacks.losslog._target_=tests.app.recorders.LossLog",
+        f"+callbacks.losslog.path={log}",
+    ]
+    env = {
+        **os.environ,
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "MASTER_PORT": str(_free_port()),
+        "RUN_DIR": str(run_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            ["bash", "docs/launch/torchrun.sh", *overrides],
+            cwd=REPO,
+            env={**env, "NODE_RANK": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert {json.loads(ln)["rank"] for ln in log.read_text().splitlines()} == {0, 1}
+    torch.testing.assert_close(
+        torch.tensor(_losses(log)), torch.tensor(single[1]), rtol=1e-4, atol=0
+    )
+    assert json.loads((run_dir / "result.json").read_text())["global_step"] == STEPS
+    _assert_same_export(_export(single[0]), _export(run_dir))
