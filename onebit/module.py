@@ -121,6 +121,34 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def student_from_state(
+    config, quant: OneBitConfig, state: dict[str, Tensor], dtype: torch.dtype
+) -> nn.Module:
+    """A plain CPU student of architecture ``config`` holding ``state`` (a full student state
+    dict, keys without the ``student.`` prefix), built without weights of its own: parameters
+    are created empty (``meta``) and ``state``'s tensors assigned; no SVID runs."""
+    import dataclasses
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantize_(model, dataclasses.replace(quant, svid_method="none"))
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if empty or unexpected:
+        raise OneBitInputError(
+            f"the student state does not fit the {type(model).__name__} architecture: "
+            f"{len(empty)} parameter(s) missing (e.g. {empty[:1]}), {len(unexpected)} "
+            f"unexpected (e.g. {unexpected[:1]})."
+        )
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.requires_grad_(False).eval()
+
+
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR factor: linear warm-up to 1 over ``warmup`` steps, then a cosine down to ``min_ratio``."""
     if step < warmup:
@@ -342,27 +370,8 @@ class OneBitDistillation(L.LightningModule):
         return self.student_from_state(state)
 
     def student_from_state(self, state: dict[str, Tensor]) -> nn.Module:
-        """A plain CPU student holding ``state`` (a full student state dict), built without
-        weights of its own: parameters are created empty and ``state``'s tensors assigned."""
-        import dataclasses
-
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
-
-        config = copy.deepcopy(self.teacher.config)
-        with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed
-            model = AutoModelForCausalLM.from_config(config, dtype=self.spec.torch_dtype)
-        quantize_(model, dataclasses.replace(self.quant, svid_method="none"))
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        still_empty = [k for k in missing if model.get_parameter(k).device.type == "meta"]
-        if still_empty or unexpected:
-            raise RuntimeError(
-                f"student state does not fit its architecture: missing {still_empty[:3]}, "
-                f"unexpected {unexpected[:3]}"
-            )
-        if getattr(config, "tie_word_embeddings", False):
-            model.tie_weights()
-        return model.requires_grad_(False).eval()
+        """A plain CPU student holding ``state`` (a full student state dict)."""
+        return student_from_state(self.teacher.config, self.quant, state, self.spec.torch_dtype)
 
     def footprint_report(self, student: nn.Module | None = None):
         return footprint(student if student is not None else self.student, self.quant)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from onebit.checkpoint import check_checkpoint, find_resume_checkpoint
+from onebit.export_checkpoint import main as export_main
 from onebit.strategies import MANIFEST, consolidate, sharded_shapes
 
 from ..reliability.conftest import FAULTS, train_proc
@@ -103,11 +104,16 @@ def test_fsdp2_two_processes_follow_the_single_process_curve_and_export_the_same
 ) -> None:
     run_dir, log, done = _run(tmp_path, "fsdp", *FSDP)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (run_dir / "checkpoints" / "last.ckpt" / MANIFEST).is_file()  # sharded: FSDP2 ran
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert (last / MANIFEST).is_file()  # sharded: FSDP2 ran
     losses = _losses(log)
     assert {json.loads(ln)["rank"] for ln in log.read_text().splitlines()} == {0, 1}
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single[1]), rtol=1e-4, atol=0)
     _assert_same_export(_export(single[0]), _export(run_dir))
+    # the sharded checkpoint, consolidated and exported later in one process: the same model
+    export_main([str(last), str(tmp_path / "again")])
+    again, ours = load_file(tmp_path / "again" / "model.safetensors"), _export(run_dir)
+    assert again.keys() == ours.keys() and all(torch.equal(again[k], ours[k]) for k in ours)
 
 
 def test_fsdp2_sharded_checkpoint_resumes_and_exports_the_single_process_model(

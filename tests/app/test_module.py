@@ -60,6 +60,17 @@ def test_train_loss_falls_and_teacher_is_not_saved(tmp_path, tiny_overrides) -> 
     torch.testing.assert_close(emb, teacher_before["model.embed_tokens.weight"], atol=0, rtol=0)
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
     assert saved["metrics"]["val/ppl"] > 0 and saved["export"].endswith("onebit_model")
+    # the checkpoint of the last step, exported afterwards, is the run's own export, bit for bit
+    from safetensors.torch import load_file
+
+    from onebit.export_checkpoint import main as export_main
+
+    export_main([result["checkpoint_last"], str(tmp_path / "again")])
+    ours, theirs = (
+        load_file(Path(d) / "model.safetensors") for d in (saved["export"], tmp_path / "again")
+    )
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_teacher_weights_unchanged_and_not_in_state_dict(tiny_overrides) -> None:

@@ -1,0 +1,75 @@
+"""Write the packed 1-bit model of a ``train.py`` checkpoint.
+
+    python -m onebit.export_checkpoint outputs/train/runs/<time>/checkpoints/last.ckpt out_dir
+
+The checkpoint is a ``.ckpt`` file or a sharded FSDP2 checkpoint directory; a sharded one is
+consolidated in this process (no GPUs, no process group). Only the model's config is read from
+the Hub or the local model directory: the student is built without weights and takes the
+checkpoint's tensors, so memory holds the checkpoint once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "float16") -> Path:
+    """The export directory written from ``checkpoint``.
+
+    Raises:
+        OneBitInputError: the checkpoint is missing, corrupt or not written by ``train.py``.
+    """
+    from onebit.checkpoint import load_checkpoint_file
+    from onebit.errors import OneBitInputError
+    from onebit.export import save_onebit
+    from onebit.models import ModelSpec, load_tokenizer
+    from onebit.module import student_from_state
+    from onebit.preflight import model_config
+    from onebit.quant import OneBitConfig
+
+    ckpt = load_checkpoint_file(checkpoint)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "model" not in hp or "quant" not in hp or "state_dict" not in ckpt:
+        raise OneBitInputError(f"{checkpoint} is not a checkpoint written by train.py.")
+    spec = ModelSpec.from_dict(hp["model"])
+    quant = OneBitConfig.from_dict(hp["quant"])
+    prefix = "student."
+    state = {k[len(prefix) :]: v for k, v in ckpt.pop("state_dict").items() if k.startswith(prefix)}
+    student = student_from_state(model_config(spec), quant, state, spec.torch_dtype)
+    try:
+        tokenizer = load_tokenizer(spec)
+    except Exception:  # the export is usable without it
+        tokenizer = None
+    return save_onebit(
+        student, Path(out), quant, getattr(torch, dtype), tokenizer, extra={"model": spec.to_dict()}
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from onebit.errors import OneBitInputError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m onebit.export_checkpoint",
+        description="Write the packed 1-bit model of a train.py checkpoint (.ckpt file or "
+        "sharded FSDP2 checkpoint directory).",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint directory")
+    parser.add_argument("out", help="the export directory to write (replaced atomically)")
+    parser.add_argument("--dtype", default="float16", choices=DTYPES, help="of g, h and the rest")
+    args = parser.parse_args(argv)
+    try:
+        path = export_checkpoint(args.checkpoint, args.out, args.dtype)
+    except OneBitInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"1-bit model: {path}")
+
+
+if __name__ == "__main__":
+    main()
