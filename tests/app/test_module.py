@@ -124,6 +124,30 @@ def test_student_rebuilt_from_its_state_without_weights_gives_the_same_logits() 
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def test_blocks_are_converted_and_handed_to_sharding_one_at_a_time() -> None:
+    # under FSDP2 `after_block` shards each block at once: when it runs, later blocks are still
+    # the teacher's (shared) linears, so the whole fp32 student never exists on one rank
+    import copy
+
+    from onebit.models import tiny_causal_lm
+    from onebit.quant import OneBitLinear
+    from onebit.quant.convert import find_decoder_blocks
+
+    module = OneBitDistillation(
+        {"name": "t", "source": "tiny", "arch": "llama"}, teacher=tiny_causal_lm("llama")
+    )
+    student = copy.deepcopy(module.teacher)
+    _, blocks = find_decoder_blocks(student)
+    seen = []
+
+    def after_block(block) -> None:
+        seen.append([any(isinstance(m, OneBitLinear) for m in b.modules()) for b in blocks])
+        assert all(p.dtype == torch.float32 for p in block.parameters())
+
+    module._quantize(student, after_block=after_block)
+    assert seen == [[True, False], [True, True]]
+
+
 def test_resume_continues_the_same_run(tmp_path, tiny_overrides) -> None:
     common = [
         *tiny_overrides,
