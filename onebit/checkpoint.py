@@ -177,7 +177,8 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
-def _crc32(path: Path, chunk: int = 1 << 24) -> int:
+def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
+    """CRC-32 of the file at ``path``, read in chunks."""
     crc = 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -210,7 +211,7 @@ def check_checkpoint(path: str | os.PathLike) -> CheckResult:
             return CheckResult(
                 path, False, f"is {how} ({st.st_size:,} bytes, {meta['size']:,} written)", step
             )
-        if f"{_crc32(path):08x}" != meta["crc32"]:
+        if f"{file_crc32(path):08x}" != meta["crc32"]:
             return CheckResult(
                 path, False, "is corrupt (its CRC-32 differs from when written)", step
             )

@@ -21,31 +21,23 @@ import json
 import os
 import shutil
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
+from onebit.checkpoint import file_crc32
 from onebit.errors import OneBitInputError
 
 MANIFEST = "onebit-manifest.json"
 FORMAT = "onebit-sharded-checkpoint-v1"
 
 
-def _crc32(path: Path, chunk: int = 1 << 24) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
 def write_manifest(directory: Path, global_step: int | None) -> dict[str, Any]:
     """Record size and CRC-32 of every file of sharded checkpoint ``directory``."""
     files = {
-        p.name: {"size": p.stat().st_size, "crc32": f"{_crc32(p):08x}"}
+        p.name: {"size": p.stat().st_size, "crc32": f"{file_crc32(p):08x}"}
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
@@ -85,7 +77,7 @@ def check_sharded(directory: Path) -> tuple[bool, str | None, int | None]:
         size = p.stat().st_size
         if size != want["size"]:
             return False, f"has {name} of {size:,} bytes, {want['size']:,} written", step
-        if f"{_crc32(p):08x}" != want["crc32"]:
+        if f"{file_crc32(p):08x}" != want["crc32"]:
             return False, f"has a corrupt {name} (its CRC-32 differs from when written)", step
     return True, None, step
 
