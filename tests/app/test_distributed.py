@@ -226,3 +226,73 @@ def test_two_nodes_under_torchrun_follow_the_single_process_curve(tmp_path: Path
     )
     assert json.loads((run_dir / "result.json").read_text())["global_step"] == STEPS
     _assert_same_export(_export(single[0]), _export(run_dir))
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# stand-in for srun on one machine: SLURM_NTASKS copies of the command, with the variables srun
+# sets for each task; exits with the first non-zero status
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 "$@" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def test_slurm_script_under_a_stand_in_srun_follows_the_single_process_curve(
+    tmp_path: Path, single
+) -> None:
+    # docs/launch/slurm_fsdp.sbatch run as sbatch would (its plan step, then srun with 2 tasks on
+    # one node); SLURM itself is not here, so srun is a stand-in that sets SLURM's variables
+    import os
+    import subprocess
+
+    from ..conftest import REPO
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    run_dir, log = tmp_path / "run", tmp_path / "loss.jsonl"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "onebit",
+        "SLURM_NNODES": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NODELIST": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "RUN_DIR": str(run_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    overrides = [
+        *BASE,
+        *COMMON,
+        "logger=none",
+        "data.batch_size=2",
+        "fsdp.param_dtype=null",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "+callbacks.losslog._target_=tests.app.recorders.LossLog",
+        f"+callbacks.losslog.path={log}",
+    ]
+    done = subprocess.run(
+        ["bash", "docs/launch/slurm_fsdp.sbatch", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "per GPU" in done.stdout or "GiB" in done.stdout  # the plan step printed its table
+    assert {json.loads(ln)["rank"] for ln in log.read_text().splitlines()} == {0, 1}
+    torch.testing.assert_close(
+        torch.tensor(_losses(log)), torch.tensor(single[1]), rtol=1e-4, atol=0
+    )
+    assert (run_dir / "train_rank1.log").is_file()  # rank 1 logs beside rank 0
+    _assert_same_export(_export(single[0]), _export(run_dir))
