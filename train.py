@@ -241,7 +241,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             e.checkpoint,
         ) from None
 
-    student = module.plain_student()  # FSDP2: gathered to rank 0 (every rank takes part)
+    # the student as one module for the export (FSDP2: gathered to rank 0; every rank takes part)
+    student = module.plain_student() if cfg.get("export") else None
     if trainer.is_global_zero:
         report = module.footprint_report(student)
         result["footprint"] = report.to_dict()

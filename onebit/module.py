@@ -374,6 +374,13 @@ class OneBitDistillation(L.LightningModule):
         return student_from_state(self.teacher.config, self.quant, state, self.spec.torch_dtype)
 
     def footprint_report(self, student: nn.Module | None = None):
+        """Bits and bytes of the student (``student`` when given: e.g. :meth:`plain_student`'s).
+        A sharded student is counted on its architecture built on the ``meta`` device."""
+        if student is None and self.sharded:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                student = AutoModelForCausalLM.from_config(copy.deepcopy(self.teacher.config))
         return footprint(student if student is not None else self.student, self.quant)
 
     # -- training -----------------------------------------------------------------------------
