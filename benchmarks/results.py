@@ -493,8 +493,7 @@ def plot_curves(result: dict[str, Any], path: str | Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     baseline_colors = {"teacher": "black", "xnor": "tab:red", "svid": "tab:purple"}
     ablation_colors = iter(
-        ["tab:orange", "tab:green", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
-        * 3
+        ["tab:orange", "tab:green", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "gold"] * 3
     )
     for r in result["rows"]:
         curve = (r.get("train") or {}).get("curve")
