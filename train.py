@@ -164,6 +164,32 @@ def check_launcher(cfg: DictConfig) -> None:
         )
 
 
+def _make_trainer(trainer_cfg: dict[str, Any], **kwargs: Any):
+    """``lightning.Trainer(**trainer_cfg, **kwargs)``; a trainer config this machine cannot run
+    (no GPU for ``accelerator=gpu``, an unknown strategy, ...) is one sentence, exit status 2."""
+    import lightning as L
+    import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from onebit.errors import OneBitInputError
+
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise OneBitInputError(
+            f"trainer.accelerator={accelerator} but this machine has no GPU that torch can use; "
+            "on CPU add trainer.accelerator=cpu (with trainer=ddp or trainer=fsdp also "
+            "trainer.devices=<processes>, over gloo) or use trainer=default."
+        )
+    try:
+        return L.Trainer(**trainer_cfg, **kwargs)
+    except (MisconfigurationException, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OneBitInputError(
+            f"the trainer config cannot run here: {first.rstrip('.')} (trainer.* are the "
+            "arguments of lightning.Trainer; trainer=ddp and trainer=fsdp set the strategy)."
+        ) from None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, export and report; returns the final metrics and where everything went."""
     if cfg.get("plan") and cfg.plan.enabled:
@@ -202,8 +228,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     loggers = build_loggers(cfg)  # nothing is written until log_hyperparams below
     callbacks = build_callbacks(cfg)
-    trainer = L.Trainer(
-        **_container(cfg.trainer),
+    trainer = _make_trainer(
+        _container(cfg.trainer),
         logger=loggers or False,
         callbacks=callbacks,
         default_root_dir=str(out_dir),

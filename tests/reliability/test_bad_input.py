@@ -236,6 +236,39 @@ def test_errors_of_configured_objects_are_not_wrapped(
     assert _fails(tiny(tmp_path, override)) == expected
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "trainer.accelerator=gpu",
+            "trainer.accelerator=gpu but this machine has no GPU that torch can use; on CPU add "
+            "trainer.accelerator=cpu",
+        ),
+        (
+            "+trainer.strategy=nope",
+            "the trainer config cannot run here: You selected an invalid strategy name",
+        ),
+        (
+            "+trainer.no_such_argument=1",
+            "the trainer config cannot run here: Trainer.__init__() got an unexpected keyword",
+        ),
+        (
+            "fsdp.param_dtype=int8",
+            "fsdp.param_dtype='int8' is not one of float32, bfloat16, float16 or null.",
+        ),
+    ],
+)
+def test_a_trainer_this_machine_cannot_run_is_one_sentence(
+    tmp_path: Path, override: str, expected: str
+) -> None:
+    if override.startswith("trainer.accelerator=gpu"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+    assert _fails(tiny(tmp_path, override)).startswith(expected)
+
+
 # -- the loss and the batch ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("override", "expected"),
