@@ -114,6 +114,23 @@ def test_fsdp2_two_processes_follow_the_single_process_curve_and_export_the_same
     export_main([str(last), str(tmp_path / "again")])
     again, ours = load_file(tmp_path / "again" / "model.safetensors"), _export(run_dir)
     assert again.keys() == ours.keys() and all(torch.equal(again[k], ours[k]) for k in ours)
+    # evaluate.py source=checkpoint reads it too: the student holds the checkpoint's tensors
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from ..conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    model, _, _ = cli.load_for_eval(
+        OmegaConf.create({"source": "checkpoint", "path": str(last), "dtype": "float32"})
+    )
+    state = model.state_dict()
+    full = consolidate(last)["state_dict"]
+    assert {f"student.{k}" for k in state} == set(full)
+    assert all(torch.equal(state[k.removeprefix("student.")], v) for k, v in full.items())
 
 
 def test_fsdp2_sharded_checkpoint_resumes_and_exports_the_single_process_model(
