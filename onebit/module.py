@@ -303,9 +303,9 @@ class OneBitDistillation(L.LightningModule):
         return shard
 
     def _quantize(self, student: nn.Module, after_block=None) -> None:
-        """``quantize_`` block by block, with the SVID cache when set (rank 0 computes and
-        writes, the other ranks wait and read); ``after_block(block)`` runs on each block once
-        its linears are OneBit layers with fp32 master weights."""
+        """``quantize_`` with the SVID cache when set (rank 0 computes and writes, the other
+        ranks wait and read); ``after_block(block)`` runs on each block as soon as its linears
+        are OneBit layers with fp32 master weights."""
         q = self.quant
         cache, dist, rank = None, False, 0
         if self.svid_cache_dir and q.svid_method != "none":
@@ -319,14 +319,8 @@ class OneBitDistillation(L.LightningModule):
             if dist and rank != 0:
                 torch.distributed.barrier()  # rank 0 has written the cache
             cache = SvidCache(Path(self.svid_cache_dir) / name)
-        from tqdm.auto import tqdm
 
-        prefix, blocks = find_decoder_blocks(student)
-        for i, block in enumerate(tqdm(blocks, desc="OneBit: SVID", unit="block")):
-            inside = f"{prefix}.{i}."
-            quantize_(
-                student, q, filter_fn=lambda m, n, p=inside: n.startswith(p), svid_cache=cache
-            )
+        def prepare(block: nn.Module) -> None:
             # trainable weights are fp32 masters, whatever the teacher's dtype
             for layer in block.modules():
                 if isinstance(layer, OneBitLinear):
@@ -334,6 +328,8 @@ class OneBitDistillation(L.LightningModule):
             freeze_(block)
             if after_block is not None:
                 after_block(block)
+
+        quantize_(student, q, progress=True, svid_cache=cache, after_block=prepare)
         if cache is not None:
             if rank == 0:
                 cache.save()

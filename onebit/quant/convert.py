@@ -110,6 +110,7 @@ def quantize_(
     filter_fn: FilterFn | None = None,
     progress: bool = False,
     svid_cache: SvidCache | None = None,
+    after_block: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
     """Replace, in place, each targeted decoder-block linear by a SVID-initialised OneBitLinear.
 
@@ -121,6 +122,8 @@ def quantize_(
         progress: show a progress bar over the layers.
         svid_cache: value vectors to reuse by layer name (``onebit.quant.svid_cache``); layers
             it lacks are computed and added to it (the caller saves it).
+        after_block: called with each decoder block, in order, once its linears are replaced
+            and before the next block's are (e.g. to shard it at once: FSDP2).
 
     Returns:
         ``model`` itself, with its targeted layers replaced. Layers already converted are left
@@ -128,11 +131,21 @@ def quantize_(
     """
     config = config or OneBitConfig()
     targets = [(n, m) for n, m in iter_target_linears(model, config, filter_fn) if _is_linear(m)]
+    prefix, blocks = find_decoder_blocks(model)
+    handed_over = 0  # blocks already passed to after_block
+
+    def hand_over(upto: int) -> None:
+        nonlocal handed_over
+        while after_block is not None and handed_over < upto:
+            after_block(blocks[handed_over])
+            handed_over += 1
+
     if progress:
         from tqdm.auto import tqdm
 
         targets = tqdm(targets, desc="OneBit: SVID", unit="layer")
     for name, module in targets:
+        hand_over(int(name.removeprefix(f"{prefix}.").split(".", 1)[0]))  # the blocks before
         transposed = _is_conv1d(module)
         ab = None
         if svid_cache is not None and module.weight.device.type != "meta":
@@ -144,6 +157,7 @@ def quantize_(
                 lambda W=W: svid(W, config.svid_method, config.svid_max_iter, config.svid_tol),
             )
         _set_submodule(model, name, OneBitLinear.from_linear(module, config, transposed, ab))
+    hand_over(len(blocks))
     return model
 
 
