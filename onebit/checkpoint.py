@@ -195,14 +195,20 @@ def check_checkpoint(path: str | os.PathLike) -> CheckResult:
         st = path.stat()
     except OSError:
         return CheckResult(path, False, "does not exist")
+    key: tuple = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if path.is_dir():  # sharded: keyed by the size and time of every file in it
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir())
+        key = (str(path.resolve()), tuple(files))
+    if key in _VERIFIED:
+        return _VERIFIED[key]
     if path.is_dir():
         from onebit.strategies import check_sharded
 
         ok, why, step = check_sharded(path)
-        return CheckResult(path, ok, why, step, verified=ok)
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key in _VERIFIED:
-        return _VERIFIED[key]
+        result = CheckResult(path, ok, why, step, verified=ok)
+        if ok:
+            _VERIFIED[key] = result
+        return result
     meta = _read_sidecar(path)
     if meta is not None:
         step = meta.get("global_step")

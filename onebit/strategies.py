@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
-from onebit.checkpoint import file_crc32
+from onebit.checkpoint import check_checkpoint, file_crc32
 from onebit.errors import OneBitInputError
 
 MANIFEST = "onebit-manifest.json"
@@ -116,9 +116,9 @@ def consolidate(directory: str | os.PathLike) -> dict[str, Any]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     directory = Path(directory)
-    ok, why, _ = check_sharded(directory)
-    if not ok:
-        raise OneBitInputError(f"checkpoint {directory} {why}.")
+    result = check_checkpoint(directory)  # cached: free when the caller checked it already
+    if not result.ok:
+        raise OneBitInputError(f"checkpoint {directory} {result.reason}.")
     tmp = directory.parent / f".{directory.name}.consolidated.tmp{os.getpid()}"
     try:
         dcp_to_torch_save(str(directory), str(tmp))
@@ -190,9 +190,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None):
         path = Path(checkpoint_path)
         if path.is_dir():
-            ok, why, _ = check_sharded(path)
-            if not ok:
-                raise OneBitInputError(f"checkpoint {path} {why}.")
+            result = check_checkpoint(path)  # cached: ckpt_path was checked before the run
+            if not result.ok:
+                raise OneBitInputError(f"checkpoint {path} {result.reason}.")
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def remove_checkpoint(self, filepath: Any) -> None:
