@@ -19,17 +19,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from onebit.eval.zeroshot import PAPER_COLUMNS
+
 log = logging.getLogger("onebit.evaluate")
 
-TASK_COLUMNS = {  # the paper's column names
-    "winogrande": "Wino.",
-    "hellaswag": "Hella.",
-    "piqa": "PIQA",
-    "boolq": "BoolQ",
-    "arc_easy": "ARC-e",
-    "arc_challenge": "ARC-c",
-}
-TABLE_HEAD = ["Model", "Wiki2", "C4", *TASK_COLUMNS.values(), "Avg."]
+TABLE_HEAD = ["Model", "Wiki2", "C4", *PAPER_COLUMNS.values(), "Avg."]
 
 
 def load_for_eval(cfg: DictConfig):
@@ -130,7 +124,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
     for ds in ("wikitext2", "c4"):
         cells.append(f"{row[ds]['ppl']:.2f}" if ds in row else "-")
     accs = []
-    for task in TASK_COLUMNS:
+    for task in PAPER_COLUMNS:
         s = row.get(task)
         value = s.get(s.get("paper_metric", "acc")) if s else None
         if value is None:
@@ -138,7 +132,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         else:
             accs.append(100 * value)
             cells.append(f"{100 * value:.2f}")
-    cells.append(f"{sum(accs) / len(accs):.2f}" if len(accs) == len(TASK_COLUMNS) else "-")
+    cells.append(f"{sum(accs) / len(accs):.2f}" if len(accs) == len(PAPER_COLUMNS) else "-")
     return cells
 
 
@@ -154,7 +148,7 @@ def _notes(row: dict[str, Any]) -> str:
     for ds in ("wikitext2", "c4"):
         if ds in row:
             parts.append(f"{ds} {row[ds]['n_windows']} windows / {row[ds]['n_tokens']:,} tokens")
-    ns = {t: row[t]["n"] for t in TASK_COLUMNS if t in row}
+    ns = {t: row[t]["n"] for t in PAPER_COLUMNS if t in row}
     if ns:
         metric = {t: row[t]["paper_metric"] for t in ns}
         parts.append(

@@ -41,6 +41,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from onebit.eval.zeroshot import PAPER_COLUMNS
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -51,14 +53,6 @@ BASELINE_LABELS = {
     "xnor": "XNOR sign(W)·mean|W|, no training",
     "svid": "SVID init (OneBit, with LN), no training",
     "svid_no_ln": "SVID sign(W)⊙abᵀ without LN, no training",
-}
-TASK_COLUMNS = {  # the paper's column names, in its order
-    "winogrande": "Wino.",
-    "hellaswag": "Hella.",
-    "piqa": "PIQA",
-    "boolq": "BoolQ",
-    "arc_easy": "ARC-e",
-    "arc_challenge": "ARC-c",
 }
 PPL_COLUMNS = {"wikitext2": "Wiki2", "c4": "C4", "generated": "Gen."}
 
@@ -399,8 +393,8 @@ def distill(
 def markdown_table(rows: list[dict[str, Any]], datasets: list[str], tasks: list[str]) -> str:
     """The paper's layout: Method | perplexities | zero-shot accuracies in % | Avg."""
     head = ["Method", *(PPL_COLUMNS.get(d, d) for d in datasets)]
-    task_cols = [t for t in TASK_COLUMNS if t in tasks]
-    head += [TASK_COLUMNS[t] for t in task_cols] + (["Avg."] if task_cols else [])
+    task_cols = [t for t in PAPER_COLUMNS if t in tasks]
+    head += [PAPER_COLUMNS[t] for t in task_cols] + (["Avg."] if task_cols else [])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         cells = [r["label"].replace("|", "\\|")]

@@ -42,6 +42,16 @@ PAPER_METRIC = {
     "arc_challenge": "acc_norm",
 }
 
+# The paper's column name of each task in its zero-shot table, in the paper's order.
+PAPER_COLUMNS = {
+    "winogrande": "Wino.",
+    "hellaswag": "Hella.",
+    "piqa": "PIQA",
+    "boolq": "BoolQ",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+}
+
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
