@@ -11,6 +11,23 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
 
+def compose_config(config_name: str, overrides: list[str], tmp: Path | None = None):
+    """``conf/<config_name>.yaml`` with ``overrides``, as Hydra composes it; with ``tmp``, every
+    path of the run points into it, so nothing touches the repository."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    if tmp is not None:
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(REPO)
+            cfg.paths.output_dir = str(tmp / "out")
+            cfg.paths.log_dir = str(tmp / "logs")
+            cfg.paths.cache_dir = str(tmp / "cache")
+    return cfg
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test with the reason when it is absent."""
     path = SHARED.joinpath(*parts)

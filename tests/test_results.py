@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from onebit.distill import DistillLossConfig
@@ -19,7 +18,7 @@ from onebit.models import tiny_causal_lm
 from onebit.module import OptimConfig
 from onebit.quant import OneBitConfig, OneBitLinear, iter_target_linears, xnor_approx
 
-from .conftest import REPO, shared_path
+from .conftest import REPO, compose_config, shared_path
 
 _spec = importlib.util.spec_from_file_location("results", REPO / "benchmarks" / "results.py")
 results = importlib.util.module_from_spec(_spec)
@@ -27,13 +26,9 @@ _spec.loader.exec_module(results)
 
 
 def compose_results(overrides: list[str], tmp: Path | None = None) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="results", overrides=overrides)
+    cfg = compose_config("results", overrides, tmp)
     if tmp is not None:
         with open_dict(cfg):
-            cfg.paths.root_dir = str(REPO)
-            cfg.paths.output_dir = str(tmp / "out")
-            cfg.paths.cache_dir = str(tmp / "cache")
             cfg.plot = str(tmp / "out" / "results.png")
     return cfg
 

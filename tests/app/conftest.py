@@ -5,23 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from ..conftest import REPO
+from ..conftest import compose_config
 
 
 def compose_train(overrides: list[str], tmp: Path | None = None) -> DictConfig:
     """The train config with ``overrides``; paths point into ``tmp`` so nothing touches the repo."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    if tmp is not None:
-        with open_dict(cfg):
-            cfg.paths.root_dir = str(REPO)
-            cfg.paths.output_dir = str(tmp / "out")
-            cfg.paths.log_dir = str(tmp / "logs")
-            cfg.paths.cache_dir = str(tmp / "cache")
-    return cfg
+    return compose_config("train", overrides, tmp)
 
 
 TINY = [

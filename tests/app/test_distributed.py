@@ -17,6 +17,7 @@ from onebit.checkpoint import check_checkpoint, find_resume_checkpoint
 from onebit.export_checkpoint import main as export_main
 from onebit.strategies import MANIFEST, consolidate, sharded_shapes
 
+from ..conftest import REPO
 from ..reliability.conftest import FAULTS, train_proc
 from .conftest import TINY
 
@@ -55,16 +56,42 @@ def _run(tmp: Path, name: str, *overrides: str):
     run_dir = tmp / name / "run"
     run_dir.mkdir(parents=True)
     log = run_dir.parent / "loss.jsonl"
-    done = train_proc(
-        run_dir,
-        *COMMON,
-        *overrides,
-        "+callbacks.losslog._target_=tests.app.recorders.LossLog",
-        f"+callbacks.losslog.path={log}",
-        base=BASE,
-        cache=tmp / "cache",
-    )
+    done = train_proc(run_dir, *COMMON, *overrides, *_loss_log(log), base=BASE, cache=tmp / "cache")
     return run_dir, log, done
+
+
+def _loss_log(path: Path) -> list[str]:
+    """Overrides that make every rank record its loss per step in ``path`` (``_losses``)."""
+    return [
+        "+callbacks.losslog._target_=tests.app.recorders.LossLog",
+        f"+callbacks.losslog.path={path}",
+    ]
+
+
+def _launched_fsdp2(tmp: Path, log: Path) -> list[str]:
+    """train.py overrides for a launch script starting a 2-process fp32 FSDP2 run (the script
+    adds trainer=fsdp, the node and device counts, the run directory)."""
+    return [
+        *BASE,
+        *COMMON,
+        "logger=none",
+        "data.batch_size=2",
+        "fsdp.param_dtype=null",
+        f"paths.cache_dir={tmp / 'cache'}",
+        *_loss_log(log),
+    ]
+
+
+def _assert_follows(log: Path, single: tuple[Path, list[float]], run_dir: Path | None = None):
+    """Both ranks logged, the global-batch loss equals the single-process one at every step,
+    and (with ``run_dir``) the run exported the single-process model."""
+    assert {json.loads(ln)["rank"] for ln in log.read_text().splitlines()} == {0, 1}
+    losses = _losses(log)
+    assert len(losses) == STEPS == len(single[1])
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single[1]), rtol=1e-4, atol=0)
+    if run_dir is not None:
+        _assert_same_export(_export(single[0]), _export(run_dir))
+    return losses
 
 
 def _export(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -91,12 +118,8 @@ def single(tmp_path_factory) -> tuple[Path, list[float]]:
 def test_ddp_two_processes_follow_the_single_process_loss_curve(tmp_path: Path, single) -> None:
     _, log, done = _run(tmp_path, "ddp", *DDP)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = {json.loads(ln)["rank"] for ln in log.read_text().splitlines()}
-    assert ranks == {0, 1}
-    losses = _losses(log)
-    assert len(losses) == STEPS == len(single[1])
+    losses = _assert_follows(log, single)
     assert losses[-1] < losses[0]  # it trains
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single[1]), rtol=1e-4, atol=0)
 
 
 def test_fsdp2_two_processes_follow_the_single_process_curve_and_export_the_same_model(
@@ -106,10 +129,7 @@ def test_fsdp2_two_processes_follow_the_single_process_curve_and_export_the_same
     assert done.returncode == 0, done.stderr[-3000:]
     last = run_dir / "checkpoints" / "last.ckpt"
     assert (last / MANIFEST).is_file()  # sharded: FSDP2 ran
-    losses = _losses(log)
-    assert {json.loads(ln)["rank"] for ln in log.read_text().splitlines()} == {0, 1}
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single[1]), rtol=1e-4, atol=0)
-    _assert_same_export(_export(single[0]), _export(run_dir))
+    _assert_follows(log, single, run_dir)
     # the sharded checkpoint, consolidated and exported later in one process: the same model
     export_main([str(last), str(tmp_path / "again")])
     again, ours = load_file(tmp_path / "again" / "model.safetensors"), _export(run_dir)
@@ -118,8 +138,6 @@ def test_fsdp2_two_processes_follow_the_single_process_curve_and_export_the_same
     import importlib.util
 
     from omegaconf import OmegaConf
-
-    from ..conftest import REPO
 
     spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
@@ -206,19 +224,7 @@ def test_two_nodes_under_torchrun_follow_the_single_process_curve(tmp_path: Path
     import os
     import subprocess
 
-    from ..conftest import REPO
-
     run_dir, log = tmp_path / "run", tmp_path / "loss.jsonl"
-    overrides = [
-        *BASE,
-        *COMMON,
-        "logger=none",
-        "data.batch_size=2",
-        "fsdp.param_dtype=null",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        "+callbacks.losslog._target_=tests.app.recorders.LossLog",
-        f"+callbacks.losslog.path={log}",
-    ]
     env = {
         **os.environ,
         "NNODES": "2",
@@ -229,7 +235,7 @@ def test_two_nodes_under_torchrun_follow_the_single_process_curve(tmp_path: Path
     }
     procs = [
         subprocess.Popen(
-            ["bash", "docs/launch/torchrun.sh", *overrides],
+            ["bash", "docs/launch/torchrun.sh", *_launched_fsdp2(tmp_path, log)],
             cwd=REPO,
             env={**env, "NODE_RANK": str(node)},
             stdout=subprocess.PIPE,
@@ -241,12 +247,8 @@ def test_two_nodes_under_torchrun_follow_the_single_process_curve(tmp_path: Path
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    assert {json.loads(ln)["rank"] for ln in log.read_text().splitlines()} == {0, 1}
-    torch.testing.assert_close(
-        torch.tensor(_losses(log)), torch.tensor(single[1]), rtol=1e-4, atol=0
-    )
+    _assert_follows(log, single, run_dir)
     assert json.loads((run_dir / "result.json").read_text())["global_step"] == STEPS
-    _assert_same_export(_export(single[0]), _export(run_dir))
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
@@ -271,8 +273,6 @@ def test_slurm_script_under_a_stand_in_srun_follows_the_single_process_curve(
     import os
     import subprocess
 
-    from ..conftest import REPO
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
@@ -291,18 +291,8 @@ def test_slurm_script_under_a_stand_in_srun_follows_the_single_process_curve(
         "RUN_DIR": str(run_dir),
         "OMP_NUM_THREADS": "1",
     }
-    overrides = [
-        *BASE,
-        *COMMON,
-        "logger=none",
-        "data.batch_size=2",
-        "fsdp.param_dtype=null",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        "+callbacks.losslog._target_=tests.app.recorders.LossLog",
-        f"+callbacks.losslog.path={log}",
-    ]
     done = subprocess.run(
-        ["bash", "docs/launch/slurm_fsdp.sbatch", *overrides],
+        ["bash", "docs/launch/slurm_fsdp.sbatch", *_launched_fsdp2(tmp_path, log)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -311,9 +301,5 @@ def test_slurm_script_under_a_stand_in_srun_follows_the_single_process_curve(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "per GPU" in done.stdout or "GiB" in done.stdout  # the plan step printed its table
-    assert {json.loads(ln)["rank"] for ln in log.read_text().splitlines()} == {0, 1}
-    torch.testing.assert_close(
-        torch.tensor(_losses(log)), torch.tensor(single[1]), rtol=1e-4, atol=0
-    )
+    _assert_follows(log, single, run_dir)
     assert (run_dir / "train_rank1.log").is_file()  # rank 1 logs beside rank 0
-    _assert_same_export(_export(single[0]), _export(run_dir))
