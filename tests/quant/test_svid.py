@@ -124,3 +124,31 @@ def test_cpp_kernel_reads_half_precision_weights_as_stored(dtype: torch.dtype) -
     W = _llm_like(300, 401).to(dtype)  # the same values in fp32 give the same arithmetic
     for x, y in zip(svid(W, "nmf"), svid(W.float(), "nmf"), strict=True):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpp_kernel_row_blocks_change_no_bit(dtype: torch.dtype) -> None:
+    """Blocks of 2, 4 or 8 rows, and the default by dtype (0), give exactly the one-row kernel's
+    a, b and rounds, on shapes with partial blocks (rows not a multiple of 8) and column tails
+    (not of 16)."""
+    from onebit import kernels
+
+    if not kernels.available():
+        pytest.skip(f"no C++ kernels: {kernels.status()}")
+    op = torch.ops.onebit.svid_rank1_als
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for shape in [(1, 1), (3, 17), (9, 33), (13, 64), (300, 401), (513, 257)]:
+                W = _llm_like(*shape, seed=sum(shape)).to(dtype)
+                a1, b1, n1 = op(W, 5, 0.0, 1)  # tol 0: until the energy stops rising
+                for rows in (0, 2, 4, 8):
+                    a, b, n = op(W, 5, 0.0, rows)
+                    assert n == n1 and torch.equal(a, a1) and torch.equal(b, b1), (nt, shape, rows)
+        with pytest.raises(
+            RuntimeError, match=r"block_rows must be 0 \(by dtype\), 1, 2, 4 or 8, got 3"
+        ):
+            op(W, 5, 0.0, 3)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,95 @@
+"""The SVID kernel's row blocking, side by side: rounds of ``torch.ops.onebit.svid_rank1_als`` with
+``block_rows`` 1, 2, 4 and 8, against one plain read of the same matrix.
+
+    python benchmarks/bench_svid_kernel.py            # LLaMA-7B shapes, fp32 and bf16 (~1 min)
+    python benchmarks/bench_svid_kernel.py --rounds 3 --repeats 9
+
+The matrices are ``bench_svid.py``'s LLaMA-like random weights (4096×4096, 11008×4096,
+4096×11008), as fp32 and as bf16. Every block size gives the same bits (asserted here, and in
+``tests/quant/test_svid.py``); only the time differs. Each timed run calls the op ``--calls``
+times with ``tol = 0`` and ``max_iter = --rounds`` (3: what the default ``tol`` takes on these
+matrices); the configurations take turns, run after run, so that a busy moment of the machine
+hits them alike. The table gives the median over ``--repeats`` runs of the time per round,
+the bytes of W read per second at that pace, and the speed-up over one row at a time;
+``block_rows=0`` is the op's default, a choice by dtype and row length (see ``svid.cpp``).
+"one read" is ``W.sum(dim=1)``: one pass over W by PyTorch, the pace of memory for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from bench_svid import FULL_SHAPES, random_llm_like  # noqa: E402
+
+from onebit import kernels  # noqa: E402
+
+BLOCKS = (1, 2, 4, 8)
+
+
+def timed(fn: Callable[[], object], calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="ALS rounds per call (default 3)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per configuration")
+    p.add_argument("--calls", type=int, default=10, help="op calls per timed run")
+    args = p.parse_args(argv)
+    if not kernels.available():
+        sys.exit(f"bench_svid_kernel: {kernels.status()}")
+    op = torch.ops.onebit.svid_rank1_als
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds per "
+        f"call, median of {args.repeats} runs × {args.calls} calls\n"
+    )
+    print("| matrix | dtype | kernel | ms per round | GB/s | vs block_rows=1 |")
+    print("|---|---|---|---:|---:|---:|")
+    for i, (name, shape) in enumerate(FULL_SHAPES.items()):
+        w32 = random_llm_like(*shape, seed=i)  # the seeds bench_svid.py uses by default
+        for dtype in (torch.float32, torch.bfloat16):
+            W = w32.to(dtype)
+            ref = op(W, args.rounds, 0.0, 1)
+            configs: dict[str, tuple[Callable[[], object], int]] = {
+                "one read (W.sum(dim=1))": (lambda W=W: W.sum(dim=1), 1)
+            }
+            for rows in (0, *BLOCKS):
+                a, b, n = op(W, args.rounds, 0.0, rows)
+                if not (torch.equal(a, ref[0]) and torch.equal(b, ref[1]) and n == ref[2]):
+                    raise AssertionError(f"block_rows={rows} changed the result on {name}")
+                configs[f"block_rows={rows}{' (default)' if rows == 0 else ''}"] = (
+                    lambda W=W, rows=rows: op(W, args.rounds, 0.0, rows),
+                    int(ref[2]),
+                )
+            times: dict[str, list[float]] = {k: [] for k in configs}
+            for fn, _ in configs.values():
+                fn()  # warm-up
+            for _ in range(args.repeats):
+                for key, (fn, rounds) in configs.items():
+                    times[key].append(timed(fn, args.calls) / rounds)
+            base = statistics.median(times["block_rows=1"])
+            for key, ts in times.items():
+                t = statistics.median(ts)
+                gbs = W.numel() * W.element_size() / t / 1e9
+                label = f"{name} {shape[0]}×{shape[1]}"
+                dt = str(dtype).removeprefix("torch.")
+                print(f"| {label} | {dt} | {key} | {t * 1e3:.3f} | {gbs:.1f} | {base / t:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
