@@ -9,10 +9,10 @@
 // half the bytes) and widened to fp32 in registers; all arithmetic is fp32.
 //
 // With AVX-512, rows go in blocks of `block_rows`: the same bits as one row at a time, with fewer
-// loads and stores. The default (0) is what benchmarks/bench_svid_kernel.py measured fastest of
-// 1, 2, 4 and 8 at the LLaMA-7B shapes: 8 rows for bf16/fp16 weights (they cost more arithmetic
-// per byte, widening, so saving z's loads and stores pays most), 4 for fp32 rows of up to 4096
-// weights and 1 for longer fp32 rows (4 of 11008 no longer stay in cache for their second use).
+// loads and stores. The default (0) is 8 rows for bf16/fp16 weights: 1.2-2× faster per round than
+// one row at a time at the LLaMA-7B shapes (benchmarks/bench_svid_kernel.py), because widening
+// 16-bit weights costs arithmetic and the blocks save z's loads and stores. fp32 rows go one at a
+// time: there no block size beat one row by more than the run-to-run noise (±15 %).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -118,7 +118,7 @@ void als_rows_by(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b,
 template <typename T>
 void als_rows(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a, float* z,
               int64_t block_rows) {
-  if (block_rows == 0) block_rows = sizeof(T) != 4 ? 8 : in <= 4096 ? 4 : 1;
+  if (block_rows == 0) block_rows = sizeof(T) == 4 ? 1 : 8;
   switch (block_rows) {
     case 1: als_rows_by<T, 1>(W, in, r0, r1, b, a, z); break;
     case 2: als_rows_by<T, 2>(W, in, r0, r1, b, a, z); break;
