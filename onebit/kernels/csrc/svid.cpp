@@ -9,10 +9,11 @@
 // half the bytes) and widened to fp32 in registers; all arithmetic is fp32.
 //
 // With AVX-512, rows go in blocks of `block_rows`: the same bits as one row at a time, with fewer
-// loads and stores. The default (0) is 8 rows for bf16/fp16 weights: 1.2-2× faster per round than
-// one row at a time at the LLaMA-7B shapes (benchmarks/bench_svid_kernel.py), because widening
-// 16-bit weights costs arithmetic and the blocks save z's loads and stores. fp32 rows go one at a
-// time: there no block size beat one row by more than the run-to-run noise (±15 %).
+// loads and stores. The default (0) is 8 rows for bf16/fp16 weights: 1.1-2.2× faster per round
+// than one row at a time at the LLaMA-7B shapes in four runs of benchmarks/bench_svid_kernel.py,
+// because widening 16-bit weights costs arithmetic and the blocks save z's loads and stores. fp32
+// rows go one at a time: no block size was faster in most runs (their order changed from run to
+// run by up to ±15 %).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
