@@ -23,9 +23,7 @@ For each matrix and method the Markdown table on stdout reports
                than --slow-seconds (default 30) is not repeated: that pass is the measurement
                (1 × 1). The runs of a matrix's methods take turns (every method's run 1, then
                every method's run 2, ...), so that a slow spell of a shared machine falls on all
-               of them and the speed-ups compare times taken side by side; each run follows one
-               untimed pass of its own method, so that it does not pay for the memory and caches
-               the method before it left behind
+               of them and the speed-ups compare times taken side by side
     time       median over the runs of the wall time (time.perf_counter; with --cpu-time the
                calling thread's CPU time, all work on one thread) of one pass: computing
                (a, b) only (not the dense approximation); for xnor, the per-row scale mean|W|
@@ -276,15 +274,11 @@ def prepare(case: Case, method: str, args: argparse.Namespace) -> Timed | Row:
 
 def bench_case(case: Case, args: argparse.Namespace) -> list[Row]:
     """Every method on ``case``: the timed runs take turns (method after method, run after run),
-    so that a slow spell of the machine hits all methods alike and the speed-ups stay paired;
-    each run follows one untimed pass of its own method."""
+    so that a slow spell of the machine hits all methods alike and the speed-ups stay paired."""
     prepared = [prepare(case, m, args) for m in METHODS]
     timed = [p for p in prepared if isinstance(p, Timed) and not p.times]
     for i in range(args.repeats):
         for p in timed:
-            # One untimed pass first: the method's own memory (scikit-learn's large temporaries,
-            # re-faulted after svd freed its own) and caches are back before its run is timed.
-            time_group(p.fn, p.weights)
             t, p.results = time_group(p.fn, p.weights, p.calls)
             p.times.append(t)
             log(f"  {p.row.method:<12} run {i + 1}/{args.repeats}: {t:.4g} s per pass")
@@ -369,7 +363,7 @@ def header(args: argparse.Namespace, model_path: Path, load_start: str) -> list[
             f"- svid(max_iter={args.max_iter}, tol={args.tol:g}); per method: 1 discarded "
             f"warm-up pass, then {args.repeats} run(s) of `passes` passes lasting "
             f"~{args.min_run_seconds:g} s (1 × 1: the warm-up took > {args.slow_seconds:g} s "
-            "and is the measurement), the methods' runs taking turns, each after 1 untimed pass; "
+            "and is the measurement), the methods' runs taking turns; "
             f"nmf_sklearn skipped above: {args.skip_sklearn_above or 'never'} elements"
         ),
         (
