@@ -21,9 +21,7 @@ For each matrix and method the Markdown table on stdout reports
                pass within a run until the run lasts ~--min-run-seconds (default 0.2) and the
                run's time is the mean per pass, while a method whose warm-up pass took longer
                than --slow-seconds (default 30) is not repeated: that pass is the measurement
-               (1 × 1). The runs of a matrix's methods take turns (every method's run 1, then
-               every method's run 2, ...), so that a slow spell of a shared machine falls on all
-               of them and the speed-ups compare times taken side by side
+               (1 × 1)
     time       median over the runs of the wall time (time.perf_counter; with --cpu-time the
                calling thread's CPU time, all work on one thread) of one pass: computing
                (a, b) only (not the dense approximation); for xnor, the per-row scale mean|W|
@@ -70,7 +68,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -214,20 +212,7 @@ def time_group(
     return (clock() - t0) / calls, results
 
 
-@dataclass
-class Timed:
-    """A method made ready to time on a case: its function, inputs and passes per run."""
-
-    row: Row
-    fn: Callable[[Tensor], tuple[Tensor, ...]]
-    weights: list[Tensor]
-    calls: int = 1
-    times: list[float] = field(default_factory=list)
-    results: list[tuple[Tensor, ...]] = field(default_factory=list)
-
-
-def prepare(case: Case, method: str, args: argparse.Namespace) -> Timed | Row:
-    """Warm ``method`` up on ``case`` and find its passes per run; a Row when it is not timed."""
+def bench(case: Case, method: str, args: argparse.Namespace) -> Row:
     row = Row(case.name, case.shape, method)
     weights = case.weights
     if method == "nmf_bf16":
@@ -250,50 +235,30 @@ def prepare(case: Case, method: str, args: argparse.Namespace) -> Timed | Row:
     # A first pass warms up (lazy imports, thread pools, first touch of fresh memory) and is
     # discarded, unless it is slower than --slow-seconds: then it is the only measurement.
     t, results = time_group(fn, weights)
-    timed = Timed(row, fn, weights)
     if t > args.slow_seconds:
         log(f"  {method:<12} warm-up {t:.4f} s > {args.slow_seconds:g} s: kept as the only run")
-        timed.times, timed.results = [t], results
-        return timed
-    # Millisecond timings of single calls are dominated by noise (thread wake-ups), so a run
-    # repeats the pass until it lasts about --min-run-seconds and reports the mean; the number
-    # of passes is found as timeit's autorange does (skipped for slow methods).
-    log(f"  {method:<12} warm-up {t:.4f} s (discarded)")
-    if t < CALIBRATE_BELOW_S:  # the warm-up may hold one-off costs (imports): time again
-        t = time_group(fn, weights)[0]
-    while (
-        t < CALIBRATE_BELOW_S and t * timed.calls < args.min_run_seconds and timed.calls < MAX_CALLS
-    ):
-        timed.calls = min(
-            MAX_CALLS, max(2 * timed.calls, math.ceil(args.min_run_seconds / max(t, 1e-9)))
-        )
-        t = time_group(fn, weights, timed.calls)[0]
-    log(f"  {method:<12} {timed.calls} pass(es) per run")
-    return timed
-
-
-def bench_case(case: Case, args: argparse.Namespace) -> list[Row]:
-    """Every method on ``case``: the timed runs take turns (method after method, run after run),
-    so that a slow spell of the machine hits all methods alike and the speed-ups stay paired."""
-    prepared = [prepare(case, m, args) for m in METHODS]
-    timed = [p for p in prepared if isinstance(p, Timed) and not p.times]
-    for i in range(args.repeats):
-        for p in timed:
-            t, p.results = time_group(p.fn, p.weights, p.calls)
-            p.times.append(t)
-            log(f"  {p.row.method:<12} run {i + 1}/{args.repeats}: {t:.4g} s per pass")
-    rows = []
-    for p in prepared:
-        if isinstance(p, Row):
-            rows.append(p)
-            continue
-        p.row.n, p.row.calls = len(p.times), p.calls
-        p.row.time_s = statistics.median(p.times)
-        p.row.error = statistics.fmean(
-            error_of(p.row.method, w, r) for w, r in zip(case.weights, p.results)
-        )
-        rows.append(p.row)
-    return rows
+        times, calls = [t], 1
+    else:
+        # Millisecond timings of single calls are dominated by noise (thread wake-ups), so a
+        # run repeats the pass until it lasts about --min-run-seconds and reports the mean;
+        # the number of passes is found as timeit's autorange does (skipped for slow methods).
+        log(f"  {method:<12} warm-up {t:.4f} s (discarded)")
+        calls = 1
+        if t < CALIBRATE_BELOW_S:  # the warm-up may hold one-off costs (imports): time again
+            t = time_group(fn, weights)[0]
+        while t < CALIBRATE_BELOW_S and t * calls < args.min_run_seconds and calls < MAX_CALLS:
+            calls = min(MAX_CALLS, max(2 * calls, math.ceil(args.min_run_seconds / max(t, 1e-9))))
+            t = time_group(fn, weights, calls)[0]
+        log(f"  {method:<12} {calls} pass(es) per run")
+        times = []
+        while len(times) < args.repeats:
+            t, results = time_group(fn, weights, calls)
+            times.append(t)
+            log(f"  {method:<12} run {len(times)}/{args.repeats}: {t:.4g} s per pass")
+    row.n, row.calls = len(times), calls
+    row.time_s = statistics.median(times)
+    row.error = statistics.fmean(error_of(method, w, r) for w, r in zip(case.weights, results))
+    return row
 
 
 def optimum(case: Case, rows: list[Row], args: argparse.Namespace) -> tuple[float | None, str]:
@@ -363,7 +328,7 @@ def header(args: argparse.Namespace, model_path: Path, load_start: str) -> list[
             f"- svid(max_iter={args.max_iter}, tol={args.tol:g}); per method: 1 discarded "
             f"warm-up pass, then {args.repeats} run(s) of `passes` passes lasting "
             f"~{args.min_run_seconds:g} s (1 × 1: the warm-up took > {args.slow_seconds:g} s "
-            "and is the measurement), the methods' runs taking turns; "
+            "and is the measurement); "
             f"nmf_sklearn skipped above: {args.skip_sklearn_above or 'never'} elements"
         ),
         (
@@ -517,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in cases:
         log(f"[{case.name}] {case.shape}")
         b0, o0 = busy_cpu_seconds(), own_cpu_seconds()
-        case_rows = bench_case(case, args)
+        case_rows = [bench(case, m, args) for m in METHODS]
         optima[case.name] = optimum(case, case_rows, args)
         b1 = busy_cpu_seconds()
         if b0 is not None and b1 is not None:
