@@ -1,7 +1,7 @@
 """The SVID kernel's row blocking, side by side: rounds of ``torch.ops.onebit.svid_rank1_als`` with
 ``block_rows`` 1, 2, 4 and 8, against one plain read of the same matrix.
 
-    python benchmarks/bench_svid_kernel.py            # LLaMA-7B shapes, fp32 and bf16 (~1 min)
+    python benchmarks/bench_svid_kernel.py            # LLaMA-7B shapes, fp32 and bf16 (~20 s)
     python benchmarks/bench_svid_kernel.py --rounds 3 --repeats 9
 
 The matrices are ``bench_svid.py``'s LLaMA-like random weights (4096×4096, 11008×4096,

@@ -50,9 +50,8 @@ inline __m512 abs16(const c10::Half* p, __mmask16 m) {
   return _mm512_abs_ps(_mm512_cvtph_ps(h));
 }
 
-// R rows at a time. Their dot products run as 2R independent FMA chains (one row's two chains
-// alone wait on FMA latency), and the update of z loads and stores each z vector once per R rows
-// instead of once per row. Per row, the operations and their order are those of a one-row loop
+// R rows at a time. Their dot products run as 2R independent FMA chains, and the update of z
+// loads and stores each z vector once per R rows instead of once per row. Per row, the operations and their order are those of a one-row loop
 // (R = 1), and the R updates of z are chained in row order, so every R gives the same bits.
 // While z is updated, the next block's rows are prefetched into L2 (when `next` is not null).
 template <typename T, int R>
@@ -119,7 +118,6 @@ void als_rows_by(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b,
 template <typename T>
 void als_rows(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a, float* z,
               int64_t block_rows) {
-  if (block_rows == 0) block_rows = sizeof(T) == 4 ? 1 : 8;
   switch (block_rows) {
     case 1: als_rows_by<T, 1>(W, in, r0, r1, b, a, z); break;
     case 2: als_rows_by<T, 2>(W, in, r0, r1, b, a, z); break;
@@ -212,6 +210,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> svid_rank1_als(const at::Tensor& W, 
   TORCH_CHECK(block_rows == 0 || block_rows == 1 || block_rows == 2 || block_rows == 4 ||
                   block_rows == 8,
               "svid_rank1_als: block_rows must be 0 (by dtype), 1, 2, 4 or 8, got ", block_rows);
+  if (block_rows == 0) block_rows = W.element_size() == 4 ? 1 : 8;  // the default, by dtype
   const at::Tensor Wc = W.contiguous();
   auto opts = W.options().dtype(at::kFloat);
   at::Tensor a = at::empty({W.size(0)}, opts), b = at::empty({W.size(1)}, opts);
