@@ -1,17 +1,22 @@
 """The SVID kernel's row blocking, side by side: rounds of ``torch.ops.onebit.svid_rank1_als`` with
-``block_rows`` 1, 2, 4 and 8, against one plain read of the same matrix.
+``block_rows`` 1, 2, 4 and 8, the rows of a block interleaved or one after another, against one
+plain read of the same matrix.
 
-    python benchmarks/bench_svid_kernel.py            # LLaMA-7B shapes, fp32 and bf16 (~20 s)
+    python benchmarks/bench_svid_kernel.py            # LLaMA-7B shapes, fp32 and bf16 (~40 s)
     python benchmarks/bench_svid_kernel.py --rounds 3 --repeats 9
 
 The matrices are ``bench_svid.py``'s LLaMA-like random weights (4096×4096, 11008×4096,
-4096×11008), as fp32 and as bf16. Every block size gives the same bits (asserted here, and in
+4096×11008), as fp32 and as bf16. Every block size and schedule gives the same bits (asserted
+here, and in
 ``tests/quant/test_svid.py``); only the time differs. Each timed run calls the op ``--calls``
 times with ``tol = 0`` and ``max_iter = --rounds`` (3: what the default ``tol`` takes on these
 matrices); the configurations take turns, run after run, so that a busy moment of the machine
 hits them alike. The table gives the median over ``--repeats`` runs of the time per round,
-the bytes of W read per second at that pace, and the speed-up over one row at a time;
-``block_rows=0`` is the op's default: 1 for fp32 weights, 8 for bf16/fp16 (see ``svid.cpp``).
+the bytes of W read per second at that pace, and the speed-up over one row at a time. "4 rows,
+interleaved" runs the 4 rows' dot products together (4 row streams); "4 rows, one by one" runs
+them one row after another and then updates z once for the 4 rows. "default" is the op's
+(``block_rows=0, interleave=-1``): 4 rows one by one for fp32 weights, 8 rows interleaved for
+bf16/fp16 (see ``svid.cpp``).
 "one read" is ``W.sum(dim=1)``: one pass over W by PyTorch, the pace of memory for comparison.
 """
 
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds per "
         f"call, median of {args.repeats} runs × {args.calls} calls\n"
     )
-    print("| matrix | dtype | kernel | ms per round | GB/s | vs block_rows=1 |")
+    print("| matrix | dtype | kernel | ms per round | GB/s | vs 1 row |")
     print("|---|---|---|---:|---:|---:|")
     for i, (name, shape) in enumerate(FULL_SHAPES.items()):
         w32 = random_llm_like(*shape, seed=i)  # the seeds bench_svid.py uses by default
@@ -68,12 +73,17 @@ def main(argv: list[str] | None = None) -> None:
             configs: dict[str, tuple[Callable[[], object], int]] = {
                 "one read (W.sum(dim=1))": (lambda W=W: W.sum(dim=1), 1)
             }
-            for rows in (0, *BLOCKS):
-                a, b, n = op(W, args.rounds, 0.0, rows)
+            schedules = [("default", 0, -1), ("1 row", 1, 0)] + [
+                (f"{rows} rows, {'interleaved' if inter else 'one by one'}", rows, inter)
+                for rows in BLOCKS[1:]
+                for inter in (1, 0)
+            ]
+            for key, rows, inter in schedules:
+                a, b, n = op(W, args.rounds, 0.0, rows, inter)
                 if not (torch.equal(a, ref[0]) and torch.equal(b, ref[1]) and n == ref[2]):
-                    raise AssertionError(f"block_rows={rows} changed the result on {name}")
-                configs[f"block_rows={rows}{' (default)' if rows == 0 else ''}"] = (
-                    lambda W=W, rows=rows: op(W, args.rounds, 0.0, rows),
+                    raise AssertionError(f"{key} changed the result on {name}")
+                configs[key] = (
+                    lambda W=W, rows=rows, inter=inter: op(W, args.rounds, 0.0, rows, inter),
                     int(ref[2]),
                 )
             times: dict[str, list[float]] = {k: [] for k in configs}
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.repeats):
                 for key, (fn, rounds) in configs.items():
                     times[key].append(timed(fn, args.calls) / rounds)
-            base = statistics.median(times["block_rows=1"])
+            base = statistics.median(times["1 row"])
             for key, ts in times.items():
                 t = statistics.median(ts)
                 gbs = W.numel() * W.element_size() / t / 1e9

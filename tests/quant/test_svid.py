@@ -128,9 +128,9 @@ def test_cpp_kernel_reads_half_precision_weights_as_stored(dtype: torch.dtype) -
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpp_kernel_row_blocks_change_no_bit(dtype: torch.dtype) -> None:
-    """Blocks of 2, 4 or 8 rows, and the default by dtype (0), give exactly the one-row kernel's
-    a, b and rounds, on shapes with partial blocks (rows not a multiple of 8) and column tails
-    (not of 16)."""
+    """Blocks of 2, 4 or 8 rows, interleaved or one row after another, and the defaults by dtype
+    (0, -1), give exactly the one-row kernel's a, b and rounds, on shapes with partial blocks (rows
+    not a multiple of 8) and column tails (not of 16)."""
     from onebit import kernels
 
     if not kernels.available():
@@ -144,11 +144,17 @@ def test_cpp_kernel_row_blocks_change_no_bit(dtype: torch.dtype) -> None:
                 W = _llm_like(*shape, seed=sum(shape)).to(dtype)
                 a1, b1, n1 = op(W, 5, 0.0, 1)  # tol 0: until the energy stops rising
                 for rows in (0, 2, 4, 8):
-                    a, b, n = op(W, 5, 0.0, rows)
-                    assert n == n1 and torch.equal(a, a1) and torch.equal(b, b1), (nt, shape, rows)
+                    for interleave in (-1, 0, 1):
+                        a, b, n = op(W, 5, 0.0, rows, interleave)
+                        where = (nt, shape, rows, interleave)
+                        assert n == n1 and torch.equal(a, a1) and torch.equal(b, b1), where
         with pytest.raises(
             RuntimeError, match=r"block_rows must be 0 \(by dtype\), 1, 2, 4 or 8, got 3"
         ):
             op(W, 5, 0.0, 3)
+        with pytest.raises(
+            RuntimeError, match=r"interleave must be -1 \(by dtype\), 0 or 1, got 2"
+        ):
+            op(W, 5, 0.0, 4, 2)
     finally:
         torch.set_num_threads(threads)

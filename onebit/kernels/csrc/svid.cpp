@@ -8,12 +8,16 @@
 // end. |W| is never materialised. fp32, bf16 and fp16 weights are read as stored (bf16/fp16 move
 // half the bytes) and widened to fp32 in registers; all arithmetic is fp32.
 //
-// With AVX-512, rows go in blocks of `block_rows`: the same bits as one row at a time, with fewer
-// loads and stores. The default (0) is 8 rows for bf16/fp16 weights: 1.1-2.2× faster per round
-// than one row at a time at the LLaMA-7B shapes in four runs of benchmarks/bench_svid_kernel.py,
-// because widening 16-bit weights costs arithmetic and the blocks save z's loads and stores. fp32
-// rows go one at a time: no block size was faster in most runs (their order changed from run to
-// run by up to ±15 %).
+// With AVX-512, rows go in blocks of `block_rows`: z is loaded and stored once per block instead
+// of once per row. Within a block, the rows' dot products either run together (`interleave`: 2R
+// FMA chains over R row streams) or one row after another (one stream, the block then re-read from
+// L1/L2 for the update of z). Every block size and both schedules give the same bits as one row at
+// a time. The defaults, from side-by-side runs of benchmarks/bench_svid_kernel.py at the LLaMA-7B
+// shapes: bf16/fp16 weights go 8 rows at a time, interleaved (1.1-2.2× faster per round than one
+// row at a time in four runs: widening 16-bit weights costs arithmetic, and the blocks save z's
+// loads and stores); fp32 weights go 4 rows at a time, one row after another (1.2-1.5× faster
+// than one row at a time on two threads, 1.2-1.4× on one; interleaved fp32 blocks were slower
+// than single rows).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -50,47 +54,73 @@ inline __m512 abs16(const c10::Half* p, __mmask16 m) {
   return _mm512_abs_ps(_mm512_cvtph_ps(h));
 }
 
-// R rows at a time. Their dot products run as 2R independent FMA chains, and the update of z
-// loads and stores each z vector once per R rows instead of once per row. Per row, the operations and their order are those of a one-row loop
-// (R = 1), and the R updates of z are chained in row order, so every R gives the same bits.
-// While z is updated, the next block's rows are prefetched into L2 (when `next` is not null).
-template <typename T, int R>
+// |w|·b for one row: two FMA chains, then a column tail of in % 16 weights into the second.
+template <typename T>
+inline float dot_row(const T* row, int64_t in, const float* b) {
+  const int64_t full = in / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (in - full)) - 1u);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= full; j += 32) {
+    acc0 = _mm512_fmadd_ps(abs16(row + j, 0xFFFF), _mm512_loadu_ps(b + j), acc0);
+    acc1 = _mm512_fmadd_ps(abs16(row + j + 16, 0xFFFF), _mm512_loadu_ps(b + j + 16), acc1);
+  }
+  for (; j < full; j += 16)
+    acc0 = _mm512_fmadd_ps(abs16(row + j, 0xFFFF), _mm512_loadu_ps(b + j), acc0);
+  if (tail)
+    acc1 = _mm512_fmadd_ps(abs16(row + full, tail), _mm512_maskz_loadu_ps(tail, b + full), acc1);
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// R rows at a time. With `Interleave`, their dot products run as 2R independent FMA chains;
+// without, one row after another (dot_row). Then the update of z loads and stores each z vector
+// once per R rows instead of once per row. Per row, the operations and their order are those of
+// dot_row, and the R updates of z are chained in row order, so every R and both schedules give the
+// same bits. While z is updated, the next block's rows are prefetched into L2 (when `next` is not
+// null).
+template <typename T, int R, bool Interleave>
 inline void als_block(const T* W, int64_t in, int64_t r, const float* b, float* a, float* z,
                       const T* next) {
   const int64_t full = in / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (in - full)) - 1u);
   const T* row[R];
-  __m512 acc0[R], acc1[R];
-  for (int k = 0; k < R; ++k) {
-    row[k] = W + (r + k) * in;
-    acc0[k] = _mm512_setzero_ps();
-    acc1[k] = _mm512_setzero_ps();
-  }
-  int64_t j = 0;
-  for (; j + 32 <= full; j += 32) {
-    const __m512 b0 = _mm512_loadu_ps(b + j), b1 = _mm512_loadu_ps(b + j + 16);
+  for (int k = 0; k < R; ++k) row[k] = W + (r + k) * in;
+  __m512 av[R];
+  if constexpr (!Interleave || R == 1) {
     for (int k = 0; k < R; ++k) {
-      acc0[k] = _mm512_fmadd_ps(abs16(row[k] + j, 0xFFFF), b0, acc0[k]);
-      acc1[k] = _mm512_fmadd_ps(abs16(row[k] + j + 16, 0xFFFF), b1, acc1[k]);
+      const float ar = dot_row(row[k], in, b);
+      a[r + k] = ar;
+      av[k] = _mm512_set1_ps(ar);
+    }
+  } else {
+    __m512 acc0[R], acc1[R];
+    for (int k = 0; k < R; ++k) acc0[k] = acc1[k] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= full; j += 32) {
+      const __m512 b0 = _mm512_loadu_ps(b + j), b1 = _mm512_loadu_ps(b + j + 16);
+      for (int k = 0; k < R; ++k) {
+        acc0[k] = _mm512_fmadd_ps(abs16(row[k] + j, 0xFFFF), b0, acc0[k]);
+        acc1[k] = _mm512_fmadd_ps(abs16(row[k] + j + 16, 0xFFFF), b1, acc1[k]);
+      }
+    }
+    for (; j < full; j += 16) {
+      const __m512 b0 = _mm512_loadu_ps(b + j);
+      for (int k = 0; k < R; ++k)
+        acc0[k] = _mm512_fmadd_ps(abs16(row[k] + j, 0xFFFF), b0, acc0[k]);
+    }
+    if (tail) {
+      const __m512 b0 = _mm512_maskz_loadu_ps(tail, b + full);
+      for (int k = 0; k < R; ++k)
+        acc1[k] = _mm512_fmadd_ps(abs16(row[k] + full, tail), b0, acc1[k]);
+    }
+    for (int k = 0; k < R; ++k) {
+      const float ar = _mm512_reduce_add_ps(_mm512_add_ps(acc0[k], acc1[k]));
+      a[r + k] = ar;
+      av[k] = _mm512_set1_ps(ar);
     }
   }
-  for (; j < full; j += 16) {
-    const __m512 b0 = _mm512_loadu_ps(b + j);
-    for (int k = 0; k < R; ++k) acc0[k] = _mm512_fmadd_ps(abs16(row[k] + j, 0xFFFF), b0, acc0[k]);
-  }
-  if (tail) {
-    const __m512 b0 = _mm512_maskz_loadu_ps(tail, b + full);
-    for (int k = 0; k < R; ++k)
-      acc1[k] = _mm512_fmadd_ps(abs16(row[k] + full, tail), b0, acc1[k]);
-  }
-  __m512 av[R];
-  for (int k = 0; k < R; ++k) {
-    const float ar = _mm512_reduce_add_ps(_mm512_add_ps(acc0[k], acc1[k]));
-    a[r + k] = ar;
-    av[k] = _mm512_set1_ps(ar);
-  }
   constexpr int64_t kLine = 64 / sizeof(T);  // weights per cache line; a multiple of 16
-  for (j = 0; j < full; j += 16) {
+  for (int64_t j = 0; j < full; j += 16) {
     __m512 zv = _mm512_loadu_ps(z + j);
     for (int k = 0; k < R; ++k) zv = _mm512_fmadd_ps(abs16(row[k] + j, 0xFFFF), av[k], zv);
     _mm512_storeu_ps(z + j, zv);
@@ -106,29 +136,42 @@ inline void als_block(const T* W, int64_t in, int64_t r, const float* b, float* 
 }
 
 // a_r = |w_r|·b and z += a_r |w_r| for rows r0..r1-1: blocks of R rows, then single rows.
-template <typename T, int R>
+// Interleaved blocks prefetch the next block while z is updated; row-after-row blocks leave the
+// single stream to the hardware prefetcher (prefetching was slower there).
+template <typename T, int R, bool Interleave>
 void als_rows_by(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a,
                  float* z) {
   int64_t r = r0;
-  for (; r + R <= r1; r += R)
-    als_block<T, R>(W, in, r, b, a, z, r + 2 * R <= r1 ? W + (r + R) * in : nullptr);
-  for (; r < r1; ++r) als_block<T, 1>(W, in, r, b, a, z, nullptr);
+  for (; r + R <= r1; r += R) {
+    const T* next = (Interleave || R == 1) && r + 2 * R <= r1 ? W + (r + R) * in : nullptr;
+    als_block<T, R, Interleave>(W, in, r, b, a, z, next);
+  }
+  for (; r < r1; ++r) als_block<T, 1, false>(W, in, r, b, a, z, nullptr);
+}
+
+template <typename T, bool Interleave>
+void als_rows_sched(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a,
+                    float* z, int64_t block_rows) {
+  switch (block_rows) {
+    case 1: als_rows_by<T, 1, false>(W, in, r0, r1, b, a, z); break;
+    case 2: als_rows_by<T, 2, Interleave>(W, in, r0, r1, b, a, z); break;
+    case 4: als_rows_by<T, 4, Interleave>(W, in, r0, r1, b, a, z); break;
+    default: als_rows_by<T, 8, Interleave>(W, in, r0, r1, b, a, z); break;
+  }
 }
 
 template <typename T>
 void als_rows(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a, float* z,
-              int64_t block_rows) {
-  switch (block_rows) {
-    case 1: als_rows_by<T, 1>(W, in, r0, r1, b, a, z); break;
-    case 2: als_rows_by<T, 2>(W, in, r0, r1, b, a, z); break;
-    case 4: als_rows_by<T, 4>(W, in, r0, r1, b, a, z); break;
-    default: als_rows_by<T, 8>(W, in, r0, r1, b, a, z); break;
-  }
+              int64_t block_rows, bool interleave) {
+  if (interleave)
+    als_rows_sched<T, true>(W, in, r0, r1, b, a, z, block_rows);
+  else
+    als_rows_sched<T, false>(W, in, r0, r1, b, a, z, block_rows);
 }
 #else
 template <typename T>
 void als_rows(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a, float* z,
-              int64_t /*block_rows: AVX-512 only*/) {
+              int64_t /*block_rows*/, bool /*interleave: AVX-512 only*/) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = W + r * in;
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums so the loop vectorises
@@ -147,15 +190,16 @@ void als_rows(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, fl
 // One round on raw pointers: a = A b, z = Aᵀ a. zs is scratch of nt × in floats.
 template <typename T>
 void als_round(const T* W, int64_t out, int64_t in, const float* b, float* a, float* z, float* zs,
-               int64_t nt, int64_t block_rows) {
+               int64_t nt, int64_t block_rows, bool interleave) {
   std::memset(zs, 0, sizeof(float) * nt * in);
   if (nt == 1) {
-    als_rows<T>(W, in, 0, out, b, a, zs, block_rows);
+    als_rows<T>(W, in, 0, out, b, a, zs, block_rows, interleave);
   } else {
     // One contiguous block of rows per thread: each thread's z stays in its own cache.
     at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        als_rows<T>(W, in, out * t / nt, out * (t + 1) / nt, b, a, zs + t * in, block_rows);
+        als_rows<T>(W, in, out * t / nt, out * (t + 1) / nt, b, a, zs + t * in, block_rows,
+                    interleave);
     });
   }
   for (int64_t j = 0; j < in; ++j) {
@@ -171,7 +215,7 @@ void als_round(const T* W, int64_t out, int64_t in, const float* b, float* a, fl
 // until the captured energy ‖a‖²‖b‖² rises by ≤ tol (relative) in a round, or max_iter rounds.
 template <typename T>
 int64_t rank1_als(const at::Tensor& W, int64_t max_iter, double tol, int64_t block_rows,
-                  at::Tensor& a_t, at::Tensor& b_t) {
+                  bool interleave, at::Tensor& a_t, at::Tensor& b_t) {
   const int64_t out = W.size(0), in = W.size(1);
   // Two threads only pay off above ~64k weights (thread wake-up costs microseconds).
   const int64_t nt = std::max<int64_t>(
@@ -184,7 +228,7 @@ int64_t rank1_als(const at::Tensor& W, int64_t max_iter, double tol, int64_t blo
   double energy = 0;
   int64_t it = 0;
   for (it = 1; it <= max_iter; ++it) {
-    als_round<T>(Wp, out, in, b, a, z.data(), zs.data(), nt, block_rows);
+    als_round<T>(Wp, out, in, b, a, z.data(), zs.data(), nt, block_rows, interleave);
     double bb = 0, aa = 0, bn = 0;
     for (int64_t j = 0; j < in; ++j) bb += double(b[j]) * b[j];
     for (int64_t r = 0; r < out; ++r) {
@@ -204,23 +248,32 @@ int64_t rank1_als(const at::Tensor& W, int64_t max_iter, double tol, int64_t blo
 }
 
 std::tuple<at::Tensor, at::Tensor, int64_t> svid_rank1_als(const at::Tensor& W, int64_t max_iter,
-                                                          double tol, int64_t block_rows) {
+                                                          double tol, int64_t block_rows,
+                                                          int64_t interleave) {
   TORCH_CHECK(W.dim() == 2 && W.device().is_cpu(), "svid_rank1_als: W must be a 2-D CPU tensor");
   TORCH_CHECK(max_iter >= 1, "svid_rank1_als: max_iter must be >= 1");
   TORCH_CHECK(block_rows == 0 || block_rows == 1 || block_rows == 2 || block_rows == 4 ||
                   block_rows == 8,
               "svid_rank1_als: block_rows must be 0 (by dtype), 1, 2, 4 or 8, got ", block_rows);
-  if (block_rows == 0) block_rows = W.element_size() == 4 ? 1 : 8;  // the default, by dtype
+  TORCH_CHECK(interleave == -1 || interleave == 0 || interleave == 1,
+              "svid_rank1_als: interleave must be -1 (by dtype), 0 or 1, got ", interleave);
+  // The defaults, by dtype (see the top of this file): fp32 4 rows one after another, 16-bit
+  // weights 8 rows interleaved.
+  const bool wide = W.element_size() == 4;
+  if (block_rows == 0) block_rows = wide ? 4 : 8;
+  const bool inter = interleave == -1 ? !wide : interleave == 1;
   const at::Tensor Wc = W.contiguous();
   auto opts = W.options().dtype(at::kFloat);
   at::Tensor a = at::empty({W.size(0)}, opts), b = at::empty({W.size(1)}, opts);
   int64_t rounds = 0;
   switch (W.scalar_type()) {
-    case at::kFloat: rounds = rank1_als<float>(Wc, max_iter, tol, block_rows, a, b); break;
+    case at::kFloat: rounds = rank1_als<float>(Wc, max_iter, tol, block_rows, inter, a, b); break;
     case at::kBFloat16:
-      rounds = rank1_als<c10::BFloat16>(Wc, max_iter, tol, block_rows, a, b);
+      rounds = rank1_als<c10::BFloat16>(Wc, max_iter, tol, block_rows, inter, a, b);
       break;
-    case at::kHalf: rounds = rank1_als<c10::Half>(Wc, max_iter, tol, block_rows, a, b); break;
+    case at::kHalf:
+      rounds = rank1_als<c10::Half>(Wc, max_iter, tol, block_rows, inter, a, b);
+      break;
     default: TORCH_CHECK(false, "svid_rank1_als: W must be float32, bfloat16 or float16");
   }
   return {a, b, rounds};
@@ -230,8 +283,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t> svid_rank1_als(const at::Tensor& W, 
 
 TORCH_LIBRARY_FRAGMENT(onebit, m) {
   m.def(
-      "svid_rank1_als(Tensor W, int max_iter, float tol, int block_rows=0) -> (Tensor, Tensor, "
-      "int)");
+      "svid_rank1_als(Tensor W, int max_iter, float tol, int block_rows=0, int interleave=-1) -> "
+      "(Tensor, Tensor, int)");
 }
 TORCH_LIBRARY_IMPL(onebit, CPU, m) { m.impl("svid_rank1_als", &svid_rank1_als); }
 
