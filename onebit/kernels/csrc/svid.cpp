@@ -15,9 +15,9 @@
 // a time. The defaults, from side-by-side runs of benchmarks/bench_svid_kernel.py at the LLaMA-7B
 // shapes: bf16/fp16 weights go 8 rows at a time, interleaved (1.1-2.2× faster per round than one
 // row at a time in four runs: widening 16-bit weights costs arithmetic, and the blocks save z's
-// loads and stores); fp32 weights go 4 rows at a time, one row after another (1.2-1.5× faster
-// than one row at a time on two threads, 1.2-1.4× on one; interleaved fp32 blocks were slower
-// than single rows).
+// loads and stores); fp32 weights go 4 rows at a time, one row after another (1.2-1.6× faster
+// per round than one row at a time in four side-by-side runs on two threads, 1.2-1.4× on one;
+// interleaved fp32 blocks, with R row streams at once, ran at 0.8-1.1× of one row at a time).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
