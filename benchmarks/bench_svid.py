@@ -51,6 +51,15 @@ Run from anywhere (the script puts the repository root on sys.path):
     python benchmarks/bench_svid.py --repeats 5 --skip-sklearn-above 20000000 --with-optimum
     python benchmarks/bench_svid.py --cpu-time       # one thread, CPU time: for a shared machine
 
+scikit-learn's time depends on how its large temporaries get their memory: fresh pages from the
+kernel on each call (glibc's default for blocks above its mmap threshold; every page is faulted
+and zeroed) or pages the process already holds. At 4096×4096 that is 71 against 45 ms, at
+11008×4096 175 against 99 ms (one process each, two threads, this machine), and which one a run
+saw used to depend on what ran before (loading SmolLM2 warmed the heap). The script therefore
+keeps freed memory in the process from the start (glibc ``mallopt``: no trimming, no mmap for
+large blocks), so that every method, scikit-learn included, runs in its faster state;
+``--default-heap`` leaves glibc's defaults. The header says which.
+
 Progress goes to stderr, the table to stdout. Torch threads are left at torch's default
 (reported in the header); scikit-learn runs with its own (numpy/BLAS) threading. The footer
 gives the CPU time other processes used meanwhile (from /proc/stat): on a shared machine the
@@ -299,13 +308,38 @@ def own_cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def warm_heap() -> str:
+    """Keep freed memory in the process (glibc only): large temporaries reuse faulted pages.
+
+    Returns a line for the header saying what was done.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and ok
+    except (OSError, AttributeError):  # not glibc
+        ok = False
+    if ok:
+        return (
+            "heap: warm (glibc mallopt M_TRIM_THRESHOLD = M_MMAP_THRESHOLD = 1 GiB: freed "
+            "memory stays in the process)"
+        )
+    return "heap: allocator defaults (glibc mallopt not available)"
+
+
 def kernels_status() -> str:
     from onebit import kernels
 
     return kernels.status()
 
 
-def header(args: argparse.Namespace, model_path: Path, load_start: str) -> list[str]:
+def header(args: argparse.Namespace, model_path: Path, load_start: str, heap: str) -> list[str]:
     return [
         "# SVID benchmark",
         "",
@@ -317,6 +351,7 @@ def header(args: argparse.Namespace, model_path: Path, load_start: str) -> list[
         ),
         f"- CPU: {cpu_model()}; 1-min load average at start {load_start}",
         f"- {kernels_status()}",
+        f"- {heap}",
         "- clock: "
         + (
             "CPU time of the calling thread (time.thread_time), torch and BLAS limited to "
@@ -434,6 +469,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one thread for torch and BLAS, timed by CPU time (time.thread_time) instead of "
         "wall time: fair side-by-side ratios on a machine that other jobs share",
     )
+    p.add_argument(
+        "--default-heap",
+        action="store_true",
+        help="leave glibc's allocator defaults (large temporaries get fresh pages on every call; "
+        "scikit-learn's time then varies up to 1.8x with what ran before)",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -443,6 +484,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     global CPU_TIME
     args = parse_args(argv)
+    heap = "heap: allocator defaults (--default-heap)" if args.default_heap else warm_heap()
     if args.cpu_time:
         from threadpoolctl import threadpool_limits
 
@@ -490,7 +532,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.extend(case_rows)
 
     lines = (
-        header(args, model_path, load_start) + notes + ([""] if notes else []) + table(rows, optima)
+        header(args, model_path, load_start, heap)
+        + notes
+        + ([""] if notes else [])
+        + table(rows, optima)
     )
     lines += checks(rows)
     wall = time.perf_counter() - t_start
