@@ -2,7 +2,7 @@
 ``block_rows`` 1, 2, 4 and 8, the rows of a block interleaved or one after another, against one
 plain read of the same matrix.
 
-    python benchmarks/bench_svid_kernel.py            # LLaMA-7B shapes, fp32 and bf16 (~40 s)
+    python benchmarks/bench_svid_kernel.py            # LLaMA-7B shapes, fp32 and bf16 (~30 s)
     python benchmarks/bench_svid_kernel.py --rounds 3 --repeats 9
 
 The matrices are ``bench_svid.py``'s LLaMA-like random weights (4096×4096, 11008×4096,
