@@ -50,6 +50,7 @@ Run from anywhere (the script puts the repository root on sys.path):
     python benchmarks/bench_svid.py --quick          # small shapes (~30 s on 2 idle cores)
     python benchmarks/bench_svid.py --repeats 5 --skip-sklearn-above 20000000 --with-optimum
     python benchmarks/bench_svid.py --cpu-time       # one thread, CPU time: for a shared machine
+    python benchmarks/bench_svid.py --device cuda    # our methods on a GPU, scikit-learn on the CPU
 
 Successive passes rotate over equal copies of their matrices, 256 MiB or more in all
 (``--cold-mib``), so that every pass reads its matrices from memory, as a model-wide SVID that
@@ -109,6 +110,7 @@ QUICK_SHAPES = {
 }
 MAX_CALLS = 1000  # cap on the passes per timed run
 CPU_TIME = False  # --cpu-time: one thread everywhere, timed by the thread's CPU time
+DEVICE = torch.device("cpu")  # --device: where our methods run (scikit-learn stays on the CPU)
 CALIBRATE_BELOW_S = 1.0  # a method whose warm-up pass is slower is timed one pass per run
 SMALL_NUMEL = 4 * 1024 * 1024  # exact float64 optimum by default up to this many elements
 ROW_COL_SIGMA = 0.5
@@ -212,7 +214,7 @@ def error_of(method: str, w: Tensor, result: tuple[Tensor, ...]) -> float:
 
     if method == "xnor":
         return xnor_error(w, per_row=True)
-    a, b = result
+    a, b = (t.cpu() for t in result)
     return relative_error(w, svid_approx(w, a, b))
 
 
@@ -226,9 +228,14 @@ def time_group(
     """
     results: list[tuple[Tensor, ...]] = []
     clock = time.thread_time if CPU_TIME else time.perf_counter
+    cuda = any(w.is_cuda for w in copies[0])
+    if cuda:
+        torch.cuda.synchronize()
     t0 = clock()
     for i in range(calls):
         results = [fn(w) for w in copies[i % len(copies)]]
+    if cuda:  # kernels run asynchronously: wait for the last one before reading the clock
+        torch.cuda.synchronize()
     return (clock() - t0) / calls, results
 
 
@@ -241,10 +248,11 @@ def cold_copies(weights: list[Tensor], cold_bytes: int) -> list[list[Tensor]]:
 
 def bench(case: Case, method: str, args: argparse.Namespace) -> Row:
     row = Row(case.name, case.shape, method)
-    weights = case.weights
+    # scikit-learn takes numpy arrays on the CPU, as in the official code; the rest run on --device
+    weights = case.weights if method == "nmf_sklearn" else [w.to(DEVICE) for w in case.weights]
     if method == "nmf_bf16":
-        weights = [w.bfloat16() for w in case.weights]
-        if not all(torch.equal(wb.float(), w) for wb, w in zip(weights, case.weights)):
+        weights = [w.bfloat16() for w in weights]
+        if not all(torch.equal(wb.float().cpu(), w) for wb, w in zip(weights, case.weights)):
             row.note = "n/a (fp32 values)"
             return row
     if (
@@ -353,6 +361,12 @@ def warm_heap() -> str:
     return "heap: allocator defaults (glibc mallopt not available)"
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda})"
+    return "cpu"
+
+
 def kernels_status() -> str:
     from onebit import kernels
 
@@ -371,6 +385,7 @@ def header(args: argparse.Namespace, model_path: Path, load_start: str, heap: st
         ),
         f"- CPU: {cpu_model()}; 1-min load average at start {load_start}",
         f"- {kernels_status()}",
+        f"- device: {device_name(args.device)} for every method but nmf_sklearn (numpy, CPU)",
         f"- {heap}",
         (
             f"- inputs: each pass reads the next of equal copies of its matrices, {args.cold_mib} "
@@ -505,6 +520,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "pass)",
     )
     p.add_argument(
+        "--device",
+        default="cpu",
+        help="where nmf, nmf_torch, nmf_bf16, power, svd and xnor run, e.g. cuda (default cpu); "
+        "nmf_sklearn always runs on the CPU, as in the official code. On a GPU, nmf is the "
+        "PyTorch path (the C++ op is CPU-only), so nmf and nmf_torch are the same computation",
+    )
+    p.add_argument(
         "--default-heap",
         action="store_true",
         help="leave glibc's allocator defaults (large temporaries get fresh pages on every call; "
@@ -513,12 +535,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch.cuda.is_available() is False on this machine")
+    if args.device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: only cpu and cuda are supported")
+    if args.cpu_time and args.device.type != "cpu":
+        p.error("--cpu-time measures the CPU time of this thread; it cannot time --device cuda")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    global CPU_TIME
+    global CPU_TIME, DEVICE
     args = parse_args(argv)
+    DEVICE = args.device
     heap = "heap: allocator defaults (--default-heap)" if args.default_heap else warm_heap()
     if args.cpu_time:
         from threadpoolctl import threadpool_limits
