@@ -46,15 +46,21 @@ def _balance(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a * c, b / c
 
 
-def _als_pass(W: Tensor, b: Tensor, rows: int, buf: Tensor) -> tuple[Tensor, Tensor]:
-    """One ALS round in one pass over W: returns (a, b') with a = A b/‖b‖², b' = Aᵀ a/‖a‖²."""
+def _als_pass(
+    W: Tensor, b: Tensor, rows: int, buf: Tensor, buf_is_abs: bool = False
+) -> tuple[Tensor, Tensor]:
+    """One ALS round in one pass over W: returns (a, b') with a = A b/‖b‖², b' = Aᵀ a/‖a‖².
+
+    ``buf_is_abs``: ``buf`` already holds the whole of A = |W| in fp32 (one block), so the round
+    reads it instead of making it again.
+    """
     a = torch.empty(W.shape[0], dtype=torch.float32, device=W.device)
     b_next = torch.zeros_like(b)
     for r0 in range(0, W.shape[0], rows):
         block = buf[: min(rows, W.shape[0] - r0)]
-        if W.dtype == torch.float32:
+        if not buf_is_abs and W.dtype == torch.float32:
             torch.abs(W[r0 : r0 + rows], out=block)  # A_R
-        else:
+        elif not buf_is_abs:
             block.copy_(W[r0 : r0 + rows]).abs_()  # A_R in fp32, from bf16/fp16/fp64 weights
         a_r = torch.mv(block, b, out=a[r0 : r0 + block.shape[0]])  # A_R b
         b_next.addmv_(block.T, a_r)  # += A_Rᵀ (A_R b), while A_R is in cache
@@ -72,9 +78,10 @@ def _rank1_als(
     One round (a ← A b/‖b‖², b ← Aᵀ a/‖a‖²) is a *single* pass over W. On CPU the C++ op
     ``torch.ops.onebit.svid_rank1_als`` (``onebit.kernels``) runs the whole loop: it reads each row
     once, as stored (fp32, bf16 or fp16), and uses it twice from cache, ``a_r = |w_r|·b`` and then
-    ``z += a_r |w_r|`` into a per-thread z. Without it (and on GPU) rows are taken in blocks of
-    about ``chunk_bytes``, made absolute into a reused buffer and used by two GEMVs while hot (on
-    GPU the block is the whole matrix). Either way |W| is never materialised. On LLM weights three
+    ``z += a_r |w_r|`` into a per-thread z; |W| is never materialised. Without it (and on GPU)
+    rows are taken in blocks of about ``chunk_bytes``, made absolute into a reused buffer and used
+    by two GEMVs while hot. On GPU, and for a CPU matrix of at most ``chunk_bytes``, the one block
+    is the whole of |W| in fp32: it is made once and every round reads it. On LLM weights three
     to five rounds meet ``tol = 1e-7``.
 
     Returns (a, b, rounds) with b the least-squares b for a, so that
@@ -87,11 +94,15 @@ def _rank1_als(
     dev = W.device
     rows = out_f if dev.type != "cpu" else max(1, min(out_f, chunk_bytes // (4 * in_f)))
     buf = torch.empty(rows, in_f, dtype=torch.float32, device=dev)
+    # One block (always on GPU; small matrices on CPU): make A = |W| once, not once per round.
+    whole = rows >= out_f
+    if whole:
+        buf.copy_(W).abs_()
     b = torch.ones(in_f, dtype=torch.float32, device=dev)
     energy = 0.0
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 - the count is returned
-        a, b = _als_pass(W, b, rows, buf)
+        a, b = _als_pass(W, b, rows, buf, buf_is_abs=whole)
         new_energy = float(a.double().dot(a.double()) * b.double().dot(b.double()))
         if new_energy > 0 and new_energy - energy <= tol * new_energy:
             break

@@ -115,6 +115,23 @@ def test_cpp_kernel_matches_the_torch_path(shape: tuple[int, int]) -> None:
     assert svid_error(W, "nmf") == pytest.approx(rank1_optimal_error(W), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_one_block_equals_many_blocks(dtype: torch.dtype) -> None:
+    """The torch path makes |W| once when it fits in one block (as on GPU) and per block of rows
+    otherwise; both reach the same fixed point."""
+    from onebit import kernels
+    from onebit.quant.svid import _rank1_als
+
+    W = _llm_like(300, 401).to(dtype)
+    with kernels.disabled():
+        a1, b1, _ = _rank1_als(W, 1000, 1e-13, chunk_bytes=1 << 30)  # one block: the whole |W|
+        a16, b16, _ = _rank1_als(W, 1000, 1e-13, chunk_bytes=4 * 401 * 16)  # blocks of 16 rows
+    torch.testing.assert_close(a1, a16, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(b1, b16, rtol=2e-5, atol=1e-7)
+    err = relative_error(W, svid_approx(W, a1, b1))
+    assert err == pytest.approx(rank1_optimal_error(W), rel=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpp_kernel_reads_half_precision_weights_as_stored(dtype: torch.dtype) -> None:
     from onebit import kernels
