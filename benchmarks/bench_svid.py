@@ -13,6 +13,8 @@ where ``a bᵀ`` is a rank-1 non-negative approximation of ``|W|``. This script 
     svd          exact rank-1 SVD of |W| (torch.linalg.svd); its error is the rank-1 optimum
     nmf_sklearn  the official code's scikit-learn NMF (the reference for speed-up)
     xnor         the XNOR-Net baseline sign(W)·mean|W| per output row (no SVID, for contrast)
+    read         W.sum(dim=1): one plain read of W and nothing else (no result to score), the
+                 floor under one round of nmf; the checks say how fast three reads would be
 
 For each matrix and method the Markdown table on stdout reports
 
@@ -96,7 +98,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 DEFAULT_MODEL = REPO_ROOT.parent / "shared" / "models" / "stories260K-hf"
-METHODS = ("nmf", "nmf_torch", "nmf_bf16", "power", "svd", "nmf_sklearn", "xnor")
+METHODS = ("nmf", "nmf_torch", "nmf_bf16", "power", "svd", "nmf_sklearn", "xnor", "read")
 SMOLLM2_SPEC = REPO_ROOT / "conf" / "model" / "smollm2_135m.yaml"
 FULL_SHAPES = {
     "q/k/v/o_proj": (4096, 4096),
@@ -203,14 +205,19 @@ def compute(method: str, w: Tensor, max_iter: int, tol: float) -> tuple[Tensor, 
 
     if method == "xnor":
         return (w.float().abs().mean(dim=1),)
+    if method == "read":
+        return (w.sum(dim=1),)
     if method == "nmf_torch":
         with kernels.disabled():
             return svid(w, "nmf", max_iter=max_iter, tol=tol)
     return svid(w, "nmf" if method == "nmf_bf16" else method, max_iter=max_iter, tol=tol)
 
 
-def error_of(method: str, w: Tensor, result: tuple[Tensor, ...]) -> float:
+def error_of(method: str, w: Tensor, result: tuple[Tensor, ...]) -> float | None:
     from onebit.quant.svid import relative_error, svid_approx, xnor_error
+
+    if method == "read":
+        return None
 
     if method == "xnor":
         return xnor_error(w, per_row=True)
@@ -294,7 +301,8 @@ def bench(case: Case, method: str, args: argparse.Namespace) -> Row:
             log(f"  {method:<12} run {len(times)}/{args.repeats}: {t:.4g} s per pass")
     row.n, row.calls = len(times), calls
     row.time_s = statistics.median(times)
-    row.error = statistics.fmean(error_of(method, w, r) for w, r in zip(case.weights, results))
+    errors = [error_of(method, w, r) for w, r in zip(case.weights, results)]
+    row.error = None if None in errors else statistics.fmean(errors)
     return row
 
 
@@ -419,7 +427,7 @@ def header(args: argparse.Namespace, model_path: Path, load_start: str, heap: st
         ),
         (
             "- time: median over runs of the mean time (clock above) of one pass "
-            "computing (a, b); xnor: of computing mean|W| per row"
+            "computing (a, b); xnor: of computing mean|W| per row; read: of W.sum(dim=1)"
         ),
         (
             "- error: ||W − sign(W)⊙(a bᵀ)||_F / ||W||_F (xnor: ||W − sign(W)·mean|W|_row||_F / "
@@ -468,6 +476,13 @@ def checks(rows: list[Row]) -> list[str]:
             out.append(
                 f"- {case}: {method} error − sklearn error = {nmf.error - sk.error:+.2e} "
                 f"(relative {rel:+.2e}); {method} is {speed:.1f}x faster than sklearn"
+            )
+        read, sk, nmf = (by.get((case, m)) for m in ("read", "nmf_sklearn", "nmf"))
+        if read and sk and nmf and read.time_s and sk.time_s and nmf.time_s:
+            out.append(
+                f"- {case}: one plain read of W takes {read.time_s:.4g} s and nmf "
+                f"{nmf.time_s / read.time_s:.2f} reads' time; three plain reads would be "
+                f"{sk.time_s / (3 * read.time_s):.1f}x faster than sklearn"
             )
     return ["", "Checks:", "", *out] if out else []
 
