@@ -46,6 +46,14 @@ def _balance(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a * c, b / c
 
 
+def _abs_into(block: Tensor, W_rows: Tensor) -> None:
+    """``block`` ← |W_rows| in fp32 (from fp32 directly; from bf16/fp16/fp64 through a copy)."""
+    if W_rows.dtype == torch.float32:
+        torch.abs(W_rows, out=block)
+    else:
+        block.copy_(W_rows).abs_()
+
+
 def _als_pass(
     W: Tensor, b: Tensor, rows: int, buf: Tensor, buf_is_abs: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -58,10 +66,8 @@ def _als_pass(
     b_next = torch.zeros_like(b)
     for r0 in range(0, W.shape[0], rows):
         block = buf[: min(rows, W.shape[0] - r0)]
-        if not buf_is_abs and W.dtype == torch.float32:
-            torch.abs(W[r0 : r0 + rows], out=block)  # A_R
-        elif not buf_is_abs:
-            block.copy_(W[r0 : r0 + rows]).abs_()  # A_R in fp32, from bf16/fp16/fp64 weights
+        if not buf_is_abs:
+            _abs_into(block, W[r0 : r0 + rows])  # A_R
         a_r = torch.mv(block, b, out=a[r0 : r0 + block.shape[0]])  # A_R b
         b_next.addmv_(block.T, a_r)  # += A_Rᵀ (A_R b), while A_R is in cache
     bb = b.dot(b)
@@ -97,7 +103,7 @@ def _rank1_als(
     # One block (always on GPU; small matrices on CPU): make A = |W| once, not once per round.
     whole = rows >= out_f
     if whole:
-        buf.copy_(W).abs_()
+        _abs_into(buf, W)
     b = torch.ones(in_f, dtype=torch.float32, device=dev)
     energy = 0.0
     it = 0
