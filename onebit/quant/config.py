@@ -35,8 +35,8 @@ class OneBitConfig:
             same updates as ``nmf``; ``nmf_sklearn``: the official code's scikit-learn NMF;
             ``none``: ``g = h = 1``, i.e. a plain copy of ``W``).
         svid_max_iter: iteration cap of the iterative methods (``nmf``, ``power``, ``nmf_sklearn``).
-        svid_tol: relative change of the rank-1 energy ``||A b||² / ||b||²`` under which the
-            iterative torch methods stop.
+        svid_tol: the iterative torch methods stop after a round that moves the unit vector
+            ``b/||b||`` by at most this much (``onebit.quant.svid``).
         latent_init: the latent full-precision weight starts as ``sign(W) * latent_init_scale``
             (``sign``, official) or as ``W`` itself (``weight``).
         latent_init_scale: magnitude of the latent weight for ``latent_init="sign"``
@@ -55,7 +55,7 @@ class OneBitConfig:
 
     svid_method: SvidMethod = "nmf"
     svid_max_iter: int = 200
-    svid_tol: float = 1e-7
+    svid_tol: float = 1e-6
     latent_init: LatentInit = "sign"
     latent_init_scale: float = 0.01
     ste: SteKind = "identity"

@@ -17,10 +17,15 @@ from pathlib import Path
 
 from torch import Tensor
 
+# Bumped whenever the iterative methods' arithmetic or stopping rule changes, so that a cache
+# written by an older version is not read as this version's result. 2: z summed in float64, stop
+# on the direction of b (1: float32 z, stop on the energy).
+SVID_VERSION = 2
+
 
 def svid_cache_key(model_id: str, method: str, max_iter: int, tol: float) -> str:
     """A short hash naming the cache file of one model and SVID setting."""
-    blob = json.dumps([model_id, method, max_iter, tol], sort_keys=True).encode()
+    blob = json.dumps([model_id, method, max_iter, tol, SVID_VERSION], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -52,6 +52,19 @@ def test_another_svid_setting_gets_its_own_file(tmp_path) -> None:
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
+def test_a_cache_from_another_svid_version_is_not_read(tmp_path, monkeypatch) -> None:
+    """A change of the iterative methods' arithmetic or stopping rule (SVID_VERSION) makes a new
+    file rather than reading the old version's results."""
+    spec = {"name": "tiny_llama", "source": "tiny", "arch": "llama"}
+    teacher = tiny_causal_lm("llama")
+    OneBitDistillation(spec, teacher=teacher, svid_cache_dir=str(tmp_path)).configure_model()
+    monkeypatch.setattr("onebit.quant.svid_cache.SVID_VERSION", 1)
+    old = OneBitDistillation(spec, teacher=teacher, svid_cache_dir=str(tmp_path))
+    old.configure_model()
+    assert old.svid_cache_hits == 0
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
 def test_a_corrupt_cache_is_recomputed_and_rewritten(tmp_path) -> None:
     path = tmp_path / "c.safetensors"
     path.write_bytes(b"not a safetensors file")

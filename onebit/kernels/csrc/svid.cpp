@@ -4,9 +4,10 @@
 //     z = Aᵀ a           (in,)      z_j = Σ_r |w_rj| a_r
 //
 // Each thread owns a range of rows. A row is read once from memory for a_r and reused from L1/L2
-// for its contribution a_r·|w_r| to the thread's private z; the private z's are summed at the
-// end. |W| is never materialised. fp32, bf16 and fp16 weights are read as stored (bf16/fp16 move
-// half the bytes) and widened to fp32 in registers; all arithmetic is fp32.
+// for its contribution a_r·|w_r| to the thread's private z (float32 over 32 rows, then added into
+// float64); the private z's are summed at the end. |W| is never materialised. fp32, bf16 and fp16
+// weights are read as stored (bf16/fp16 move half the bytes) and widened to fp32 in registers;
+// the arithmetic is fp32 but for those float64 sums.
 //
 // With AVX-512, rows go in blocks of `block_rows`: z is loaded and stored once per block instead
 // of once per row. Within a block, the rows' dot products either run together (`interleave`: 2R
@@ -72,15 +73,27 @@ inline float dot_row(const T* row, int64_t in, const float* b) {
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
+// zd[0..16) += v (the first lanes of `m` only), widened to float64.
+inline void add_to_f64(double* zd, __m512 v, __mmask16 m) {
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  const __m512d hi =
+      _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1)));
+  const __mmask8 mlo = static_cast<__mmask8>(m & 0xFF), mhi = static_cast<__mmask8>(m >> 8);
+  _mm512_mask_storeu_pd(zd, mlo, _mm512_add_pd(_mm512_maskz_loadu_pd(mlo, zd), lo));
+  _mm512_mask_storeu_pd(zd + 8, mhi, _mm512_add_pd(_mm512_maskz_loadu_pd(mhi, zd + 8), hi));
+}
+
 // R rows at a time. With `Interleave`, their dot products run as 2R independent FMA chains;
 // without, one row after another (dot_row). Then the update of z loads and stores each z vector
 // once per R rows instead of once per row. Per row, the operations and their order are those of
 // dot_row, and the R updates of z are chained in row order, so every R and both schedules give the
 // same bits. While z is updated, the next block's rows are prefetched into L2 (when `next` is not
-// null).
+// null). z is the float32 sum of a run of blocks (see als_rows_acc): the run's `first` block starts
+// it from zero instead of loading it, and its last block adds it into the float64 `zd` instead of
+// storing it (when `zd` is not null); so z is never zeroed or flushed in a pass of its own.
 template <typename T, int R, bool Interleave>
 inline void als_block(const T* W, int64_t in, int64_t r, const float* b, float* a, float* z,
-                      const T* next) {
+                      const T* next, bool first, double* zd) {
   const int64_t full = in / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (in - full)) - 1u);
   const T* row[R];
@@ -121,58 +134,67 @@ inline void als_block(const T* W, int64_t in, int64_t r, const float* b, float* 
   }
   constexpr int64_t kLine = 64 / sizeof(T);  // weights per cache line; a multiple of 16
   for (int64_t j = 0; j < full; j += 16) {
-    __m512 zv = _mm512_loadu_ps(z + j);
+    __m512 zv = first ? _mm512_setzero_ps() : _mm512_loadu_ps(z + j);
     for (int k = 0; k < R; ++k) zv = _mm512_fmadd_ps(abs16(row[k] + j, 0xFFFF), av[k], zv);
-    _mm512_storeu_ps(z + j, zv);
+    if (zd != nullptr)
+      add_to_f64(zd + j, zv, 0xFFFF);
+    else
+      _mm512_storeu_ps(z + j, zv);
     if (next != nullptr && j % kLine == 0)
       for (int k = 0; k < R; ++k)
         _mm_prefetch(reinterpret_cast<const char*>(next + k * in + j), _MM_HINT_T1);
   }
   if (tail) {
-    __m512 zv = _mm512_maskz_loadu_ps(tail, z + full);
+    __m512 zv = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(tail, z + full);
     for (int k = 0; k < R; ++k) zv = _mm512_fmadd_ps(abs16(row[k] + full, tail), av[k], zv);
-    _mm512_mask_storeu_ps(z + full, tail, zv);
+    if (zd != nullptr)
+      add_to_f64(zd + full, zv, tail);
+    else
+      _mm512_mask_storeu_ps(z + full, tail, zv);
   }
 }
 
-// a_r = |w_r|·b and z += a_r |w_r| for rows r0..r1-1: blocks of R rows, then single rows.
-// Interleaved blocks prefetch the next block while z is updated; row-after-row blocks leave the
-// single stream to the hardware prefetcher (with that prefetch, blocks of 8 and 16 rows one by
-// one were 1-33 % slower at the three LLaMA-7B shapes, side by side).
+// a_r = |w_r|·b for rows r0..r1-1 (r0 < r1) and zd += Σ_r a_r |w_r|, summed in float32 in z
+// (scratch) and added into zd once: blocks of R rows, then single rows. Interleaved blocks prefetch
+// the next block while z is updated; row-after-row blocks leave the single stream to the hardware
+// prefetcher (with that prefetch, blocks of 8 and 16 rows one by one were 1-33 % slower at the
+// three LLaMA-7B shapes, side by side).
 template <typename T, int R, bool Interleave>
 void als_rows_by(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a,
-                 float* z) {
-  int64_t r = r0;
-  for (; r + R <= r1; r += R) {
+                 float* z, double* zd) {
+  const int64_t blocks_end = r0 + (r1 - r0) / R * R;
+  for (int64_t r = r0; r < blocks_end; r += R) {
     const T* next = (Interleave || R == 1) && r + 2 * R <= r1 ? W + (r + R) * in : nullptr;
-    als_block<T, R, Interleave>(W, in, r, b, a, z, next);
+    als_block<T, R, Interleave>(W, in, r, b, a, z, next, r == r0, r + R == r1 ? zd : nullptr);
   }
-  for (; r < r1; ++r) als_block<T, 1, false>(W, in, r, b, a, z, nullptr);
+  for (int64_t r = blocks_end; r < r1; ++r)
+    als_block<T, 1, false>(W, in, r, b, a, z, nullptr, r == r0, r + 1 == r1 ? zd : nullptr);
 }
 
 template <typename T, bool Interleave>
 void als_rows_sched(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a,
-                    float* z, int64_t block_rows) {
+                    float* z, double* zd, int64_t block_rows) {
   switch (block_rows) {
-    case 1: als_rows_by<T, 1, false>(W, in, r0, r1, b, a, z); break;
-    case 2: als_rows_by<T, 2, Interleave>(W, in, r0, r1, b, a, z); break;
-    case 4: als_rows_by<T, 4, Interleave>(W, in, r0, r1, b, a, z); break;
-    default: als_rows_by<T, 8, Interleave>(W, in, r0, r1, b, a, z); break;
+    case 1: als_rows_by<T, 1, false>(W, in, r0, r1, b, a, z, zd); break;
+    case 2: als_rows_by<T, 2, Interleave>(W, in, r0, r1, b, a, z, zd); break;
+    case 4: als_rows_by<T, 4, Interleave>(W, in, r0, r1, b, a, z, zd); break;
+    default: als_rows_by<T, 8, Interleave>(W, in, r0, r1, b, a, z, zd); break;
   }
 }
 
 template <typename T>
 void als_rows(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a, float* z,
-              int64_t block_rows, bool interleave) {
+              double* zd, int64_t block_rows, bool interleave) {
   if (interleave)
-    als_rows_sched<T, true>(W, in, r0, r1, b, a, z, block_rows);
+    als_rows_sched<T, true>(W, in, r0, r1, b, a, z, zd, block_rows);
   else
-    als_rows_sched<T, false>(W, in, r0, r1, b, a, z, block_rows);
+    als_rows_sched<T, false>(W, in, r0, r1, b, a, z, zd, block_rows);
 }
 #else
 template <typename T>
 void als_rows(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a, float* z,
-              int64_t /*block_rows*/, bool /*interleave: AVX-512 only*/) {
+              double* zd, int64_t /*block_rows*/, bool /*interleave: AVX-512 only*/) {
+  std::fill(z, z + in, 0.0f);
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = W + r * in;
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums so the loop vectorises
@@ -185,35 +207,69 @@ void als_rows(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, fl
     a[r] = ar;
     for (j = 0; j < in; ++j) z[j] += std::fabs(static_cast<float>(row[j])) * ar;
   }
+  for (int64_t j = 0; j < in; ++j) zd[j] += z[j];
 }
 #endif
 
-// One round on raw pointers: a = A b, z = Aᵀ a. zs is scratch of nt × in floats.
+// Rows r0..r1-1 of one thread: a_r, and z += Σ_r a_r |w_r| in float64. The rows' updates go into a
+// float32 z of kFlushRows rows at a time (in L1), which is then added into the float64 z: the
+// float32 sums stay 32 terms long whatever the number of rows, so z is exact to about 1e-7 of
+// itself (at 4096 rows per thread, one float32 sum drifted to a few 1e-6 and left the rank-1 error
+// above scikit-learn's by ~1e-13 relative). Side by side with one float32 z: fp32 rounds took
+// 0.95-1.01× the time, bf16 rounds (half the bytes per row, so the flush weighs more) 1.05-1.15×.
+constexpr int64_t kFlushRows = 32;  // a multiple of every block_rows: blocks never straddle a flush
+
 template <typename T>
-void als_round(const T* W, int64_t out, int64_t in, const float* b, float* a, float* z, float* zs,
-               int64_t nt, int64_t block_rows, bool interleave) {
-  std::memset(zs, 0, sizeof(float) * nt * in);
+void als_rows_acc(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a,
+                  float* z32, double* z, int64_t block_rows, bool interleave) {
+  for (int64_t c = r0; c < r1; c += kFlushRows)
+    als_rows<T>(W, in, c, std::min(c + kFlushRows, r1), b, a, z32, z, block_rows, interleave);
+}
+
+// One round on raw pointers: a = A b, z = Aᵀ a (float64). zs and z32s are scratch of nt × in.
+template <typename T>
+void als_round(const T* W, int64_t out, int64_t in, const float* b, float* a, double* z, double* zs,
+               float* z32s, int64_t nt, int64_t block_rows, bool interleave) {
+  std::fill(zs, zs + nt * in, 0.0);
   if (nt == 1) {
-    als_rows<T>(W, in, 0, out, b, a, zs, block_rows, interleave);
+    als_rows_acc<T>(W, in, 0, out, b, a, z32s, zs, block_rows, interleave);
   } else {
     // One contiguous block of rows per thread: each thread's z stays in its own cache.
     at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        als_rows<T>(W, in, out * t / nt, out * (t + 1) / nt, b, a, zs + t * in, block_rows,
-                    interleave);
+        als_rows_acc<T>(W, in, out * t / nt, out * (t + 1) / nt, b, a, z32s + t * in,
+                        zs + t * in, block_rows, interleave);
     });
   }
   for (int64_t j = 0; j < in; ++j) {
-    float s = 0;
+    double s = 0;
     for (int64_t t = 0; t < nt; ++t) s += zs[t * in + j];
     z[j] = s;
   }
 }
 
+// ‖x/‖x‖ − y/‖y‖‖ in float64: how far a round moved the direction of b.
+double direction_change(const float* x, const float* y, int64_t n) {
+  double xx = 0, yy = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    xx += double(x[j]) * x[j];
+    yy += double(y[j]) * y[j];
+  }
+  if (xx == 0 || yy == 0) return xx == yy ? 0.0 : 2.0;
+  const double sx = 1.0 / std::sqrt(xx), sy = 1.0 / std::sqrt(yy);
+  double d = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double e = x[j] * sx - y[j] * sy;
+    d += e * e;
+  }
+  return std::sqrt(d);
+}
+
 // The whole rank-1 ALS of onebit.quant.svid._rank1_als in one call (the Python loop costs more
 // than the arithmetic on small matrices):
 //     a ← max(0, A b)/‖b‖²,  b ← max(0, Aᵀ a)/‖a‖²,  from b = 1,
-// until the captured energy ‖a‖²‖b‖² rises by ≤ tol (relative) in a round, or max_iter rounds.
+// until a round moves the unit vector b/‖b‖ by at most tol, or by no less than the round before
+// (the float32 floor), or max_iter rounds.
 template <typename T>
 int64_t rank1_als(const at::Tensor& W, int64_t max_iter, double tol, int64_t block_rows,
                   bool interleave, at::Tensor& a_t, at::Tensor& b_t) {
@@ -221,29 +277,28 @@ int64_t rank1_als(const at::Tensor& W, int64_t max_iter, double tol, int64_t blo
   // Two threads only pay off above ~64k weights (thread wake-up costs microseconds).
   const int64_t nt = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), std::min<int64_t>(out, W.numel() >> 16)));
-  std::vector<float> z(in), zs(nt * in);
+  std::vector<double> z(in), zs(nt * in);
+  std::vector<float> z32s(nt * in), b_prev(in);
   const T* Wp = W.const_data_ptr<T>();
   float* a = a_t.mutable_data_ptr<float>();
   float* b = b_t.mutable_data_ptr<float>();
   std::fill(b, b + in, 1.0f);
-  double energy = 0;
+  double moved_before = 4.0;  // more than any distance between unit vectors
   int64_t it = 0;
   for (it = 1; it <= max_iter; ++it) {
-    als_round<T>(Wp, out, in, b, a, z.data(), zs.data(), nt, block_rows, interleave);
-    double bb = 0, aa = 0, bn = 0;
+    als_round<T>(Wp, out, in, b, a, z.data(), zs.data(), z32s.data(), nt, block_rows, interleave);
+    std::copy(b, b + in, b_prev.begin());
+    double bb = 0, aa = 0;
     for (int64_t j = 0; j < in; ++j) bb += double(b[j]) * b[j];
     for (int64_t r = 0; r < out; ++r) {
       a[r] = std::max(0.0f, float(a[r] / bb));
       aa += double(a[r]) * a[r];
     }
     const double scale = (bb * aa) > 0 ? 1.0 / (bb * aa) : 0.0;
-    for (int64_t j = 0; j < in; ++j) {
-      b[j] = std::max(0.0f, float(z[j] * scale));
-      bn += double(b[j]) * b[j];
-    }
-    const double e = aa * bn;
-    if (e > 0 && e - energy <= tol * e) break;
-    energy = e;
+    for (int64_t j = 0; j < in; ++j) b[j] = std::max(0.0f, float(z[j] * scale));
+    const double moved = direction_change(b, b_prev.data(), in);
+    if (moved <= tol || moved >= moved_before) break;
+    moved_before = moved;
   }
   return std::min(it, max_iter);
 }
