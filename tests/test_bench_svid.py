@@ -42,9 +42,13 @@ def _check_table(out: str, device: str) -> None:
         assert abs(float(r[6])) < 1e-6, r
     checks = [line for line in out.splitlines() if " error − sklearn error = " in line]
     assert len(checks) == 3 * 3  # nmf, nmf_torch, nmf_bf16 on each random shape
+    from onebit import kernels
+
     for line in checks:
         rel = float(line.split("(relative ")[1].split(")")[0])
-        assert rel <= 1e-6, line  # at least scikit-learn's error, to float32 rounding
+        assert rel <= 1e-6, line  # scikit-learn's error, to float32 rounding
+        if kernels.available() and (": nmf error" in line or ": nmf_bf16 error" in line):
+            assert "at most sklearn's on 1 of 1 matrices" in line, line  # the C++ op: no tolerance
     reads = [line for line in out.splitlines() if "one plain read of W takes" in line]
     assert len(reads) == 3  # the read floor, on each random shape
 
