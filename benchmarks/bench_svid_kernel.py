@@ -8,10 +8,11 @@ plain read of the same matrix.
 The matrices are ``bench_svid.py``'s LLaMA-like random weights (4096×4096, 11008×4096,
 4096×11008), as fp32 and as bf16. Every block size and schedule gives the same bits (asserted
 here, and in ``tests/quant/test_svid.py``); only the time differs. Each timed run calls the op
-``--calls`` times with ``tol = -1`` (never met) and ``max_iter = --rounds``, i.e. exactly that many
-rounds (3: what the default ``tol`` takes on these matrices); the configurations take turns, run after run, so that a busy moment of the
-machine hits them alike. The table gives the median over ``--repeats`` runs of the time per round,
-the bytes of W read per second at that pace, and the speed-up over one row at a time. "4 rows,
+``--calls`` times with ``tol = -1`` (never met) and ``max_iter = --rounds``, i.e. exactly that
+many rounds (3: what the default ``tol`` takes on these matrices); the configurations take turns,
+run after run, so that a busy moment of the machine hits them alike. The table gives the median
+over ``--repeats`` runs of the time per round, the bytes of W read per second at that pace, and
+the speed-up over one row at a time. "4 rows,
 interleaved" runs the 4 rows' dot products together (4 row streams); "4 rows, one by one" runs
 them one row after another and then updates z once for the 4 rows. "default" is the op's
 (``block_rows=0, interleave=-1``): 4 rows one by one for fp32 weights, 8 rows interleaved for
