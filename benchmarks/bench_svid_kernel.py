@@ -12,9 +12,9 @@ here, and in ``tests/quant/test_svid.py``); only the time differs. Each timed ru
 many rounds (3: what the default ``tol`` takes on these matrices); the configurations take turns,
 run after run, so that a busy moment of the machine hits them alike. The table gives the median
 over ``--repeats`` runs of the time per round, the bytes of W read per second at that pace, and
-the speed-up over one row at a time. "4 rows,
-interleaved" runs the 4 rows' dot products together (4 row streams); "4 rows, one by one" runs
-them one row after another and then updates z once for the 4 rows. "default" is the op's
+the speed-up over one row at a time. "4 rows, interleaved" runs the 4 rows' dot products
+together (4 row streams); "4 rows, one by one" runs them one row after another and then updates z
+once for the 4 rows. "default" is the op's
 (``block_rows=0, interleave=-1``): 4 rows one by one for fp32 weights, 8 rows interleaved for
 bf16/fp16 (see ``svid.cpp``).
 "one read" is ``W.sum(dim=1)``: one pass over W by PyTorch, the pace of memory for comparison.
