@@ -28,7 +28,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <algorithm>
 #include <tuple>
 #include <vector>
@@ -211,12 +210,14 @@ void als_rows(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, fl
 }
 #endif
 
-// Rows r0..r1-1 of one thread: a_r, and z += Σ_r a_r |w_r| in float64. The rows' updates go into a
-// float32 z of kFlushRows rows at a time (in L1), which is then added into the float64 z: the
-// float32 sums stay 32 terms long whatever the number of rows, so z is exact to about 1e-7 of
-// itself (at 4096 rows per thread, one float32 sum drifted to a few 1e-6 and left the rank-1 error
-// above scikit-learn's by ~1e-13 relative). Side by side with one float32 z: fp32 rounds took
-// 0.95-1.01× the time, bf16 rounds (half the bytes per row, so the flush weighs more) 1.05-1.15×.
+// Rows r0..r1-1 of one thread: a_r, and z += Σ_r a_r |w_r| in float64. The rows' updates are summed
+// in a float32 z (in L1) over kFlushRows rows at a time, and the last block of those rows adds it
+// into the float64 z: the float32 sums stay 32 terms long whatever the number of rows, so z is
+// exact to about 1e-7 of itself (at 4096 rows per thread, one float32 sum drifted to a few 1e-6
+// and left the rank-1 error above scikit-learn's by ~1e-13 relative). Side by side with one
+// float32 z, at the LLaMA-7B shapes: fp32 rounds took 0.98-1.02× the time on two threads and
+// 1.04-1.10× on one, bf16 rounds (half the bytes per row, so the sums weigh more) 1.03-1.09× and
+// 1.02-1.04×.
 constexpr int64_t kFlushRows = 32;  // a multiple of every block_rows: blocks never straddle a flush
 
 template <typename T>
