@@ -218,7 +218,7 @@ def compute(method: str, w: Tensor, max_iter: int, tol: float) -> tuple[Tensor, 
 
 
 def error_of(method: str, w: Tensor, result: tuple[Tensor, ...]) -> float | None:
-    from onebit.quant.svid import relative_error, svid_approx, xnor_error
+    from onebit.quant.svid import factors_error, xnor_error
 
     if method == "read":
         return None
@@ -226,7 +226,7 @@ def error_of(method: str, w: Tensor, result: tuple[Tensor, ...]) -> float | None
     if method == "xnor":
         return xnor_error(w, per_row=True)
     a, b = (t.cpu() for t in result)
-    return relative_error(w, svid_approx(w, a, b, torch.float64))
+    return factors_error(w, a, b)
 
 
 def time_group(
@@ -311,7 +311,7 @@ def bench(case: Case, method: str, args: argparse.Namespace) -> Row:
     return row
 
 
-def optimum(case: Case, rows: list[Row], args: argparse.Namespace) -> tuple[float | None, str]:
+def optimum(case: Case, args: argparse.Namespace) -> tuple[float | None, str]:
     """The mean rank-1 optimum of the case and where it came from."""
     from onebit.quant.svid import rank1_optimal_error
 
@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"[{case.name}] {case.shape}")
         b0, o0 = busy_cpu_seconds(), own_cpu_seconds()
         case_rows = [bench(case, m, args) for m in METHODS]
-        optima[case.name] = optimum(case, case_rows, args)
+        optima[case.name] = optimum(case, args)
         b1 = busy_cpu_seconds()
         if b0 is not None and b1 is not None:
             log(f"  CPU time of other processes: {b1 - b0 - (own_cpu_seconds() - o0):.1f} s")

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from onebit import kernels
-    from onebit.quant.svid import relative_error, svid, svid_approx
+    from onebit.quant.svid import factors_error, svid
 
     t_start = time.perf_counter()
     svid(draw(64, 64, seed=0), "nmf")  # warm-up: builds or loads the C++ kernels
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             n += 1
             per_shape.setdefault(shape, []).append(dt)
             if layer == 0:
-                errors.append((name, relative_error(W, svid_approx(W, a, b))))
+                errors.append((name, factors_error(W, a, b)))
         print(f"block {layer + 1}/{args.layers}: {total:.2f} s so far", file=sys.stderr, flush=True)
     sk_total = None
     sk_rows = []

@@ -270,10 +270,14 @@ def relative_error(weight: Tensor, approx: Tensor) -> float:
     return math.sqrt(err2 / float(W.pow(2).sum()))
 
 
+def factors_error(weight: Tensor, a: Tensor, b: Tensor) -> float:
+    """Relative Frobenius error of ``sign(W) ⊙ (a bᵀ)`` for given factors, scored in float64."""
+    return relative_error(weight, svid_approx(weight, a, b, torch.float64))
+
+
 def svid_error(weight: Tensor, method: str = "nmf", **kwargs) -> float:
     """Relative Frobenius error of the SVID of ``weight`` with ``method`` (in float64)."""
-    a, b = svid(weight, method, **kwargs)
-    return relative_error(weight, svid_approx(weight, a, b, torch.float64))
+    return factors_error(weight, *svid(weight, method, **kwargs))
 
 
 def xnor_error(weight: Tensor, per_row: bool = True) -> float:
