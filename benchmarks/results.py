@@ -17,8 +17,8 @@ One row per method, every row evaluated by the same code on the same tokens (``o
                   changed (``ref`` is the unchanged recipe at that budget)
 
 The distillation is a plain loop over the library (``quantize_``, ``freeze_``, ``DistillLoss``,
-AdamW with ``cosine_with_warmup``), the recipe ``OneBitDistillation`` runs, plus a learning-rate
-multiplier for g and h. Every run reads the same training blocks in the same seeded order. Writes
+and ``onebit.distill.recipe.make_optimizer``, the optimizer and schedule ``OneBitDistillation``
+builds). Every run reads the same training blocks in the same seeded order. Writes
 ``results.json``, ``results.csv``, ``curves.csv`` and ``results.md`` to the run directory, the plot
 to ``plot``, and a W&B run.
 """
@@ -302,13 +302,13 @@ def distill(
     grad_clip: float | None = 1.0,
     eval_every: int = 0,
     on_eval: Callable[[], float] | None = None,
-    scale_lr: float = 1.0,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into ``student`` in place for ``steps`` AdamW steps; the curve.
 
     The loop of ``OneBitDistillation``: teacher forward without gradients, student forward,
-    ``DistillLoss``, gradient clipping, AdamW (no decay on biases), linear warm-up + cosine.
-    One addition: the value vectors g, h get ``scale_lr`` times the learning rate (1: the same).
+    ``DistillLoss``, gradient clipping, and the optimizer and schedule of
+    ``onebit.distill.recipe.make_optimizer`` (AdamW, per-role learning rates ``optim.latent_lr``
+    and ``optim.scale_lr``, warm-up + cosine), the same objects the LightningModule builds.
     Batches walk through ``blocks`` in a seeded order, reshuffled at each pass.
 
     Returns ``{"curve": [{step, tokens, wall_s, ppl, loss}], "steps", "tokens", "train_s"}``; a
@@ -320,32 +320,11 @@ def distill(
     import torch
 
     from onebit.distill import DistillLoss
-    from onebit.module import cosine_with_warmup
+    from onebit.distill.recipe import make_optimizer
 
     loss_fn = DistillLoss(loss_config)
-    decay, scales, no_decay = [], [], []
-    for name, p in student.named_parameters():
-        if p.requires_grad:
-            if name.endswith(".bias"):
-                no_decay.append(p)
-            elif name.endswith(("in_scale", "out_scale")):
-                scales.append(p)
-            else:
-                decay.append(p)
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": optim.weight_decay},
-            {"params": scales, "weight_decay": optim.weight_decay, "lr": optim.lr * scale_lr},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=optim.lr,
-        betas=optim.betas,
-        eps=optim.eps,
-    )
-    warmup = min(optim.warmup_steps, steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_with_warmup(s, warmup, steps, optim.min_lr_ratio)
-    )
+    opt, sched = make_optimizer(student, optim, steps)
+    trainable = [p for group in opt.param_groups for p in group["params"]]
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     hidden = loss_config.needs_hidden_states
@@ -374,7 +353,7 @@ def distill(
         terms = loss_fn(s.logits, t.logits, s.hidden_states, t.hidden_states, None, ids)
         terms["loss"].backward()
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(decay + scales + no_decay, grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -584,9 +563,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from onebit.distill import DistillLossConfig
+    from onebit.distill.recipe import OptimConfig
     from onebit.errors import OneBitInputError
     from onebit.models import ModelSpec, load_causal_lm, load_tokenizer
-    from onebit.module import OptimConfig
     from onebit.quant import OneBitConfig
 
     t_start = time.perf_counter()
@@ -655,7 +634,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tr.grad_clip,
             int(tr.eval_every),
             lambda: curve_ppl(student, streams, int(e.curve_windows)),
-            float(tr.scale_lr),
         )
         add(key, label, student, zero_shot, train)
 

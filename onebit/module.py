@@ -27,8 +27,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from onebit.config_utils import check_number, from_mapping
+from onebit.config_utils import from_mapping
 from onebit.distill import DistillLoss, DistillLossConfig
+from onebit.distill.recipe import OptimConfig, cosine_with_warmup, make_optimizer  # noqa: F401
 from onebit.errors import OneBitInputError
 from onebit.guards import (
     GuardConfig,
@@ -42,42 +43,6 @@ from onebit.models import ModelSpec, load_causal_lm
 from onebit.quant import OneBitConfig, OneBitLinear, footprint, freeze_, quantize_
 from onebit.quant.convert import find_decoder_blocks
 from onebit.quant.svid_cache import SvidCache, svid_cache_key
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with linear warm-up and cosine decay: the paper's recipe by default.
-
-    Attributes:
-        lr: peak learning rate.
-        betas: Adam betas (paper: 0.9, 0.98).
-        weight_decay: decoupled weight decay on latent weights and value vectors (not biases).
-        eps: Adam epsilon.
-        warmup_steps: linear warm-up from 0 to ``lr``.
-        min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` at the last step.
-    """
-
-    lr: float = 4e-4
-    betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 0.01
-    eps: float = 1e-8
-    warmup_steps: int = 500
-    min_lr_ratio: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_number("optim", "lr", self.lr, allow_zero=False)
-        check_number("optim", "weight_decay", self.weight_decay)
-        check_number("optim", "eps", self.eps, allow_zero=False)
-        check_number("optim", "warmup_steps", self.warmup_steps)
-        check_number("optim", "min_lr_ratio", self.min_lr_ratio)
-        self.betas = tuple(self.betas)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise OneBitInputError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1).")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> OptimConfig:
-        return from_mapping(cls, values, "optim")
-
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -147,14 +112,6 @@ def student_from_state(
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.requires_grad_(False).eval()
-
-
-def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR factor: linear warm-up to 1 over ``warmup`` steps, then a cosine down to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _as(cls, value):
@@ -527,28 +484,11 @@ class OneBitDistillation(L.LightningModule):
             )
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.student.named_parameters():
-            if p.requires_grad:
-                (no_decay if name.endswith(".bias") else decay).append(p)
-        o = self.optim
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": o.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=o.lr,
-            betas=o.betas,
-            eps=o.eps,
-        )
         # max_steps when set: estimated_stepping_batches would build the train loader before a
         # checkpoint's loader state is restored (Lightning #20550), losing the data position
         max_steps = self.trainer.max_steps
         total = max_steps if max_steps > 0 else max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(o.warmup_steps, total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_with_warmup(step, warmup, total, o.min_lr_ratio)
-        )
+        optimizer, schedule = make_optimizer(self.student, self.optim, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- validation: perplexity of student (and, once, teacher) on held-out blocks --------------
