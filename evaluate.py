@@ -4,6 +4,7 @@
         'eval.wikitext2_path=${paths.shared_dir}/data/wikitext2/wiki.test.raw'
     python evaluate.py source=export path=outputs/train/runs/<time>/onebit_model eval.limit=100
     python evaluate.py source=checkpoint path=outputs/train/runs/<time>/checkpoints/last.ckpt
+    python evaluate.py source=export path=... diagnose.enabled=true   # student against teacher
 
 Prints a table in the paper's layout, writes it as JSON and Markdown to the run directory, and logs
 it to W&B as a table.
@@ -69,7 +70,10 @@ def load_for_eval(cfg: DictConfig):
         module.check_state_dict(ckpt["state_dict"], f"checkpoint {cfg.path}")
         module.load_state_dict(ckpt["state_dict"])
         spec = ModelSpec.from_dict(hp["model"])
-        return module.student.eval().to(dtype), load_tokenizer(spec), f"{spec.name} (OneBit ckpt)"
+        student = module.student.eval().to(dtype)
+        # what it was made from, as an export's config carries it (diagnostics need the teacher)
+        student.config.onebit = {"model": hp["model"], "quant": hp["quant"]}
+        return student, load_tokenizer(spec), f"{spec.name} (OneBit ckpt)"
     raise OneBitInputError(f"source={cfg.source} is not one of hf, checkpoint, export.")
 
 
@@ -83,6 +87,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     model.to(device).eval()
+    if cfg.diagnose.enabled:
+        return run_diagnose(cfg, model, tok, device)
     e = cfg.eval
     ctx = getattr(model.config, "max_position_embeddings", None) or e.seqlen
     seqlen = min(int(e.seqlen), int(ctx))
@@ -117,6 +123,55 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print(_notes(row), flush=True)
     _log_wandb(cfg, row)
     return row
+
+
+def run_diagnose(cfg: DictConfig, model, tok, device) -> dict[str, Any]:
+    """Print and write ``onebit.diagnostics`` for a 1-bit model against its teacher on the first
+    ``diagnose.tokens`` tokens of the calibration text; for ``source=hf``, the model's own output
+    scales and the layers a LayerNorm'd 1-bit layer could not write."""
+    import torch
+
+    from onebit.checkpoint import atomic_write_text
+    from onebit.diagnostics import diagnose, massive_layers
+    from onebit.errors import OneBitInputError
+    from onebit.eval.perplexity import c4_ids, wikitext2_ids
+    from onebit.models import ModelSpec, load_causal_lm
+
+    d = cfg.diagnose
+    n, seq = int(d.tokens), int(d.seq_len)
+    if n < seq or seq < 2:
+        raise OneBitInputError(f"diagnose.tokens={n} must be at least diagnose.seq_len={seq} >= 2.")
+    if d.text == "wikitext2":
+        ids = wikitext2_ids(tok, cfg.eval.wikitext2_path)
+    elif d.text == "c4":
+        ids = c4_ids(tok, cfg.eval.c4_path, seqlen=seq, n_samples=-(-n // seq))
+    else:
+        raise OneBitInputError(f"diagnose.text={d.text!r} is not wikitext2 or c4.")
+    if ids.numel() < seq:
+        raise OneBitInputError(f"the diagnose.text={d.text} text has fewer than {seq} tokens.")
+    ids = ids[: (min(n, ids.numel()) // seq) * seq].view(-1, seq).to(device)  # (batch, seq)
+    if cfg.source == "hf":
+        teacher, student = model, None
+    else:
+        teacher = load_causal_lm(ModelSpec.from_dict(model.config.onebit["model"]))
+        teacher = teacher.to(device=device, dtype=next(model.parameters()).dtype).eval()
+        student = model
+    with torch.no_grad():
+        report = diagnose(teacher, student, ids)
+    over = massive_layers(report)
+    text = report.format(top=int(d.top))
+    text += (
+        f"\n\n{len(over)} of {len(report.layers)} layers write entries above sqrt(out - 1), "
+        "the most a OneBit layer with its output LayerNorm can: "
+        + (", ".join(over[:12]) + (" ..." if len(over) > 12 else "") if over else "none")
+    )
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {**report.to_dict(), "massive_layers": over, "text": d.text, "seq_len": seq}
+    atomic_write_text(out_dir / "diagnostics.json", json.dumps(result, indent=2))
+    print("\n" + text + "\n", flush=True)
+    print(f"diagnostics: {out_dir / 'diagnostics.json'}", flush=True)
+    return result
 
 
 def _cells(row: dict[str, Any]) -> list[str]:

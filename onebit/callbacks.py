@@ -299,3 +299,70 @@ class ZeroShotEval(L.Callback):
                     metrics[f"test/{key}_{task}"] = float(s[key])
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
+
+
+class Diagnostics(L.Callback):
+    """Where the student departs from its teacher (``onebit.diagnostics``), at every validation.
+
+    On the first ``max_sequences`` sequences of the first validation batch (the same tokens every
+    time), logs ``diag/flip_frac`` (signs flipped since initialisation), ``diag/block_rel_err/<i>``
+    (the residual stream's relative error after block ``i``), their mean, maximum and last, and the
+    spread of the layers' output-scale ratios (``diag/log10_rms_ratio_*``); to W&B also a table
+    with one row per quantized layer. With ``validate_before_training`` the first point is the
+    SVID-initialised student. Skipped, with a warning, for a sharded (FSDP2) student.
+    """
+
+    def __init__(self, max_sequences: int = 4, layer_table: bool = True) -> None:
+        self.max_sequences, self.layer_table = max_sequences, layer_table
+        self._ids = None
+        self.last = None  # the latest report (onebit.diagnostics.Diagnostics)
+        self._warned = False
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if self._ids is None and batch_idx == 0:
+            self._ids = batch["input_ids"][: self.max_sequences].detach().clone()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self._ids is None:
+            return
+        if getattr(pl_module, "sharded", False):
+            if not self._warned:
+                log.warning("diagnostics are skipped for a sharded (FSDP2) student.")
+                self._warned = True
+            return
+        from onebit.diagnostics import diagnose
+
+        student = pl_module.student
+        was_training = student.training
+        self.last = diagnose(pl_module.teacher, student.eval(), self._ids.to(pl_module.device))
+        student.train(was_training)
+        metrics = {f"diag/{k}": v for k, v in self.last.summary().items()}
+        for b in self.last.blocks:
+            metrics[f"diag/block_rel_err/{b.index}"] = b.rel_err
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+            if self.layer_table and type(lg).__name__ == "WandbLogger":
+                lg.log_table("diag/layers", **_layer_table(self.last), step=trainer.global_step)
+
+
+def _layer_table(report) -> dict[str, list]:
+    columns = ["layer", "teacher_rms", "student_rms", "rms_ratio", "teacher_absmax",
+               "student_absmax", "teacher_absmax_token", "flip_frac"]  # fmt: skip
+    data = [
+        [
+            r.name,
+            r.teacher.rms_median,
+            r.student.rms_median,
+            r.rms_ratio,
+            r.teacher.absmax,
+            r.student.absmax,
+            r.teacher.absmax_token,
+            r.flip_frac,
+        ]
+        for r in report.layers
+        if r.student is not None
+    ]
+    return {"columns": columns, "data": data}

@@ -43,3 +43,24 @@ def test_perplexity_and_zero_shot_are_logged(tmp_path, stories_path) -> None:
         values = [float(r[key]) for r in rows if r.get(key)]
         assert len(values) == 1 and 0 <= values[0] <= 1, key
     assert Path(result["checkpoint_best"]).name == "best.ckpt"  # monitored val/ppl_wikitext2
+
+
+def test_diagnostics_are_logged_at_every_validation(tmp_path) -> None:
+    """The default callbacks log diag/* at the validation before training and after it; the
+    first point is the SVID-initialised student (no sign flipped yet)."""
+    import train
+
+    from ..app.conftest import TINY
+
+    cfg = compose_train([*TINY, "export=false", "optim.lr=5e-2"], tmp_path)
+    train.run(cfg)
+    with open(next(Path(cfg.paths.output_dir).rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("diag/flip_frac")]
+    steps = [int(r["step"]) for r in rows]
+    assert steps[0] == 0 and steps[-1] == 4 and len(steps) >= 3  # before, at step 2 and 4
+    flips = [float(r["diag/flip_frac"]) for r in rows]
+    assert flips[0] == 0.0 and flips[-1] > 0.0  # lr 5e-2 moves latents of 0.01 across zero
+    for r in rows:  # tiny_llama has 2 decoder blocks
+        errs = [float(r[k]) for k in r if k.startswith("diag/block_rel_err/") and r[k]]
+        assert len(errs) == 2
+        assert max(errs) == float(r["diag/block_rel_err_max"]) and min(errs) > 0

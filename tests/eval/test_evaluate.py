@@ -109,3 +109,33 @@ def test_missing_path_is_one_sentence(tmp_path) -> None:
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: path={tmp_path}/nope does not exist (source=export needs it)."
     )
+
+
+def test_diagnose_a_model_and_its_export(tmp_path, stories_path) -> None:
+    """``diagnose.enabled=true``: a model alone (source=hf), then an export against its teacher."""
+    import copy
+
+    import torch
+
+    from onebit.export import save_onebit
+    from onebit.models import ModelSpec, load_causal_lm
+    from onebit.quant import OneBitConfig, freeze_, quantize_
+
+    args = ["diagnose.enabled=true", "diagnose.tokens=256", "diagnose.seq_len=128"]
+    out = _evaluate(tmp_path / "hf", "model=stories260k", f"model.path={stories_path}", *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads((tmp_path / "hf" / "diagnostics.json").read_text())
+    assert d["n_tokens"] == 256 and not d["has_student"] and d["blocks"] == []
+    assert "largest teacher outputs" in out.stdout
+    spec = ModelSpec(name="stories260k", source="local", path=str(stories_path))
+    teacher = load_causal_lm(spec)
+    student = freeze_(quantize_(copy.deepcopy(teacher), OneBitConfig()))
+    export = tmp_path / "export"
+    save_onebit(student, export, OneBitConfig(), torch.float32, extra={"model": spec.to_dict()})
+    out = _evaluate(tmp_path / "ex", "source=export", f"path={export}", *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads((tmp_path / "ex" / "diagnostics.json").read_text())
+    assert d["has_student"] and len(d["blocks"]) == teacher.config.num_hidden_layers
+    assert d["summary"]["flip_frac"] == 0.0  # untrained: the signs of the teacher
+    assert all(b["rel_err"] > 0 for b in d["blocks"])
+    assert "block  rel.err" in out.stdout

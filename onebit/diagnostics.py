@@ -1,0 +1,300 @@
+"""Where a OneBit student departs from its teacher: layer output scales, block errors, sign flips.
+
+Plain PyTorch (no Lightning, no Hydra), for any teacher/student pair that share module names
+(``quantize_`` swaps layers in place, so a student's ``model.layers.3.mlp.down_proj`` is the
+teacher's ``model.layers.3.mlp.down_proj``), trained (``OneBitLinear``) or packed
+(``PackedOneBitLinear``):
+
+* **output scale** of every quantized layer, teacher and student each on its own inputs: the
+  median and maximum over tokens of the per-token RMS of the output, and the largest ``|y|`` with
+  the token and channel where it occurs. OneBit's output LayerNorm fixes a layer's per-token RMS
+  near 1 (``|y| <= sqrt(out - 1)``), which a teacher's "massive activations" far exceed;
+* **block error**: per decoder block, ``‖s − t‖ / ‖t‖`` of the residual stream after the block
+  (the relative error of the hidden state), and the mean per-token cosine similarity;
+* **sign flips**: the fraction of each layer's signs that differ from ``sign(W)`` of the teacher,
+  i.e. from the initialisation (both latent inits of :class:`~onebit.quant.OneBitConfig` start
+  at ``sign(W)``).
+
+:func:`diagnose` returns a :class:`Diagnostics` report; ``python evaluate.py ... diagnose=true``
+prints it for a model, a checkpoint or an export, and ``onebit.callbacks.Diagnostics`` logs it
+during training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from onebit.quant.convert import find_decoder_blocks, iter_target_linears
+from onebit.quant.linear import OneBitLinear
+from onebit.quant.packed_linear import PackedOneBitLinear
+from onebit.quant.ste import sign
+
+
+@dataclass
+class OutputScale:
+    """Output statistics of one layer on a calibration batch (see the module docstring)."""
+
+    rms_median: float  # median over tokens of the per-token RMS of y
+    rms_max: float  # largest per-token RMS
+    absmax: float  # largest |y|
+    absmax_token: int  # flat token index (batch-major) of the largest |y|
+    absmax_channel: int  # its output channel
+
+
+@dataclass
+class LayerDiagnostics:
+    """One quantized layer: teacher and student output scales and the student's sign flips."""
+
+    name: str
+    out_features: int
+    in_features: int
+    teacher: OutputScale
+    student: OutputScale | None  # None: no student, or the layer is full precision in it
+    flip_frac: float | None  # None: no student, or the layer is full precision in it
+
+    @property
+    def rms_ratio(self) -> float | None:
+        """Student over teacher median per-token RMS (1: the student writes the teacher's scale)."""
+        if self.student is None:
+            return None
+        return self.student.rms_median / max(self.teacher.rms_median, 1e-30)
+
+
+@dataclass
+class BlockDiagnostics:
+    """The residual stream after one decoder block, student against teacher."""
+
+    index: int
+    rel_err: float  # ‖s − t‖ / ‖t‖ over all tokens
+    cosine: float  # mean over tokens of cos(s, t)
+    teacher_rms_max: float  # largest per-token RMS of the teacher's hidden state
+
+
+@dataclass
+class Diagnostics:
+    """A report of :func:`diagnose`; ``format()`` prints it, ``to_dict()`` serialises it."""
+
+    layers: list[LayerDiagnostics] = field(default_factory=list)
+    blocks: list[BlockDiagnostics] = field(default_factory=list)
+    n_tokens: int = 0
+    has_student: bool = False
+
+    @property
+    def flip_frac(self) -> float:
+        """Fraction of all quantized signs that differ from the initialisation (weighted)."""
+        num = den = 0.0
+        for layer in self.layers:
+            if layer.flip_frac is not None:
+                n = layer.out_features * layer.in_features
+                num += layer.flip_frac * n
+                den += n
+        return num / den if den else 0.0
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for a logger: flips, block errors, the spread of the layers' scale ratios."""
+        ratios = [r for r in (layer.rms_ratio for layer in self.layers) if r is not None]
+        out = {"flip_frac": self.flip_frac}
+        if self.blocks:
+            errs = [b.rel_err for b in self.blocks]
+            out["block_rel_err_mean"] = sum(errs) / len(errs)
+            out["block_rel_err_max"] = max(errs)
+            out["block_rel_err_last"] = errs[-1]
+        if ratios:
+            logs = sorted(math.log10(max(r, 1e-30)) for r in ratios)
+            out["log10_rms_ratio_median"] = logs[len(logs) // 2]
+            out["log10_rms_ratio_absmax"] = max(abs(v) for v in logs)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_tokens": self.n_tokens,
+            "has_student": self.has_student,
+            "summary": self.summary(),
+            "layers": [{**asdict(layer), "rms_ratio": layer.rms_ratio} for layer in self.layers],
+            "blocks": [asdict(b) for b in self.blocks],
+        }
+
+    def format(self, top: int = 10) -> str:
+        """A text report: the block errors, then the ``top`` layers furthest from the teacher's
+        scale and the ``top`` largest teacher outputs."""
+        lines = [f"diagnostics on {self.n_tokens:,} tokens"]
+        s = self.summary()
+        lines.append(
+            "signs flipped since initialisation: "
+            f"{100 * s['flip_frac']:.3f} % of the quantized weights"
+        )
+        if self.blocks:
+            lines.append("")
+            lines.append("block  rel.err ‖s−t‖/‖t‖  cosine  teacher max token RMS")
+            for b in self.blocks:
+                lines.append(
+                    f"{b.index:5d}  {b.rel_err:17.4f}  {b.cosine:6.3f}  {b.teacher_rms_max:21.2f}"
+                )
+        quantized = [layer for layer in self.layers if layer.student is not None]
+        if quantized:
+            lines.append("")
+            lines.append(f"layers furthest from the teacher's output scale (top {top}):")
+            lines.append(_layer_header())
+            far = sorted(quantized, key=lambda r: -abs(math.log(max(r.rms_ratio, 1e-30))))
+            lines += [_layer_line(r, True) for r in far[:top]]
+        if self.layers:
+            lines.append("")
+            lines.append(f"largest teacher outputs (massive activations, top {top}):")
+            lines.append(_layer_header())
+            big = sorted(self.layers, key=lambda r: -r.teacher.absmax)
+            lines += [_layer_line(r, self.has_student) for r in big[:top]]
+        return "\n".join(lines)
+
+
+def _layer_header() -> str:
+    return (
+        f"{'layer':42s} {'t rms':>8s} {'s rms':>8s} {'s/t':>8s} {'t max|y|':>10s} "
+        f"{'s max|y|':>9s} {'t token':>7s} {'flips %':>8s}"
+    )
+
+
+def _layer_line(r: LayerDiagnostics, has_student: bool) -> str:
+    s = r.student
+    srms = f"{s.rms_median:8.3f}" if s else f"{'fp' if has_student else '-':>8s}"
+    ratio = f"{r.rms_ratio:8.3g}" if s else f"{'-':>8s}"
+    smax = f"{s.absmax:9.2f}" if s else f"{'-':>9s}"
+    flips = f"{100 * r.flip_frac:8.3f}" if r.flip_frac is not None else f"{'-':>8s}"
+    return (
+        f"{r.name[-42:]:42s} {r.teacher.rms_median:8.3f} {srms} {ratio} "
+        f"{r.teacher.absmax:10.2f} {smax} {r.teacher.absmax_token:7d} {flips}"
+    )
+
+
+def output_scale(y: Tensor) -> OutputScale:
+    """:class:`OutputScale` of a layer output. Shapes: y (..., out)."""
+    y = y.detach().float().reshape(-1, y.shape[-1])  # (tokens, out)
+    rms = y.pow(2).mean(dim=1).sqrt()  # (tokens,)
+    flat = int(y.abs().argmax())
+    token, channel = divmod(flat, y.shape[1])
+    return OutputScale(
+        rms_median=float(rms.median()),
+        rms_max=float(rms.max()),
+        absmax=float(y.abs().max()),
+        absmax_token=token,
+        absmax_channel=channel,
+    )
+
+
+@torch.no_grad()
+def layer_output_scales(
+    model: nn.Module, ids: Tensor, names: Iterable[str], attention_mask: Tensor | None = None
+) -> tuple[dict[str, OutputScale], Any]:
+    """Run ``model`` on ``ids`` with hooks on the modules ``names``; their output scales and the
+    model's output (with hidden states).
+
+    Shapes: ids (batch, seq) → {name: OutputScale}, model output.
+    """
+    modules = dict(model.named_modules())
+    stats: dict[str, OutputScale] = {}
+    hooks = []
+    for name in names:
+
+        def hook(_mod, _inp, out, name=name):
+            stats[name] = output_scale(out)
+
+        hooks.append(modules[name].register_forward_hook(hook))
+    try:
+        out = model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats, out
+
+
+def student_signs(module: nn.Module) -> Tensor | None:
+    """The ±1 signs a quantized layer uses (float32), or None for a full-precision layer.
+
+    Shapes: → (out, in).
+    """
+    if isinstance(module, OneBitLinear | PackedOneBitLinear):
+        return module.signs()
+    return None
+
+
+def teacher_signs(module: nn.Module) -> Tensor:
+    """``sign(W)`` of a full-precision linear (``Conv1D`` transposed), 0 mapped to +1, as the
+    student's initialisation. Shapes: → (out, in)."""
+    w = module.weight.detach()
+    if type(module).__name__ == "Conv1D":
+        w = w.T
+    return sign(w, torch.float32, "plus")
+
+
+def block_errors(teacher_hidden, student_hidden) -> list[BlockDiagnostics]:
+    """Per decoder block, the student's residual stream against the teacher's.
+
+    ``*_hidden`` are Hugging Face ``hidden_states`` tuples (embedding output first); block ``i``'s
+    output is entry ``i + 1`` (the last entry is after the final norm in LLaMA-style models).
+    """
+    out = []
+    for i, (t, s) in enumerate(zip(teacher_hidden[1:], student_hidden[1:], strict=True)):
+        t = t.detach().float().reshape(-1, t.shape[-1])
+        s = s.detach().float().reshape(-1, s.shape[-1])
+        rel = float((s - t).norm() / t.norm().clamp_min(1e-30))
+        cos = float(torch.nn.functional.cosine_similarity(s, t, dim=1, eps=1e-12).mean())
+        out.append(BlockDiagnostics(i, rel, cos, float(t.pow(2).mean(1).sqrt().max())))
+    return out
+
+
+@torch.no_grad()
+def diagnose(
+    teacher: nn.Module,
+    student: nn.Module | None,
+    ids: Tensor,
+    attention_mask: Tensor | None = None,
+) -> Diagnostics:
+    """The report of the module docstring for ``student`` against ``teacher`` on ``ids``.
+
+    With ``student=None`` only the teacher's output scales are reported (to find the layers
+    that write massive activations before quantizing).
+
+    Shapes: ids (batch, seq) token ids; attention_mask (batch, seq) or None.
+    """
+    names = [n for n, _ in iter_target_linears(teacher)]
+    t_stats, t_out = layer_output_scales(teacher, ids, names, attention_mask)
+    report = Diagnostics(n_tokens=int(ids.numel()), has_student=student is not None)
+    s_stats: dict[str, OutputScale] = {}
+    s_modules: dict[str, nn.Module] = {}
+    if student is not None:
+        find_decoder_blocks(student)  # a clear error for a model without decoder blocks
+        s_modules = dict(student.named_modules())
+        missing = [n for n in names if n not in s_modules]
+        if missing:
+            raise ValueError(
+                f"the student has no module {missing[0]!r} of the teacher: not the same "
+                "architecture."
+            )
+        quantized = [n for n in names if student_signs(s_modules[n]) is not None]
+        s_stats, s_out = layer_output_scales(student, ids, quantized, attention_mask)
+        report.blocks = block_errors(t_out.hidden_states, s_out.hidden_states)
+    t_modules = dict(teacher.named_modules())
+    for name in names:
+        flips = None
+        if name in s_stats:
+            s = student_signs(s_modules[name])
+            flips = float((s != teacher_signs(t_modules[name])).float().mean())
+        out_f, in_f = teacher_signs(t_modules[name]).shape
+        report.layers.append(
+            LayerDiagnostics(name, out_f, in_f, t_stats[name], s_stats.get(name), flips)
+        )
+    return report
+
+
+def massive_layers(report: Diagnostics, factor: float = 1.0) -> list[str]:
+    """The layers whose teacher output a LayerNorm'd OneBit layer cannot write: those with
+    ``max |y| > factor · sqrt(out − 1)``, the largest entry a parameter-free LayerNorm allows
+    (its output has per-token RMS 1, so at most one entry reaches ``sqrt(out − 1)``). Ordered
+    from the largest ``max |y|``."""
+    big = sorted(report.layers, key=lambda r: -r.teacher.absmax)
+    return [r.name for r in big if r.teacher.absmax > factor * math.sqrt(r.out_features - 1)]
