@@ -5,7 +5,7 @@ Layout:
                        version, the quantization config, the quantized module names, the sign
                        convention and bit order, and the dtype of the value vectors.
     model.safetensors  packed signs (uint8, 8 per byte), g (``in_scale``), h (``out_scale``),
-                       biases,
+                       output gains (``out_gain``, when trained with ``output_gain``), biases,
                        and the full-precision embeddings, norms and ``lm_head``; tied tensors once.
     tokenizer files    when a tokenizer is given.
 
@@ -185,6 +185,7 @@ def load_onebit(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
             output_norm=quant.output_norm,
             norm_eps=quant.norm_eps,
             device="meta",
+            out_gain=f"{name}.out_gain" in state,
         )
         _set_submodule(model, name, new)
     expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}

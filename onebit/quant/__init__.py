@@ -1,5 +1,6 @@
 """The OneBit method in plain PyTorch: layer, SVID, packing and model conversion."""
 
+from onebit.quant.calibrate import calibrate_output_gains_
 from onebit.quant.config import OneBitConfig
 from onebit.quant.convert import find_decoder_blocks, freeze_, iter_target_linears, pack_, quantize_
 from onebit.quant.footprint import FootprintReport, footprint, layer_bits_per_weight
@@ -22,6 +23,7 @@ __all__ = [
     "OneBitConfig",
     "OneBitLinear",
     "PackedOneBitLinear",
+    "calibrate_output_gains_",
     "find_decoder_blocks",
     "footprint",
     "freeze_",

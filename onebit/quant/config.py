@@ -47,6 +47,10 @@ class OneBitConfig:
         sign_of_zero: ``plus`` maps ``w == 0`` to +1 in training *and* when packed (default);
             ``zero`` reproduces the official ``torch.sign`` (0 in training, +1 once packed).
         output_norm: the parameter-free LayerNorm on the layer's output (the paper's design).
+        output_gain: a learnable per-channel gain γ after that LayerNorm,
+            ``y = γ ⊙ LN(...) + bias``, so that a layer can write its teacher's output scale (the
+            LayerNorm alone fixes every token's RMS at 1); 1 at initialisation, or set from
+            calibration data by :func:`onebit.quant.calibrate_output_gains_`. Not in the paper.
         norm_eps: epsilon of that LayerNorm (``nn.LayerNorm``'s default, as in the official code).
         fused: use the fused autograd function, which saves only the input and the pre-scale
             output for backward (same numbers as the unfused composition).
@@ -61,6 +65,7 @@ class OneBitConfig:
     ste: SteKind = "identity"
     sign_of_zero: SignOfZero = "plus"
     output_norm: bool = True
+    output_gain: bool = False
     norm_eps: float = 1e-5
     fused: bool = True
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
@@ -77,8 +82,9 @@ class OneBitConfig:
         check_number("quant", "svid_tol", self.svid_tol)
         check_number("quant", "latent_init_scale", self.latent_init_scale, allow_zero=False)
         check_number("quant", "norm_eps", self.norm_eps, allow_zero=False)
-        if not isinstance(self.output_norm, bool):
-            raise OneBitInputError(f"quant.output_norm={self.output_norm!r} must be true or false.")
+        for key in ("output_norm", "output_gain"):
+            if not isinstance(getattr(self, key), bool):
+                raise OneBitInputError(f"quant.{key}={getattr(self, key)!r} must be true or false.")
         self.skip_modules = tuple(self.skip_modules)
 
     @classmethod

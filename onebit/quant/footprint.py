@@ -1,13 +1,15 @@
 """Bits per weight and bytes at rest of a OneBit model.
 
 A quantized ``out × in`` layer stores ``out·in`` sign bits plus g (``in``) and h (``out``) in
-``value_bits`` each (and a bias, if any). Two per-weight figures are in use:
+``value_bits`` each (and a bias and the output gain γ (``out``), if any). Two per-weight figures
+are in use:
 
 * bits per original weight: ``(out·in + 16·(in + out)) / (out·in)`` → 1.0078 at 4096×4096;
 * bits per stored parameter, the paper's 1.0073 at 4096×4096: the same bits divided by
   ``out·in + in + out``, i.e. counting the entries of g and h as parameters too.
 
-Everything outside the quantized layers (embeddings, norms, ``lm_head``) is counted at
+Everything outside the quantized layers (embeddings, norms, ``lm_head``, and decoder-block linears
+kept in full precision by ``skip_modules``, also reported on their own) is counted at
 ``other_bits``. The report works on a full-precision model (what quantizing it would give), on a
 quantized one and on a model built on the ``meta`` device (shapes only, no weights).
 """
@@ -20,6 +22,15 @@ from torch import nn
 
 from onebit.quant.config import OneBitConfig
 from onebit.quant.convert import FilterFn, _is_conv1d, iter_target_linears
+from onebit.quant.linear import OneBitLinear
+from onebit.quant.packed_linear import PackedOneBitLinear
+
+
+def _has_gain(module: nn.Module, config: OneBitConfig | None) -> bool:
+    """The layer has (or, once quantized with ``config``, will have) an output gain γ."""
+    if isinstance(module, OneBitLinear | PackedOneBitLinear):
+        return module.out_gain is not None
+    return config is not None and config.output_gain
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:
@@ -42,6 +53,8 @@ class FootprintReport:
     value_bits: int
     other_bits: int
     packed_sign_bytes: int  # sum of out·ceil(in/8)
+    kept_layers: int = 0  # decoder-block linears kept full precision (in other_params)
+    kept_params: int = 0  # their parameters
 
     @property
     def quantized_bits(self) -> int:
@@ -102,6 +115,7 @@ class FootprintReport:
             ("bits / weight (quantized layers)", f"{self.bits_per_weight:.4f}"),
             ("bits / parameter (paper's count)", f"{self.bits_per_param:.4f}"),
             ("full-precision parameters", f"{self.other_params:,} at {self.other_bits} bits"),
+            ("  of which kept linears", f"{self.kept_params:,} in {self.kept_layers} layers"),
             ("bits / weight (whole model)", f"{self.model_bits_per_weight:.4f}"),
             ("FP16 size", human_bytes(self.fp16_bytes)),
             ("OneBit size (packed)", human_bytes(self.onebit_bytes)),
@@ -142,15 +156,20 @@ def footprint(
     """
     targets = list(iter_target_linears(model, config, filter_fn))
     target_ids = set()
+    target_mods = {id(m) for _, m in targets}
     n_w = n_v = n_b = packed = 0
     for _, module in targets:
         out_f, in_f = _shape(module)
         n_w += out_f * in_f
-        n_v += out_f + in_f
+        n_v += out_f + in_f + (out_f if _has_gain(module, config) else 0)
         packed += out_f * ((in_f + 7) // 8)
         bias = getattr(module, "bias", None)
         n_b += bias.numel() if bias is not None else 0
         target_ids.update(id(t) for t in module.parameters())
         target_ids.update(id(t) for t in module.buffers())
     other = sum(p.numel() for p in model.parameters() if id(p) not in target_ids)
-    return FootprintReport(len(targets), n_w, n_v, n_b, other, value_bits, other_bits, packed)
+    kept = [m for _, m in iter_target_linears(model, None, filter_fn) if id(m) not in target_mods]
+    kept_params = sum(p.numel() for m in kept for p in m.parameters())
+    return FootprintReport(
+        len(targets), n_w, n_v, n_b, other, value_bits, other_bits, packed, len(kept), kept_params
+    )

@@ -1,6 +1,7 @@
 """OneBitLinear: the training-time 1-bit layer of the OneBit paper.
 
-    y = LN( ((x ⊙ g) · sign(W)ᵀ) ⊙ h ) + bias
+    y = LN( ((x ⊙ g) · sign(W)ᵀ) ⊙ h ) + bias          (the paper)
+    y = γ ⊙ LN( ((x ⊙ g) · sign(W)ᵀ) ⊙ h ) + bias      (``output_gain``: a per-channel gain γ)
 
 ``W`` is a latent full-precision weight whose sign reaches the forward pass through a
 straight-through estimator; ``g`` (``in_scale``) and ``h`` (``out_scale``) are full-precision value
@@ -28,41 +29,64 @@ _layer_norm_backward = torch.ops.aten.native_layer_norm_backward
 
 
 def _forward_parts(
-    x: Tensor, signs: Tensor, in_scale: Tensor, out_scale: Tensor, output_norm: bool, eps: float
+    x: Tensor,
+    signs: Tensor,
+    in_scale: Tensor,
+    out_scale: Tensor,
+    output_norm: bool,
+    eps: float,
+    gain: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     z = F.linear(x * in_scale.to(x.dtype), signs)  # (..., out)
     y = z * out_scale.to(x.dtype)
-    if not output_norm:
-        return y, z, None, None
-    y, mean, rstd = _layer_norm(y, [y.shape[-1]], None, None, eps)  # mean, rstd (..., 1)
+    mean = rstd = None
+    if output_norm:
+        y, mean, rstd = _layer_norm(y, [y.shape[-1]], None, None, eps)  # mean, rstd (..., 1)
+    if gain is not None:
+        y = y * gain.to(x.dtype)
     return y, z, mean, rstd
 
 
 def onebit_forward(
-    x: Tensor, signs: Tensor, in_scale: Tensor, out_scale: Tensor, output_norm: bool, eps: float
+    x: Tensor,
+    signs: Tensor,
+    in_scale: Tensor,
+    out_scale: Tensor,
+    output_norm: bool,
+    eps: float,
+    gain: Tensor | None = None,
 ) -> Tensor:
     """The layer's forward math on given ±1 signs (no bias); shared by training and packed layers.
 
-    Shapes: x (..., in), signs (out, in) ±1 in x's dtype, in_scale (in,), out_scale (out,) →
-    (..., out).
+    Shapes: x (..., in), signs (out, in) ±1 in x's dtype, in_scale (in,), out_scale (out,),
+    gain (out,) or None → (..., out).
     """
-    return _forward_parts(x, signs, in_scale, out_scale, output_norm, eps)[0]
+    return _forward_parts(x, signs, in_scale, out_scale, output_norm, eps, gain)[0]
 
 
 class _FusedOneBitLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, in_scale, out_scale, output_norm, eps, ste, sign_of_zero):
+    def forward(ctx, x, weight, in_scale, out_scale, output_norm, eps, ste, sign_of_zero, gain):
         s = sign(weight, x.dtype, sign_of_zero)  # (out, in) ±1
-        y, z, mean, rstd = _forward_parts(x, s, in_scale, out_scale, output_norm, eps)
-        ctx.save_for_backward(x, weight, in_scale, out_scale, z, mean, rstd)
+        y, z, mean, rstd = _forward_parts(x, s, in_scale, out_scale, output_norm, eps, gain)
+        ctx.save_for_backward(x, weight, in_scale, out_scale, z, mean, rstd, gain)
         ctx.cfg = (output_norm, ste, sign_of_zero)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, in_scale, out_scale, z, mean, rstd = ctx.saved_tensors
+        x, weight, in_scale, out_scale, z, mean, rstd, gain = ctx.saved_tensors
         output_norm, ste, sign_of_zero = ctx.cfg
         h = out_scale.to(x.dtype)
+        grad_gain = None
+        if gain is not None:
+            n_out = weight.shape[0]
+            if ctx.needs_input_grad[8]:
+                y_hat = z * h  # the output before the gain, recomputed
+                if output_norm:
+                    y_hat = (y_hat - mean) * rstd
+                grad_gain = (grad_y * y_hat).reshape(-1, n_out).sum(0).to(gain.dtype)
+            grad_y = grad_y * gain.to(x.dtype)
         if output_norm:
             y = z * h
             grad_y = _layer_norm_backward(
@@ -84,7 +108,7 @@ class _FusedOneBitLinear(torch.autograd.Function):
             xs = (x * g).reshape(-1, n_in)
             grad_w = grad_z.reshape(-1, n_out).T @ xs  # (out, in)
             grad_w = ste_grad(grad_w, weight, ste).to(weight.dtype)
-        return grad_in, grad_w, grad_g, grad_h, None, None, None, None
+        return grad_in, grad_w, grad_g, grad_h, None, None, None, None, grad_gain
 
 
 class OneBitLinear(nn.Module):
@@ -94,9 +118,10 @@ class OneBitLinear(nn.Module):
         weight: latent full-precision weight; only its sign is used in the forward pass.
         in_scale: the paper's value vector g.
         out_scale: the paper's value vector h.
+        out_gain: the per-channel gain γ after the LayerNorm (``config.output_gain``), or None.
         bias: kept from the source layer (added after the LayerNorm), or None.
 
-    Shapes: weight (out, in); in_scale (in,); out_scale (out,); bias (out,);
+    Shapes: weight (out, in); in_scale (in,); out_scale (out,); out_gain (out,); bias (out,);
         forward x (..., in) → (..., out).
     """
 
@@ -117,6 +142,9 @@ class OneBitLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         self.in_scale = nn.Parameter(torch.ones(in_features, **kw))
         self.out_scale = nn.Parameter(torch.ones(out_features, **kw))
+        self.out_gain = (
+            nn.Parameter(torch.ones(out_features, **kw)) if self.config.output_gain else None
+        )
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         if self.weight.device.type != "meta":
             nn.init.normal_(self.weight, std=in_features**-0.5)
@@ -172,12 +200,15 @@ class OneBitLinear(nn.Module):
                 c.norm_eps,
                 c.ste,
                 c.sign_of_zero,
+                self.out_gain,
             )
         else:
             s = sign_ste(self.weight, c.ste, c.sign_of_zero, x.dtype)  # (out, in) ±1
             y = F.linear(x * self.in_scale.to(x.dtype), s) * self.out_scale.to(x.dtype)
             if c.output_norm:
                 y = F.layer_norm(y, (self.out_features,), eps=c.norm_eps)
+            if self.out_gain is not None:
+                y = y * self.out_gain.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def signs(self) -> Tensor:
@@ -191,5 +222,6 @@ class OneBitLinear(nn.Module):
         c = self.config
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, output_norm={c.output_norm}, ste={c.ste}"
+            f"bias={self.bias is not None}, output_norm={c.output_norm}, "
+            f"output_gain={c.output_gain}, ste={c.ste}"
         )

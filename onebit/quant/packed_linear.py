@@ -34,10 +34,11 @@ _INT8_MIN_TOKENS = 17  # torch._int_mm needs more than 16 rows
 
 
 class PackedOneBitLinear(nn.Module):
-    """``y = LN(((x ⊙ g) · Sᵀ) ⊙ h) + bias`` with S stored as packed bits.
+    """``y = γ ⊙ LN(((x ⊙ g) · Sᵀ) ⊙ h) + bias`` with S stored as packed bits (γ: ``out_gain``,
+    present when the layer was trained with ``output_gain``).
 
-    Shapes: packed_signs (out, ceil(in / 8)) uint8; in_scale (in,); out_scale (out,); bias (out,);
-        forward x (..., in) → (..., out).
+    Shapes: packed_signs (out, ceil(in / 8)) uint8; in_scale (in,); out_scale (out,);
+        out_gain (out,) or None; bias (out,); forward x (..., in) → (..., out).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class PackedOneBitLinear(nn.Module):
         norm_eps: float = 1e-5,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        out_gain: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -63,6 +65,7 @@ class PackedOneBitLinear(nn.Module):
         )
         self.register_buffer("in_scale", torch.ones(in_features, **kw))
         self.register_buffer("out_scale", torch.ones(out_features, **kw))
+        self.register_buffer("out_gain", torch.ones(out_features, **kw) if out_gain else None)
         self.register_buffer("bias", torch.zeros(out_features, **kw) if bias else None)
 
     @classmethod
@@ -82,10 +85,13 @@ class PackedOneBitLinear(nn.Module):
             norm_eps=layer.config.norm_eps,
             device=layer.weight.device,
             dtype=layer.in_scale.dtype,
+            out_gain=layer.out_gain is not None,
         )
         p.packed_signs.copy_(pack_signs(layer.weight))
         p.in_scale.copy_(layer.in_scale)
         p.out_scale.copy_(layer.out_scale)
+        if layer.out_gain is not None:
+            p.out_gain.copy_(layer.out_gain)
         if layer.bias is not None:
             p.bias.copy_(layer.bias)
         return p
@@ -98,7 +104,7 @@ class PackedOneBitLinear(nn.Module):
         if (torch.is_grad_enabled() and x.requires_grad) or not kernels.use_kernel(x):
             y = onebit_forward(
                 x, self.signs(x.dtype), self.in_scale, self.out_scale, self.output_norm,
-                self.norm_eps,
+                self.norm_eps, self.out_gain,
             )  # fmt: skip
             return y if self.bias is None else y + self.bias.to(y.dtype)
         return self._forward_kernel(x)
@@ -121,6 +127,8 @@ class PackedOneBitLinear(nn.Module):
         y = z * self.out_scale.float()
         if self.output_norm:
             y = torch.nn.functional.layer_norm(y, (self.out_features,), eps=self.norm_eps)
+        if self.out_gain is not None:
+            y = y * self.out_gain.float()
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -128,7 +136,8 @@ class PackedOneBitLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, output_norm={self.output_norm}"
+            f"bias={self.bias is not None}, output_norm={self.output_norm}, "
+            f"out_gain={self.out_gain is not None}"
         )
 
 

@@ -67,8 +67,46 @@ def test_fused_gradients_of_x_g_h_match_autograd_numerically() -> None:
     g = layer.in_scale.detach().clone().requires_grad_()
     h = layer.out_scale.detach().clone().requires_grad_()
     x = torch.randn(2, 4, 13, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, g, h: _FusedOneBitLinear.apply(x, w, g, h, True, 1e-5, "identity", "plus")
+    fn = lambda x, g, h: _FusedOneBitLinear.apply(x, w, g, h, True, 1e-5, "identity", "plus", None)
     assert torch.autograd.gradcheck(fn, (x, g, h))
+
+
+@pytest.mark.parametrize("output_norm", [True, False])
+def test_fused_gradients_with_an_output_gain_match_autograd_numerically(output_norm) -> None:
+    from onebit.quant.linear import _FusedOneBitLinear
+
+    layer = OneBitLinear.from_linear(nn.Linear(13, 9).double(), OneBitConfig(output_gain=True))
+    w = layer.weight.detach()
+    g = layer.in_scale.detach().clone().requires_grad_()
+    h = layer.out_scale.detach().clone().requires_grad_()
+    gain = (torch.rand(9, dtype=torch.float64) + 0.5).requires_grad_()
+    x = torch.randn(2, 4, 13, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, g, h, gain):
+        return _FusedOneBitLinear.apply(x, w, g, h, output_norm, 1e-5, "identity", "plus", gain)
+
+    assert torch.autograd.gradcheck(fn, (x, g, h, gain))
+
+
+def test_output_gain_is_a_per_channel_gain_after_the_layernorm() -> None:
+    """y = γ ⊙ LN(...) + bias: the gain scales each output channel of the paper's layer."""
+    lin = nn.Linear(16, 6)
+    paper = OneBitLinear.from_linear(lin, OneBitConfig())
+    gained = OneBitLinear.from_linear(lin, OneBitConfig(output_gain=True))
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(gained(x), paper(x), atol=0, rtol=0)  # γ = 1 at initialisation
+    gamma = torch.tensor([0.1, 1.0, 2.0, 30.0, -1.0, 994.0])
+    with torch.no_grad():
+        gained.out_gain.copy_(gamma)
+    bias = lin.bias.detach()
+    expected = (paper(x) - bias) * gamma + bias
+    torch.testing.assert_close(gained(x), expected)
+    unfused = OneBitLinear.from_linear(lin, OneBitConfig(output_gain=True, fused=False))
+    with torch.no_grad():
+        unfused.out_gain.copy_(gamma)
+    torch.testing.assert_close(unfused(x), gained(x), atol=0, rtol=0)
+    # the gain lets a layer exceed the paper's bound sqrt(out - 1) on every entry of LN's output
+    assert gained(x).sub(bias).abs().max() > (6 - 1) ** 0.5
 
 
 @pytest.mark.parametrize("ste", ["identity", "clipped", "tanh"])

@@ -1,0 +1,112 @@
+"""Calibrate the output gains γ of a OneBit student from its teacher's layer outputs.
+
+A OneBit layer's output LayerNorm gives every token an RMS of 1 over the output channels, whatever
+scale the teacher's layer writes (0.1 for an attention output, tens to thousands for some MLP
+outputs). With ``OneBitConfig(output_gain=True)`` each layer has a per-channel gain γ after the
+LayerNorm; this module sets it so that each channel of the student's output has its teacher's
+scale:
+
+    rms:  γ_c = sqrt(mean_t (y_t,c − b_c)²) / sqrt(mean_t ŷ_t,c²)
+    ls:   γ_c = Σ_t (y_t,c − b_c) ŷ_t,c / Σ_t ŷ_t,c²        (least squares, per channel)
+
+where ``y`` is the teacher layer's output, ``b`` the (shared) bias and ``ŷ`` the student layer's
+output before its gain, at the same tokens. The student is calibrated *sequentially* in one
+forward pass: each layer's gain is set from its own output as the forward reaches it and applied
+at once, so every later layer is calibrated on the inputs the calibrated student gives it. ``ls``
+keeps every teacher output of the calibration batch in memory (tokens × Σ out floats); ``rms``
+keeps two numbers per channel.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from onebit.quant.convert import iter_target_linears
+from onebit.quant.linear import OneBitLinear
+
+GAIN_CALIBRATIONS = ("rms", "ls")
+
+
+@torch.no_grad()
+def calibrate_output_gains_(
+    teacher: nn.Module,
+    student: nn.Module,
+    ids: Tensor,
+    mode: Literal["rms", "ls"] = "rms",
+    attention_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Set every ``out_gain`` of ``student`` from ``teacher`` on the tokens ``ids`` (in place).
+
+    Args:
+        teacher: the full-precision model; its modules have the student's names.
+        student: a OneBit student quantized with ``output_gain=True``.
+        ids: calibration token ids.
+        mode: ``rms`` (match each channel's RMS) or ``ls`` (least squares per channel).
+        attention_mask: 1 for real tokens (padding is left out of the statistics), or None.
+
+    Returns:
+        The gains set, by layer name.
+
+    Shapes: ids (batch, seq); attention_mask (batch, seq) → {name: (out,)}.
+    """
+    if mode not in GAIN_CALIBRATIONS:
+        raise ValueError(f"gain calibration mode {mode!r} is not one of {GAIN_CALIBRATIONS}.")
+    s_modules = dict(student.named_modules())
+    layers = {
+        n: s_modules[n]
+        for n, _ in iter_target_linears(teacher)
+        if isinstance(s_modules.get(n), OneBitLinear) and s_modules[n].out_gain is not None
+    }
+    if not layers:
+        raise ValueError("the student has no output gains to calibrate (quant.output_gain=false).")
+    keep = None if attention_mask is None else attention_mask.reshape(-1).bool()
+
+    def rows(y: Tensor) -> Tensor:  # (tokens, out) float32, real tokens only
+        y = y.detach().float().reshape(-1, y.shape[-1])
+        return y if keep is None else y[keep]
+
+    t_modules = dict(teacher.named_modules())
+    stats: dict[str, Tensor] = {}  # rms: teacher mean square per channel; ls: teacher outputs
+    hooks = []
+    for name, layer in layers.items():
+        bias = None if layer.bias is None else layer.bias.detach().float()
+
+        def t_hook(_m, _inp, out, name=name, bias=bias):
+            y = rows(out) if bias is None else rows(out) - bias
+            stats[name] = y.pow(2).mean(0) if mode == "rms" else y
+
+        hooks.append(t_modules[name].register_forward_hook(t_hook))
+    try:
+        teacher(input_ids=ids, attention_mask=attention_mask)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    gains: dict[str, Tensor] = {}
+    hooks = []
+    for name, layer in layers.items():
+        layer.out_gain.fill_(1.0)
+
+        def s_hook(mod, _inp, out, name=name):
+            bias = 0.0 if mod.bias is None else mod.bias.to(out.dtype)
+            y_hat = out - bias  # the output before the gain (γ = 1)
+            u = rows(y_hat)
+            if mode == "rms":
+                gain = stats[name].sqrt() / u.pow(2).mean(0).sqrt().clamp_min(1e-12)
+            else:
+                gain = (stats[name] * u).sum(0) / u.pow(2).sum(0).clamp_min(1e-12)
+            mod.out_gain.copy_(gain)
+            gains[name] = gain
+            stats.pop(name)
+            return y_hat * gain.to(out.dtype) + bias  # later layers see the calibrated output
+
+        hooks.append(layer.register_forward_hook(s_hook))
+    try:
+        student(input_ids=ids, attention_mask=attention_mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return gains
