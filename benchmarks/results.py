@@ -215,8 +215,9 @@ def frozen_signs(model) -> Iterator[None]:
         def forward(x, m=m, signs=signs):
             c = m.config
             y = onebit_forward(
-                x, signs.to(x.dtype), m.in_scale, m.out_scale, c.output_norm, c.norm_eps
-            )
+                x, signs.to(x.dtype), m.in_scale, m.out_scale, c.output_norm, c.norm_eps,
+                m.out_gain,
+            )  # fmt: skip
             return y if m.bias is None else y + m.bias.to(y.dtype)
 
         m.forward = forward

@@ -212,13 +212,16 @@ def test_shared_data_present_for_smollm2_config() -> None:
     assert Path(cfg.eval.zero_shot_data_dir).is_dir()
 
 
-def test_frozen_signs_give_identical_outputs_and_restore_the_layer() -> None:
+@pytest.mark.parametrize("gain", [False, True])
+def test_frozen_signs_give_identical_outputs_and_restore_the_layer(gain: bool) -> None:
     teacher = tiny_causal_lm("llama")
-    student = results.onebit_student(teacher, OneBitConfig())
+    student = results.onebit_student(teacher, OneBitConfig(output_gain=gain))
     with torch.no_grad():  # move some latent weights so that signs differ from the teacher's
         for m in student.modules():
             if isinstance(m, OneBitLinear):
                 m.weight.add_(0.02 * torch.randn_like(m.weight))
+                if gain:
+                    m.out_gain.uniform_(0.5, 3.0)
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         ref = student(ids).logits
