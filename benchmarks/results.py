@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -93,26 +93,85 @@ def xnor_student(teacher):
     return student
 
 
-def ablation_configs(cfg: DictConfig) -> dict[str, tuple[str, Any, Any]]:
-    """Ablation key → (label, OneBitConfig, DistillLossConfig), each one override of the base."""
+class Arm(NamedTuple):
+    """One trained row's recipe: the base config with one ablation's overrides."""
+
+    label: str
+    quant: Any  # OneBitConfig
+    loss: Any  # DistillLossConfig
+    optim: Any  # OptimConfig
+    seq_len: int  # training sequence length
+    batch_size: int  # sequences per step
+    calibrate: str | None  # output-gain calibration before training: rms | ls | None
+
+
+ARM_KEYS = ("label", "quant", "loss", "optim", "data", "train", "calibrate")
+
+
+def base_arm(cfg: DictConfig, label: str = "OneBit") -> Arm:
+    """The recipe of the main OneBit row: ``quant``, ``loss``, ``optim``, ``data``, ``train``."""
     from onebit.distill import DistillLossConfig
+    from onebit.distill.recipe import OptimConfig
+    from onebit.quant import OneBitConfig
+
+    return Arm(
+        label,
+        OneBitConfig.from_dict(_container(cfg.quant)),
+        DistillLossConfig.from_dict(_container(cfg.loss)),
+        OptimConfig.from_dict(_container(cfg.optim)),
+        int(cfg.data.seq_len),
+        int(cfg.train.batch_size),
+        _calibration(cfg.train.get("calibrate"), "train.calibrate"),
+    )
+
+
+def _calibration(value: Any, key: str) -> str | None:
+    from onebit.errors import OneBitInputError
+    from onebit.quant.calibrate import GAIN_CALIBRATIONS
+
+    if value is None or value in GAIN_CALIBRATIONS:
+        return value
+    raise OneBitInputError(f"{key}={value!r} is not one of {', '.join(GAIN_CALIBRATIONS)} or null.")
+
+
+def ablation_configs(cfg: DictConfig) -> dict[str, Arm]:
+    """Ablation key → :class:`Arm`, each the base recipe with that ablation's overrides
+    (``quant``, ``loss``, ``optim``: their keys; ``data``: ``seq_len``; ``train``:
+    ``batch_size``; ``calibrate``: ``rms``, ``ls`` or null)."""
+    from onebit.distill import DistillLossConfig
+    from onebit.distill.recipe import OptimConfig
     from onebit.errors import OneBitInputError
     from onebit.quant import OneBitConfig
 
-    base_q, base_l = _container(cfg.quant), _container(cfg.loss)
+    base_q, base_l, base_o = _container(cfg.quant), _container(cfg.loss), _container(cfg.optim)
+    base = base_arm(cfg)
     out = {}
     for key, spec in (_container(cfg.ablations) or {}).items():
         if key in BASELINE_LABELS or key == "onebit":
             raise OneBitInputError(f"ablations.{key}: the name is taken by a row; rename it.")
-        unknown = set(spec or {}) - {"label", "quant", "loss"}
+        unknown = set(spec or {}) - set(ARM_KEYS)
         if unknown:
             raise OneBitInputError(
-                f"ablations.{key} has unknown key(s) {sorted(unknown)}; valid: label, quant, loss."
+                f"ablations.{key} has unknown key(s) {sorted(unknown)}; valid: "
+                f"{', '.join(ARM_KEYS)}."
             )
         spec = spec or {}
-        quant = OneBitConfig.from_dict({**base_q, **(spec.get("quant") or {})})
-        loss = DistillLossConfig.from_dict({**base_l, **(spec.get("loss") or {})})
-        out[key] = (spec.get("label", key), quant, loss)
+        for group, allowed in (("data", {"seq_len"}), ("train", {"batch_size"})):
+            bad = set(spec.get(group) or {}) - allowed
+            if bad:
+                raise OneBitInputError(
+                    f"ablations.{key}.{group} has unknown key(s) {sorted(bad)}; valid: "
+                    f"{', '.join(sorted(allowed))}."
+                )
+        out[key] = Arm(
+            spec.get("label", key),
+            OneBitConfig.from_dict({**base_q, **(spec.get("quant") or {})}),
+            DistillLossConfig.from_dict({**base_l, **(spec.get("loss") or {})}),
+            OptimConfig.from_dict({**base_o, **(spec.get("optim") or {})}),
+            int((spec.get("data") or {}).get("seq_len", base.seq_len)),
+            int((spec.get("train") or {}).get("batch_size", base.batch_size)),
+            _calibration(spec.get("calibrate", base.calibrate), f"ablations.{key}.calibrate"),
+        )
     return out
 
 
@@ -563,8 +622,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Build, train and evaluate every row; write the files, the plot and the W&B run."""
     import torch
 
-    from onebit.distill import DistillLossConfig
-    from onebit.distill.recipe import OptimConfig
     from onebit.errors import OneBitInputError
     from onebit.models import ModelSpec, load_causal_lm, load_tokenizer
     from onebit.quant import OneBitConfig
@@ -575,9 +632,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(int(cfg.seed))
     spec = ModelSpec.from_dict(_container(cfg.model))
     quant = OneBitConfig.from_dict(_container(cfg.quant))
-    loss = DistillLossConfig.from_dict(_container(cfg.loss))
-    optim = OptimConfig.from_dict(_container(cfg.optim))
-    ablations = ablation_configs(cfg)
+    ablations = ablation_configs(cfg)  # validates quant, loss and optim of every arm
     tr, e = cfg.train, cfg.eval
     keys = [*cfg.baselines, "onebit", *ablations]
     unknown = [k for k in cfg.baselines if k not in BASELINE_LABELS]
@@ -620,23 +675,48 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ppl = ", ".join(f"{d} {v['ppl']:.4g}" for d, v in row["ppl"].items())
         print(f"[{time.perf_counter() - t_start:6.0f} s] {label}: {ppl}", flush=True)
 
-    def trained(key: str, label: str, q, lcfg, steps: int, zero_shot: bool) -> None:
+    block_cache = {int(cfg.data.seq_len): blocks}
+
+    def blocks_of(seq_len: int):
+        """Training blocks of ``seq_len`` tokens: C4 cut anew; generated text repacked."""
+        if seq_len not in block_cache:
+            if cfg.data.source == "c4":
+                block_cache[seq_len] = c4_train_blocks(
+                    tokenizer, cfg.data.c4_path, seq_len, int(cfg.eval.seqlen)
+                )
+            else:
+                flat = blocks.reshape(-1)
+                block_cache[seq_len] = flat[: flat.numel() // seq_len * seq_len].view(-1, seq_len)
+        return block_cache[seq_len]
+
+    def trained(key: str, arm: Arm, steps: int, zero_shot: bool) -> None:
+        from onebit.quant import calibrate_output_gains_
+
         torch.manual_seed(int(cfg.seed))
-        student = onebit_student(teacher, q)
+        data = blocks_of(arm.seq_len)
+        student = onebit_student(teacher, arm.quant)
+        calib_s = 0.0
+        if arm.calibrate is not None:
+            t0 = time.perf_counter()
+            calib = data[-int(tr.calibrate_sequences) :]  # training text, never evaluated
+            calibrate_output_gains_(teacher, student, calib, arm.calibrate)
+            calib_s = time.perf_counter() - t0
         train = distill(
             teacher,
             student,
-            blocks,
-            lcfg,
-            optim,
+            data,
+            arm.loss,
+            arm.optim,
             steps,
-            int(tr.batch_size),
+            arm.batch_size,
             int(cfg.seed),
             tr.grad_clip,
             int(tr.eval_every),
             lambda: curve_ppl(student, streams, int(e.curve_windows)),
         )
-        add(key, label, student, zero_shot, train)
+        train["train_s"] += calib_s  # the calibration is part of the training budget
+        train["calibrate_s"] = calib_s
+        add(key, arm.label, student, zero_shot, train)
 
     for key in keys:
         if key == "teacher":
@@ -649,11 +729,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             q = OneBitConfig.from_dict({**quant.to_dict(), "output_norm": False})
             add(key, BASELINE_LABELS[key], onebit_student(teacher, q), True)
         elif key == "onebit":
-            label = f"OneBit, {int(tr.steps)} steps"
-            trained(key, label, quant, loss, int(tr.steps), True)
+            trained(key, base_arm(cfg, f"OneBit, {int(tr.steps)} steps"), int(tr.steps), True)
         else:
-            label, q, lcfg = ablations[key]
-            trained(key, label, q, lcfg, int(tr.ablation_steps), bool(e.zero_shot_ablations))
+            trained(key, ablations[key], int(tr.ablation_steps), bool(e.zero_shot_ablations))
 
     settings["total_s"] = time.perf_counter() - t_start
     result = {"settings": settings, "rows": rows}

@@ -41,16 +41,53 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     assert set(ab) == {
         "ref", "svd_init", "copy_init", "no_ln", "alpha_0", "alpha_10", "official_loss"
     }  # fmt: skip
-    assert ab["ref"][1:] == (base_q, base_l)
-    assert ab["svd_init"][1] == OneBitConfig(svid_method="svd")
-    assert ab["copy_init"][1] == OneBitConfig(svid_method="none")
-    assert ab["no_ln"][1] == OneBitConfig(output_norm=False)
-    assert ab["alpha_0"][2] == DistillLossConfig(alpha=0.0)
-    assert ab["alpha_10"][2] == DistillLossConfig(alpha=10.0)
-    assert ab["official_loss"][2] == DistillLossConfig.official()
+    base = results.base_arm(cfg)
+    assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
+    assert ab["ref"][1:] == base[1:]  # the reference is the main row's recipe
+    assert ab["svd_init"].quant == OneBitConfig(svid_method="svd")
+    assert ab["copy_init"].quant == OneBitConfig(svid_method="none")
+    assert ab["no_ln"].quant == OneBitConfig(output_norm=False)
+    assert ab["alpha_0"].loss == DistillLossConfig(alpha=0.0)
+    assert ab["alpha_10"].loss == DistillLossConfig(alpha=10.0)
+    assert ab["official_loss"].loss == DistillLossConfig.official()
     for key in ("alpha_0", "alpha_10", "official_loss"):
-        assert ab[key][1] == base_q
+        assert ab[key].quant == base_q
+    for arm in ab.values():  # nothing but its own key changes
+        assert (arm.optim, arm.seq_len, arm.batch_size, arm.calibrate) == base[3:]
     OptimConfig.from_dict(dict(cfg.optim))  # the budget's optimizer is valid
+
+
+def test_arm_overrides_reach_optim_data_train_and_calibration() -> None:
+    cfg = compose_results(
+        [
+            "experiment=results_smollm2_135m",
+            "+ablations.lever.optim={latent_lr: 10.0}",
+            "+ablations.lever.data={seq_len: 512}",
+            "+ablations.lever.train={batch_size: 1}",
+            "+ablations.lever.calibrate=rms",
+            "+ablations.lever.quant={output_gain: true}",
+        ]
+    )
+    base, arm = results.base_arm(cfg), results.ablation_configs(cfg)["lever"]
+    assert arm.optim == OptimConfig.from_dict({**dict(cfg.optim), "latent_lr": 10.0})
+    assert arm.optim.scale_lr == base.optim.scale_lr == 10.0  # the experiment's g/h rate kept
+    assert (arm.seq_len, arm.batch_size, arm.calibrate) == (512, 1, "rms")
+    assert arm.quant == OneBitConfig(output_gain=True)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("+ablations.bad.calibrate=median", r"ablations\.bad\.calibrate='median'"),
+        ("+ablations.bad.data={seq: 3}", r"ablations\.bad\.data has unknown key"),
+        ("+ablations.bad.optim={lr: -1}", r"optim\.lr"),
+    ],
+)
+def test_bad_arm_overrides_are_one_sentence(override: str, match: str) -> None:
+    from onebit.errors import OneBitInputError
+
+    with pytest.raises(OneBitInputError, match=match):
+        results.ablation_configs(compose_results([override]))
 
 
 def test_unknown_ablation_key_is_one_sentence() -> None:
@@ -153,6 +190,25 @@ def test_benchmark_rows_files_and_reproducibility(tiny_run: DictConfig, tmp_path
     assert again["train"]["curve"] == [
         {**p, "train_s": q["train_s"]} for p, q in zip(onebit["curve"], again["train"]["curve"])
     ]
+
+
+def test_a_lever_arm_trains_with_its_own_data_and_calibration(tiny_run: DictConfig) -> None:
+    """An arm with gains calibrated before training, other sequences and another batch size."""
+    with open_dict(tiny_run):
+        tiny_run.ablations["lever"] = {
+            "label": "lever",
+            "quant": {"output_gain": True},
+            "calibrate": "rms",
+            "data": {"seq_len": 16},
+            "train": {"batch_size": 2},
+        }
+        tiny_run.rows = ["ref", "lever"]
+        tiny_run.baselines = []
+    rows = {r["key"]: r for r in results.run(tiny_run)["rows"]}
+    ref, lever = rows["ref"]["train"], rows["lever"]["train"]
+    assert lever["tokens"] == 8 * 2 * 16 and ref["tokens"] == 8 * 4 * 32
+    assert lever["calibrate_s"] > 0 and ref["calibrate_s"] == 0
+    assert lever["curve"][0]["ppl"] != ref["curve"][0]["ppl"]  # calibrated gains: another start
 
 
 def test_split_perplexity_equals_one_call(stories_path) -> None:
