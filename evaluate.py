@@ -57,6 +57,7 @@ def load_for_eval(cfg: DictConfig):
     if cfg.source == "checkpoint":
         from onebit.checkpoint import load_checkpoint_file
         from onebit.module import OneBitDistillation
+        from onebit.quant import OneBitConfig
 
         ckpt = load_checkpoint_file(cfg.path)  # checksum verified, weights_only: no code runs
         hp = ckpt.get("hyper_parameters") or {}
@@ -64,7 +65,7 @@ def load_for_eval(cfg: DictConfig):
             raise OneBitInputError(f"path={cfg.path} is not a checkpoint written by train.py.")
         # the student's architecture without its SVID (the checkpoint holds the trained values)
         module = OneBitDistillation(
-            hp["model"], {**hp["quant"], "svid_method": "none"}, hp.get("loss")
+            hp["model"], OneBitConfig.from_dict(hp["quant"]).without_calibration(), hp.get("loss")
         )
         module.configure_model()
         module.check_state_dict(ckpt["state_dict"], f"checkpoint {cfg.path}")
@@ -162,16 +163,27 @@ def run_diagnose(cfg: DictConfig, model, tok, device) -> dict[str, Any]:
     text = report.format(top=int(d.top))
     text += (
         f"\n\n{len(over)} of {len(report.layers)} layers write entries above sqrt(out - 1), "
-        "the most a OneBit layer with its output LayerNorm can: "
-        + (", ".join(over[:12]) + (" ..." if len(over) > 12 else "") if over else "none")
+        "the most a OneBit layer with its output LayerNorm can"
     )
+    ranked = sorted(over, key=lambda n: -_excess(report, n))[: int(d.keep)]
+    if ranked:
+        text += (
+            f"; the {len(ranked)} furthest above it (max |y| / sqrt(out - 1)), to keep in full "
+            f"precision:\n  quant.skip_modules=[{','.join(ranked)}]"
+        )
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {**report.to_dict(), "massive_layers": over, "text": d.text, "seq_len": seq}
+    result = {**report.to_dict(), "massive_layers": over, "keep": ranked, "text": d.text}
+    result["seq_len"] = seq
     atomic_write_text(out_dir / "diagnostics.json", json.dumps(result, indent=2))
     print("\n" + text + "\n", flush=True)
     print(f"diagnostics: {out_dir / 'diagnostics.json'}", flush=True)
     return result
+
+
+def _excess(report, name: str) -> float:
+    r = next(layer for layer in report.layers if layer.name == name)
+    return r.teacher.absmax / max(r.out_features - 1, 1) ** 0.5
 
 
 def _cells(row: dict[str, Any]) -> list[str]:

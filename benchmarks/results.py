@@ -102,10 +102,10 @@ class Arm(NamedTuple):
     optim: Any  # OptimConfig
     seq_len: int  # training sequence length
     batch_size: int  # sequences per step
-    calibrate: str | None  # output-gain calibration before training: rms | ls | None
+    keep_massive: int  # keep full precision the k layers that most exceed a OneBit layer's range
 
 
-ARM_KEYS = ("label", "quant", "loss", "optim", "data", "train", "calibrate")
+ARM_KEYS = ("label", "quant", "loss", "optim", "data", "train", "keep_massive")
 
 
 def base_arm(cfg: DictConfig, label: str = "OneBit") -> Arm:
@@ -121,23 +121,22 @@ def base_arm(cfg: DictConfig, label: str = "OneBit") -> Arm:
         OptimConfig.from_dict(_container(cfg.optim)),
         int(cfg.data.seq_len),
         int(cfg.train.batch_size),
-        _calibration(cfg.train.get("calibrate"), "train.calibrate"),
+        _count(cfg.train.get("keep_massive", 0), "train.keep_massive"),
     )
 
 
-def _calibration(value: Any, key: str) -> str | None:
+def _count(value: Any, key: str) -> int:
     from onebit.errors import OneBitInputError
-    from onebit.quant.calibrate import GAIN_CALIBRATIONS
 
-    if value is None or value in GAIN_CALIBRATIONS:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    raise OneBitInputError(f"{key}={value!r} is not one of {', '.join(GAIN_CALIBRATIONS)} or null.")
+    raise OneBitInputError(f"{key}={value!r} must be an integer >= 0.")
 
 
 def ablation_configs(cfg: DictConfig) -> dict[str, Arm]:
     """Ablation key → :class:`Arm`, each the base recipe with that ablation's overrides
     (``quant``, ``loss``, ``optim``: their keys; ``data``: ``seq_len``; ``train``:
-    ``batch_size``; ``calibrate``: ``rms``, ``ls`` or null)."""
+    ``batch_size``; ``keep_massive``: a number of layers)."""
     from onebit.distill import DistillLossConfig
     from onebit.distill.recipe import OptimConfig
     from onebit.errors import OneBitInputError
@@ -170,7 +169,7 @@ def ablation_configs(cfg: DictConfig) -> dict[str, Arm]:
             OptimConfig.from_dict({**base_o, **(spec.get("optim") or {})}),
             int((spec.get("data") or {}).get("seq_len", base.seq_len)),
             int((spec.get("train") or {}).get("batch_size", base.batch_size)),
-            _calibration(spec.get("calibrate", base.calibrate), f"ablations.{key}.calibrate"),
+            _count(spec.get("keep_massive", base.keep_massive), f"ablations.{key}.keep_massive"),
         )
     return out
 
@@ -624,7 +623,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from onebit.errors import OneBitInputError
     from onebit.models import ModelSpec, load_causal_lm, load_tokenizer
-    from onebit.quant import OneBitConfig
+    from onebit.quant import OneBitConfig, footprint
 
     t_start = time.perf_counter()
     if cfg.threads:
@@ -690,17 +689,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return block_cache[seq_len]
 
     def trained(key: str, arm: Arm, steps: int, zero_shot: bool) -> None:
-        from onebit.quant import calibrate_output_gains_
+        import dataclasses
+
+        from onebit.quant import init_output_gains_, massive_layer_names
 
         torch.manual_seed(int(cfg.seed))
         data = blocks_of(arm.seq_len)
-        student = onebit_student(teacher, arm.quant)
-        calib_s = 0.0
-        if arm.calibrate is not None:
-            t0 = time.perf_counter()
-            calib = data[-int(tr.calibrate_sequences) :]  # training text, never evaluated
-            calibrate_output_gains_(teacher, student, calib, arm.calibrate)
-            calib_s = time.perf_counter() - t0
+        calib = data[-arm.quant.calibration_sequences :]  # training text, never evaluated
+        t0 = time.perf_counter()
+        q, kept = arm.quant, []
+        if arm.keep_massive:
+            kept = massive_layer_names(teacher, calib, arm.keep_massive)
+            q = dataclasses.replace(q, skip_modules=(*q.skip_modules, *kept))
+        student = onebit_student(teacher, q)
+        init_output_gains_(teacher, student, q, calib)
+        calib_s = time.perf_counter() - t0 if (kept or q.needs_calibration) else 0.0
         train = distill(
             teacher,
             student,
@@ -714,8 +717,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             int(tr.eval_every),
             lambda: curve_ppl(student, streams, int(e.curve_windows)),
         )
-        train["train_s"] += calib_s  # the calibration is part of the training budget
+        train["train_s"] += calib_s  # calibration is part of the training budget
         train["calibrate_s"] = calib_s
+        train["kept_layers"] = kept
+        row_bits = footprint(student, q)
+        train["bits_per_weight"] = row_bits.bits_per_weight
+        train["model_bits_per_weight"] = row_bits.model_bits_per_weight
         add(key, arm.label, student, zero_shot, train)
 
     for key in keys:

@@ -40,7 +40,14 @@ from onebit.guards import (
     locate_nonfinite,
 )
 from onebit.models import ModelSpec, load_causal_lm
-from onebit.quant import OneBitConfig, OneBitLinear, footprint, freeze_, quantize_
+from onebit.quant import (
+    OneBitConfig,
+    OneBitLinear,
+    footprint,
+    freeze_,
+    init_output_gains_,
+    quantize_,
+)
 from onebit.quant.convert import find_decoder_blocks
 from onebit.quant.svid_cache import SvidCache, svid_cache_key
 
@@ -92,7 +99,6 @@ def student_from_state(
     """A plain CPU student of architecture ``config`` holding ``state`` (a full student state
     dict, keys without the ``student.`` prefix), built without weights of its own: parameters
     are created empty (``meta``) and ``state``'s tensors assigned; no SVID runs."""
-    import dataclasses
 
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -100,7 +106,7 @@ def student_from_state(
     config = copy.deepcopy(config)
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    quantize_(model, dataclasses.replace(quant, svid_method="none"))
+    quantize_(model, quant.without_calibration())
     _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if empty or unexpected:
@@ -199,6 +205,7 @@ class OneBitDistillation(L.LightningModule):
         self.nonfinite_skipped = 0  # steps dropped by guard.nonfinite=skip, over the whole run
         self._skips_in_a_row = 0
         self._skip_pending = False  # this optimizer step is dropped (guard.nonfinite=skip)
+        self.calibration_ids: Tensor | None = None  # quant.gain_init's text (else the data's)
 
     # -- model set-up --------------------------------------------------------------------------
     @property
@@ -226,7 +233,13 @@ class OneBitDistillation(L.LightningModule):
         shard = None if mesh is None else self._fully_shard(mesh["data_parallel"])
         # block by block: under FSDP2 each block is sharded as soon as it is quantized, so a
         # rank never holds the whole fp32 student, only the teacher and one student block
+        if shard is not None and self.quant.needs_calibration:
+            raise OneBitInputError(
+                f"quant.gain_init={self.quant.gain_init} is not supported with a sharded (FSDP2) "
+                "student yet; use quant.gain_init=ones, or DDP."
+            )
         self._quantize(student, after_block=shard)
+        init_output_gains_(teacher, student, self.quant, self._calibration_ids())
         student = freeze_(student).train()  # embeddings, norms, lm_head: full precision
         if shard is not None:
             shard(student)
@@ -236,6 +249,21 @@ class OneBitDistillation(L.LightningModule):
                     shard(block)
                 shard(teacher)
         self.student = student
+
+    def _calibration_ids(self) -> Tensor | None:
+        """Training sequences for ``quant.gain_init`` calibration: ``self.calibration_ids`` when
+        set, else the data module's ``calibration_blocks``; None when not needed."""
+        if not self.quant.needs_calibration:
+            return None
+        if self.calibration_ids is not None:
+            return self.calibration_ids
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "calibration_blocks"):
+            raise OneBitInputError(
+                f"quant.gain_init={self.quant.gain_init} needs training text to calibrate on: "
+                "fit with a data module that has calibration_blocks (train.py's do)."
+            )
+        return dm.calibration_blocks(self.quant.calibration_sequences)
 
     @property
     def sharded(self) -> bool:

@@ -21,7 +21,9 @@ SECRET_KEY = re.compile(r"(^|_)(api_key|apikey|token|secret|password)$", re.IGNO
 HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 # quantization options that change what the student computes; the others only set its start
 # (svid_*, latent_init*), which a checkpoint supersedes, or how it is computed (fused)
-QUANT_SEMANTICS = ("ste", "sign_of_zero", "output_norm", "norm_eps", "skip_modules")
+QUANT_SEMANTICS = (
+    "ste", "sign_of_zero", "output_norm", "output_gain", "norm_eps", "skip_modules"
+)  # fmt: skip
 
 
 # -- the command line, before Hydra -------------------------------------------------------------
@@ -206,7 +208,6 @@ def per_device_batch(global_batch_size: int, world_size: int, accumulate: int) -
 def student_shapes(config, quant, trust_remote_code: bool = False) -> dict[str, tuple]:
     """``{key: shape}`` of the LightningModule's state dict for this model and quantization,
     computed on the ``meta`` device (no memory, no SVID)."""
-    import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -216,7 +217,7 @@ def student_shapes(config, quant, trust_remote_code: bool = False) -> dict[str, 
     with torch.device("meta"):
         kw = {"trust_remote_code": True} if trust_remote_code else {}
         model = AutoModelForCausalLM.from_config(config, **kw)
-    quantize_(model, dataclasses.replace(quant, svid_method="none"))
+    quantize_(model, quant.without_calibration())
     return {f"student.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
 
 

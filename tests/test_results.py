@@ -53,7 +53,7 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     for key in ("alpha_0", "alpha_10", "official_loss"):
         assert ab[key].quant == base_q
     for arm in ab.values():  # nothing but its own key changes
-        assert (arm.optim, arm.seq_len, arm.batch_size, arm.calibrate) == base[3:]
+        assert (arm.optim, arm.seq_len, arm.batch_size, arm.keep_massive) == base[3:]
     OptimConfig.from_dict(dict(cfg.optim))  # the budget's optimizer is valid
 
 
@@ -64,21 +64,22 @@ def test_arm_overrides_reach_optim_data_train_and_calibration() -> None:
             "+ablations.lever.optim={latent_lr: 10.0}",
             "+ablations.lever.data={seq_len: 512}",
             "+ablations.lever.train={batch_size: 1}",
-            "+ablations.lever.calibrate=rms",
-            "+ablations.lever.quant={output_gain: true}",
+            "+ablations.lever.keep_massive=3",
+            "+ablations.lever.quant={output_gain: true, gain_init: rms}",
         ]
     )
     base, arm = results.base_arm(cfg), results.ablation_configs(cfg)["lever"]
     assert arm.optim == OptimConfig.from_dict({**dict(cfg.optim), "latent_lr": 10.0})
     assert arm.optim.scale_lr == base.optim.scale_lr == 10.0  # the experiment's g/h rate kept
-    assert (arm.seq_len, arm.batch_size, arm.calibrate) == (512, 1, "rms")
-    assert arm.quant == OneBitConfig(output_gain=True)
+    assert (arm.seq_len, arm.batch_size, arm.keep_massive) == (512, 1, 3)
+    assert arm.quant == OneBitConfig(output_gain=True, gain_init="rms")
 
 
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("+ablations.bad.calibrate=median", r"ablations\.bad\.calibrate='median'"),
+        ("+ablations.bad.keep_massive=-1", r"ablations\.bad\.keep_massive=-1"),
+        ("+ablations.bad.quant={gain_init: rms}", r"quant\.output_gain=true"),
         ("+ablations.bad.data={seq: 3}", r"ablations\.bad\.data has unknown key"),
         ("+ablations.bad.optim={lr: -1}", r"optim\.lr"),
     ],
@@ -197,8 +198,8 @@ def test_a_lever_arm_trains_with_its_own_data_and_calibration(tiny_run: DictConf
     with open_dict(tiny_run):
         tiny_run.ablations["lever"] = {
             "label": "lever",
-            "quant": {"output_gain": True},
-            "calibrate": "rms",
+            "quant": {"output_gain": True, "gain_init": "rms"},
+            "keep_massive": 2,
             "data": {"seq_len": 16},
             "train": {"batch_size": 2},
         }
@@ -209,6 +210,8 @@ def test_a_lever_arm_trains_with_its_own_data_and_calibration(tiny_run: DictConf
     assert lever["tokens"] == 8 * 2 * 16 and ref["tokens"] == 8 * 4 * 32
     assert lever["calibrate_s"] > 0 and ref["calibrate_s"] == 0
     assert lever["curve"][0]["ppl"] != ref["curve"][0]["ppl"]  # calibrated gains: another start
+    assert ref["kept_layers"] == [] and 1 <= len(lever["kept_layers"]) <= 2
+    assert lever["model_bits_per_weight"] > ref["model_bits_per_weight"]  # kept layers cost bits
 
 
 def test_split_perplexity_equals_one_call(stories_path) -> None:

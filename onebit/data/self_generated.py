@@ -248,6 +248,13 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         self.train_blocks = blocks[: self.num_sequences]
         self.val_blocks = blocks[self.num_sequences :]
 
+    def calibration_blocks(self, n: int) -> Tensor:
+        """The first ``n`` training sequences (after ``setup``), for calibration before training.
+
+        Shapes: → (min(n, num_sequences), seq_len) int64.
+        """
+        return self.train_blocks[:n].long()
+
     def train_dataloader(self) -> ResumableDataLoader:
         sampler = EpochSampler(len(self.train_blocks), shuffle=True, seed=self.seed)
         return ResumableDataLoader(

@@ -442,6 +442,18 @@ class TextDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         return torch.tensor(blocks, dtype=torch.long)[rank::world].contiguous()
 
+    def calibration_blocks(self, n: int) -> Tensor:
+        """The first ``n`` training blocks in source order (after ``setup``), for calibration
+        before training; read from a fresh pass, so the training stream's position is untouched.
+
+        Shapes: → (at most n, seq_len) int64.
+        """
+        tok = self._resolve_tokenizer()
+        fresh = PackedTextDataset(  # rank 0's view on every rank: the same calibration
+            self._split_sources(tok)[0], tok, self.seq_len, rank=0, world_size=1, name=self.name
+        )
+        return torch.stack([b["input_ids"] for b in islice(iter(fresh), n)]).long()
+
     # -- loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> ResumableStreamLoader:
         """The training stream; the same loader (and data position) on every call."""

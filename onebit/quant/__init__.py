@@ -1,6 +1,10 @@
 """The OneBit method in plain PyTorch: layer, SVID, packing and model conversion."""
 
-from onebit.quant.calibrate import calibrate_output_gains_
+from onebit.quant.calibrate import (
+    calibrate_output_gains_,
+    init_output_gains_,
+    massive_layer_names,
+)
 from onebit.quant.config import OneBitConfig
 from onebit.quant.convert import find_decoder_blocks, freeze_, iter_target_linears, pack_, quantize_
 from onebit.quant.footprint import FootprintReport, footprint, layer_bits_per_weight
@@ -27,8 +31,10 @@ __all__ = [
     "find_decoder_blocks",
     "footprint",
     "freeze_",
+    "init_output_gains_",
     "iter_target_linears",
     "layer_bits_per_weight",
+    "massive_layer_names",
     "onebit_forward",
     "pack_",
     "pack_signs",

@@ -30,6 +30,50 @@ from onebit.quant.linear import OneBitLinear
 GAIN_CALIBRATIONS = ("rms", "ls")
 
 
+def init_output_gains_(teacher: nn.Module, student: nn.Module, config, ids: Tensor | None) -> None:
+    """Initialise the student's output gains as ``config.gain_init`` says (in place).
+
+    ``ones`` leaves them at 1; ``rms`` and ``ls`` call :func:`calibrate_output_gains_` on the
+    first ``config.calibration_sequences`` rows of ``ids``.
+
+    Raises:
+        ValueError: calibration is asked for and ``ids`` is None.
+
+    Shapes: ids (n, seq) token ids.
+    """
+    if not config.needs_calibration:
+        return
+    if ids is None:
+        raise ValueError(f"quant.gain_init={config.gain_init} needs calibration sequences.")
+    calibrate_output_gains_(teacher, student, ids[: config.calibration_sequences], config.gain_init)
+
+
+@torch.no_grad()
+def massive_layer_names(teacher: nn.Module, ids: Tensor, k: int) -> list[str]:
+    """The ``k`` decoder-block linears of ``teacher`` whose outputs on ``ids`` most exceed what a
+    OneBit layer with its output LayerNorm can write (``max |y| > sqrt(out − 1)``), ranked by
+    ``max |y| / sqrt(out − 1)``; fewer if fewer exceed it. Keeping them in full precision
+    (``quant.skip_modules``) is the lever for "massive activations".
+
+    Shapes: ids (batch, seq) token ids.
+    """
+    ratio: dict[str, float] = {}
+    hooks = []
+    for name, module in iter_target_linears(teacher):
+
+        def hook(_m, _i, y, name=name):
+            ratio[name] = float(y.detach().abs().max()) / max(y.shape[-1] - 1, 1) ** 0.5
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        teacher(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    ranked = sorted((r, n) for n, r in ratio.items() if r > 1.0)[::-1]
+    return [n for _, n in ranked[:k]]
+
+
 @torch.no_grad()
 def calibrate_output_gains_(
     teacher: nn.Module,

@@ -17,11 +17,13 @@ SvidMethod = Literal["nmf", "svd", "power", "nmf_sklearn", "none"]
 LatentInit = Literal["sign", "weight"]
 SteKind = Literal["identity", "clipped", "tanh"]
 SignOfZero = Literal["plus", "zero"]
+GainInit = Literal["ones", "rms", "ls"]
 
 SVID_METHODS = ("nmf", "svd", "power", "nmf_sklearn", "none")
 LATENT_INITS = ("sign", "weight")
 STE_KINDS = ("identity", "clipped", "tanh")
 SIGNS_OF_ZERO = ("plus", "zero")
+GAIN_INITS = ("ones", "rms", "ls")
 
 
 @dataclass
@@ -51,6 +53,10 @@ class OneBitConfig:
             ``y = γ ⊙ LN(...) + bias``, so that a layer can write its teacher's output scale (the
             LayerNorm alone fixes every token's RMS at 1); 1 at initialisation, or set from
             calibration data by :func:`onebit.quant.calibrate_output_gains_`. Not in the paper.
+        gain_init: how ``output_gain`` starts: ``ones``, or calibrated from the teacher before
+            training on ``calibration_sequences`` training sequences: ``rms`` (each channel gets
+            its teacher's RMS) or ``ls`` (least squares per channel).
+        calibration_sequences: training sequences used by ``gain_init`` calibration.
         norm_eps: epsilon of that LayerNorm (``nn.LayerNorm``'s default, as in the official code).
         fused: use the fused autograd function, which saves only the input and the pre-scale
             output for backward (same numbers as the unfused composition).
@@ -66,6 +72,8 @@ class OneBitConfig:
     sign_of_zero: SignOfZero = "plus"
     output_norm: bool = True
     output_gain: bool = False
+    gain_init: GainInit = "ones"
+    calibration_sequences: int = 8
     norm_eps: float = 1e-5
     fused: bool = True
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
@@ -75,6 +83,12 @@ class OneBitConfig:
         check_choice("quant", "latent_init", self.latent_init, LATENT_INITS)
         check_choice("quant", "ste", self.ste, STE_KINDS)
         check_choice("quant", "sign_of_zero", self.sign_of_zero, SIGNS_OF_ZERO)
+        check_choice("quant", "gain_init", self.gain_init, GAIN_INITS)
+        if not isinstance(self.calibration_sequences, int) or self.calibration_sequences < 1:
+            raise OneBitInputError(
+                f"quant.calibration_sequences={self.calibration_sequences!r} must be an integer "
+                ">= 1."
+            )
         if not isinstance(self.svid_max_iter, int) or self.svid_max_iter < 1:
             raise OneBitInputError(
                 f"quant.svid_max_iter={self.svid_max_iter!r} must be an integer >= 1."
@@ -85,7 +99,23 @@ class OneBitConfig:
         for key in ("output_norm", "output_gain"):
             if not isinstance(getattr(self, key), bool):
                 raise OneBitInputError(f"quant.{key}={getattr(self, key)!r} must be true or false.")
+        if self.gain_init != "ones" and not self.output_gain:
+            raise OneBitInputError(
+                f"quant.gain_init={self.gain_init} calibrates output gains, which need "
+                "quant.output_gain=true."
+            )
         self.skip_modules = tuple(self.skip_modules)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Initialisation reads teacher outputs on training text (``gain_init``)."""
+        return self.output_gain and self.gain_init != "ones"
+
+    def without_calibration(self) -> OneBitConfig:
+        """This config for rebuilding a trained student (its values come from a state dict):
+        no SVID, no calibration."""
+        extra = {"gain_init": "ones"} if self.output_gain else {}
+        return dataclasses.replace(self, svid_method="none", **extra)
 
     @classmethod
     def official(cls, **overrides: Any) -> OneBitConfig:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from onebit.errors import OneBitInputError
 from onebit.module import OneBitDistillation, cosine_with_warmup
 
 from .conftest import compose_train
@@ -196,3 +197,44 @@ def test_wandb_logger_runs_offline_without_prompt(tmp_path, tiny_overrides, monk
     from pathlib import Path
 
     assert any(Path(run_dir).glob("*.wandb"))  # the run's records, for `wandb sync`
+
+
+def test_gain_calibration_before_training_and_its_rebuild() -> None:
+    """quant.gain_init=rms: the gains are calibrated in configure_model; a rebuilt student (export,
+    evaluation) takes them from the state dict without calibrating again."""
+    import copy
+
+    from onebit.models import tiny_causal_lm
+    from onebit.quant import OneBitConfig, calibrate_output_gains_, freeze_, quantize_
+
+    teacher = tiny_causal_lm("llama")
+    q = OneBitConfig(output_gain=True, gain_init="rms", calibration_sequences=2)
+    spec = {"name": "t", "source": "tiny", "arch": "llama"}
+    module = OneBitDistillation(spec, quant=q, teacher=teacher)
+    ids = torch.randint(0, 128, (3, 12))
+    module.calibration_ids = ids
+    module.configure_model()
+    expected = freeze_(quantize_(copy.deepcopy(teacher), q))
+    calibrate_output_gains_(teacher, expected, ids[:2], "rms")  # the first calibration_sequences
+    layer = "model.layers.1.mlp.down_proj"
+    got = module.student.get_submodule(layer).out_gain
+    torch.testing.assert_close(got, expected.get_submodule(layer).out_gain, atol=0, rtol=0)
+    assert not torch.equal(got, torch.ones_like(got))
+    rebuilt = module.student_from_state(module.student.state_dict())
+    torch.testing.assert_close(rebuilt.get_submodule(layer).out_gain, got, atol=0, rtol=0)
+    without = OneBitDistillation(spec, quant=q, teacher=tiny_causal_lm("llama"))
+    with pytest.raises(OneBitInputError, match="needs training text"):
+        without.configure_model()
+
+
+def test_train_py_with_calibrated_gains_exports_them(tmp_path, tiny_overrides) -> None:
+    from onebit.export import load_onebit
+
+    cfg = compose_train(
+        [*tiny_overrides, "quant.output_gain=true", "quant.gain_init=ls", "export_dtype=float32"],
+        tmp_path,
+    )
+    result = _run(cfg)
+    model = load_onebit(result["export"])
+    gains = [m.out_gain for n, m in model.named_modules() if n.endswith("down_proj")]
+    assert len(gains) == 2 and all(not torch.equal(g, torch.ones_like(g)) for g in gains)

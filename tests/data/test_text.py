@@ -238,3 +238,21 @@ def test_config_local_override(tok) -> None:
     dm = instantiate(cfg, tokenizer=tok)
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))["input_ids"].shape == (cfg.batch_size, 64)
+
+
+def test_calibration_blocks_are_the_first_training_blocks_and_leave_the_stream(
+    tok, docs_jsonl
+) -> None:
+    path, docs = docs_jsonl
+    dm = _dm(path, tok, shuffle_docs=4)
+    dm.setup("fit")
+    _, val = dm._split_sources(tok)
+    calib = dm.calibration_blocks(3)
+    assert calib.shape == (3, 32) and calib.dtype == torch.long
+    assert calib.flatten().tolist() == _stream(tok, docs[: val.start])[: 3 * 32]  # source order
+    loader = dm.train_dataloader()
+    first = next(iter(loader))["input_ids"]
+    dm.calibration_blocks(3)  # reading them again does not move the training stream
+    fresh = _dm(path, tok, shuffle_docs=4)
+    fresh.setup("fit")
+    assert torch.equal(next(iter(fresh.train_dataloader()))["input_ids"], first)

@@ -127,6 +127,8 @@ def test_diagnose_a_model_and_its_export(tmp_path, stories_path) -> None:
     d = json.loads((tmp_path / "hf" / "diagnostics.json").read_text())
     assert d["n_tokens"] == 256 and not d["has_student"] and d["blocks"] == []
     assert "largest teacher outputs" in out.stdout
+    assert 1 <= len(d["keep"]) <= 5 and set(d["keep"]) <= set(d["massive_layers"])
+    assert f"quant.skip_modules=[{','.join(d['keep'])}]" in out.stdout
     spec = ModelSpec(name="stories260k", source="local", path=str(stories_path))
     teacher = load_causal_lm(spec)
     student = freeze_(quantize_(copy.deepcopy(teacher), OneBitConfig()))
