@@ -133,44 +133,58 @@ def _count(value: Any, key: str) -> int:
     raise OneBitInputError(f"{key}={value!r} must be an integer >= 0.")
 
 
-def ablation_configs(cfg: DictConfig) -> dict[str, Arm]:
-    """Ablation key → :class:`Arm`, each the base recipe with that ablation's overrides
-    (``quant``, ``loss``, ``optim``: their keys; ``data``: ``seq_len``; ``train``:
-    ``batch_size``; ``keep_massive``: a number of layers)."""
+def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) -> Arm:
+    """The base recipe with the overrides ``spec`` (``quant``, ``loss``, ``optim``: their keys;
+    ``data``: ``seq_len``; ``train``: ``batch_size``; ``keep_massive``: a number of layers;
+    ``label``), each key checked; ``where`` names the node in messages."""
     from onebit.distill import DistillLossConfig
     from onebit.distill.recipe import OptimConfig
     from onebit.errors import OneBitInputError
     from onebit.quant import OneBitConfig
 
-    base_q, base_l, base_o = _container(cfg.quant), _container(cfg.loss), _container(cfg.optim)
     base = base_arm(cfg)
+    spec = spec or {}
+    unknown = set(spec) - set(ARM_KEYS)
+    if unknown:
+        raise OneBitInputError(
+            f"{where} has unknown key(s) {sorted(unknown)}; valid: {', '.join(ARM_KEYS)}."
+        )
+    for group, allowed in (("data", {"seq_len"}), ("train", {"batch_size"})):
+        bad = set(spec.get(group) or {}) - allowed
+        if bad:
+            raise OneBitInputError(
+                f"{where}.{group} has unknown key(s) {sorted(bad)}; valid: "
+                f"{', '.join(sorted(allowed))}."
+            )
+    return Arm(
+        spec.get("label", base.label),
+        OneBitConfig.from_dict({**base.quant.to_dict(), **(spec.get("quant") or {})}),
+        DistillLossConfig.from_dict({**_container(cfg.loss), **(spec.get("loss") or {})}),
+        OptimConfig.from_dict({**_container(cfg.optim), **(spec.get("optim") or {})}),
+        int((spec.get("data") or {}).get("seq_len", base.seq_len)),
+        int((spec.get("train") or {}).get("batch_size", base.batch_size)),
+        _count(spec.get("keep_massive", base.keep_massive), f"{where}.keep_massive"),
+    )
+
+
+def main_arm(cfg: DictConfig) -> Arm:
+    """The main OneBit row: the base recipe with ``main``'s overrides (the recommended recipe;
+    the ablations and levers stay relative to the base, the paper's layer)."""
+    arm = apply_overrides(cfg, _container(cfg.get("main")), "main")
+    label = arm.label if (cfg.get("main") or {}).get("label") else "OneBit"
+    return arm._replace(label=f"{label}, {int(cfg.train.steps)} steps")
+
+
+def ablation_configs(cfg: DictConfig) -> dict[str, Arm]:
+    """Ablation key → :class:`Arm`, each the base recipe with that ablation's overrides
+    (:func:`apply_overrides`)."""
+    from onebit.errors import OneBitInputError
+
     out = {}
     for key, spec in (_container(cfg.ablations) or {}).items():
         if key in BASELINE_LABELS or key == "onebit":
             raise OneBitInputError(f"ablations.{key}: the name is taken by a row; rename it.")
-        unknown = set(spec or {}) - set(ARM_KEYS)
-        if unknown:
-            raise OneBitInputError(
-                f"ablations.{key} has unknown key(s) {sorted(unknown)}; valid: "
-                f"{', '.join(ARM_KEYS)}."
-            )
-        spec = spec or {}
-        for group, allowed in (("data", {"seq_len"}), ("train", {"batch_size"})):
-            bad = set(spec.get(group) or {}) - allowed
-            if bad:
-                raise OneBitInputError(
-                    f"ablations.{key}.{group} has unknown key(s) {sorted(bad)}; valid: "
-                    f"{', '.join(sorted(allowed))}."
-                )
-        out[key] = Arm(
-            spec.get("label", key),
-            OneBitConfig.from_dict({**base_q, **(spec.get("quant") or {})}),
-            DistillLossConfig.from_dict({**base_l, **(spec.get("loss") or {})}),
-            OptimConfig.from_dict({**base_o, **(spec.get("optim") or {})}),
-            int((spec.get("data") or {}).get("seq_len", base.seq_len)),
-            int((spec.get("train") or {}).get("batch_size", base.batch_size)),
-            _count(spec.get("keep_massive", base.keep_massive), f"ablations.{key}.keep_massive"),
-        )
+        out[key] = apply_overrides(cfg, {"label": key, **(spec or {})}, f"ablations.{key}")
     return out
 
 
@@ -632,6 +646,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     spec = ModelSpec.from_dict(_container(cfg.model))
     quant = OneBitConfig.from_dict(_container(cfg.quant))
     ablations = ablation_configs(cfg)  # validates quant, loss and optim of every arm
+    main_arm(cfg)
     tr, e = cfg.train, cfg.eval
     keys = [*cfg.baselines, "onebit", *ablations]
     unknown = [k for k in cfg.baselines if k not in BASELINE_LABELS]
@@ -736,7 +751,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             q = OneBitConfig.from_dict({**quant.to_dict(), "output_norm": False})
             add(key, BASELINE_LABELS[key], onebit_student(teacher, q), True)
         elif key == "onebit":
-            trained(key, base_arm(cfg, f"OneBit, {int(tr.steps)} steps"), int(tr.steps), True)
+            trained(key, main_arm(cfg), int(tr.steps), True)
         else:
             trained(key, ablations[key], int(tr.ablation_steps), bool(e.zero_shot_ablations))
 

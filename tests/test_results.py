@@ -39,7 +39,8 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     ab = results.ablation_configs(cfg)
     base_q, base_l = OneBitConfig(), DistillLossConfig()
     assert set(ab) == {
-        "ref", "svd_init", "copy_init", "no_ln", "alpha_0", "alpha_10", "official_loss"
+        "ref", "svd_init", "copy_init", "no_ln", "alpha_0", "alpha_10", "official_loss",
+        "gain", "gain_rms", "gain_ls", "keep_massive", "latent_small",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -52,8 +53,15 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     assert ab["official_loss"].loss == DistillLossConfig.official()
     for key in ("alpha_0", "alpha_10", "official_loss"):
         assert ab[key].quant == base_q
-    for arm in ab.values():  # nothing but its own key changes
-        assert (arm.optim, arm.seq_len, arm.batch_size, arm.keep_massive) == base[3:]
+    assert ab["gain"].quant == OneBitConfig(output_gain=True)
+    assert ab["gain_rms"].quant == OneBitConfig(output_gain=True, gain_init="rms")
+    assert ab["gain_ls"].quant == OneBitConfig(output_gain=True, gain_init="ls")
+    assert ab["latent_small"].quant == OneBitConfig(latent_init_scale=1e-3)
+    assert ab["keep_massive"][1:3] == (base_q, base_l) and ab["keep_massive"].keep_massive == 5
+    for key, arm in ab.items():  # nothing but its own key changes
+        if key != "keep_massive":
+            assert (arm.optim, arm.seq_len, arm.batch_size, arm.keep_massive) == base[3:]
+        assert arm.loss == base_l or arm.quant == base_q
     OptimConfig.from_dict(dict(cfg.optim))  # the budget's optimizer is valid
 
 
@@ -290,3 +298,14 @@ def test_frozen_signs_give_identical_outputs_and_restore_the_layer(gain: bool) -
     torch.testing.assert_close(cached, ref, rtol=0, atol=0)
     torch.testing.assert_close(after, ref, rtol=0, atol=0)
     assert all("forward" not in vars(m) for m in student.modules())
+
+
+def test_main_row_overrides_leave_the_ablations_on_the_base() -> None:
+    cfg = compose_results(
+        ["experiment=results_smollm2_135m", "main={quant: {output_gain: true, gain_init: ls}}"]
+    )
+    main, ab = results.main_arm(cfg), results.ablation_configs(cfg)
+    assert main.quant == OneBitConfig(output_gain=True, gain_init="ls")
+    assert main.label == "OneBit, 150 steps"
+    assert ab["ref"].quant == OneBitConfig()  # the reference stays the paper's layer
+    assert main[2:] == ab["ref"][2:]
