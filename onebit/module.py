@@ -232,16 +232,17 @@ class OneBitDistillation(L.LightningModule):
         mesh = getattr(self, "_device_mesh", None)
         shard = None if mesh is None else self._fully_shard(mesh["data_parallel"])
         # block by block: under FSDP2 each block is sharded as soon as it is quantized, so a
-        # rank never holds the whole fp32 student, only the teacher and one student block
-        if shard is not None and self.quant.needs_calibration:
-            raise OneBitInputError(
-                f"quant.gain_init={self.quant.gain_init} is not supported with a sharded (FSDP2) "
-                "student yet; use quant.gain_init=ones, or DDP."
-            )
-        self._quantize(student, after_block=shard)
+        # rank never holds the whole fp32 student, only the teacher and one student block.
+        # Calibrating the output gains (quant.gain_init) runs the whole student first, so then
+        # every block is sharded after it (each rank calibrates on the same sequences)
+        calibrate = self.quant.needs_calibration
+        self._quantize(student, after_block=None if calibrate else shard)
         init_output_gains_(teacher, student, self.quant, self._calibration_ids())
         student = freeze_(student).train()  # embeddings, norms, lm_head: full precision
         if shard is not None:
+            if calibrate:
+                for block in find_decoder_blocks(student)[1]:
+                    shard(block)
             shard(student)
             if self.parallel.shard_teacher:
                 _, blocks = find_decoder_blocks(teacher)

@@ -19,7 +19,12 @@ def _node(group: str, name: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("name", "expected"), [("onebit", OneBitConfig()), ("onebit_official", OneBitConfig.official())]
+    ("name", "expected"),
+    [
+        ("onebit", OneBitConfig(output_gain=True, gain_init="ls")),  # the app's default
+        ("onebit_paper", OneBitConfig()),  # the library's default: the paper's layer
+        ("onebit_official", OneBitConfig.official()),
+    ],
 )
 def test_quant_configs(name: str, expected: OneBitConfig) -> None:
     assert OneBitConfig.from_dict(_node("quant", name)) == expected
