@@ -282,6 +282,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if ckpt is not None:
         result["checkpoint_last"] = ckpt.last_model_path or None
         result["checkpoint_best"] = ckpt.best_model_path or None
+    diag = next((c for c in callbacks if type(c).__name__ == "Diagnostics"), None)
+    if diag is not None and diag.last is not None:
+        result["diagnostics"] = {"first": diag.first.summary(), "last": diag.last.summary()}
     if cfg.get("export") and trainer.is_global_zero:
         result["export"] = str(_export(cfg, module, spec, out_dir / "onebit_model", student))
     for lg in loggers:
@@ -350,6 +353,15 @@ def _summary(result: dict[str, Any], name: str, held_out: str) -> str:
             + (f" (SVID init before training: {was:.2f})" if was else "")
             + f", teacher {m['val/ppl_teacher']:.2f}"
             + f", ratio {m['val/ppl'] / m['val/ppl_teacher']:.2f}"
+        )
+    d = result.get("diagnostics")
+    if d:
+        first, last = d["first"], d["last"]
+        lines.append(
+            f"diagnostics: {100 * last['flip_frac']:.2f} % of the signs flipped; residual-stream "
+            f"error after the last block {last['block_rel_err_last']:.3f} (first validation "
+            f"{first['block_rel_err_last']:.3f}), mean over blocks "
+            f"{last['block_rel_err_mean']:.3f} ({first['block_rel_err_mean']:.3f})"
         )
     fp = result.get("footprint")
     if fp:

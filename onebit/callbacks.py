@@ -315,6 +315,7 @@ class Diagnostics(L.Callback):
     def __init__(self, max_sequences: int = 4, layer_table: bool = True) -> None:
         self.max_sequences, self.layer_table = max_sequences, layer_table
         self._ids = None
+        self.first = None  # the first report (before training with validate_before_training)
         self.last = None  # the latest report (onebit.diagnostics.Diagnostics)
         self._warned = False
 
@@ -339,6 +340,8 @@ class Diagnostics(L.Callback):
         was_training = student.training
         self.last = diagnose(pl_module.teacher, student.eval(), self._ids.to(pl_module.device))
         student.train(was_training)
+        if self.first is None:
+            self.first = self.last
         metrics = {f"diag/{k}": v for k, v in self.last.summary().items()}
         for b in self.last.blocks:
             metrics[f"diag/block_rel_err/{b.index}"] = b.rel_err

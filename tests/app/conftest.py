@@ -26,6 +26,7 @@ TINY = [
     "data.gen_batch_size=8",
     "optim.warmup_steps=2",
     "optim.lr=1e-2",
+    "optim.scale_lr=1.0",  # g, h and gains at lr too: 10x lr is tuned for real models
 ]
 
 

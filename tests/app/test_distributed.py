@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 STEPS = 6
 BASE = [o for o in TINY if not o.startswith(("trainer=", "data.batch_size="))]
 COMMON = [
+    "quant=onebit_paper",  # the paper's layer (calibrated gains: test_fsdp2_with_calibrated_gains)
     # latent weights start as W, not sign(W)·0.01: with Adam's first steps of exactly ±lr, a
     # latent of ±0.01 lands on zero and its sign is decided by rounding (chaotic in any run)
     "quant.latent_init=weight",
@@ -52,11 +53,11 @@ def _losses(path: Path) -> list[float]:
     ]
 
 
-def _run(tmp: Path, name: str, *overrides: str):
+def _run(tmp: Path, name: str, *overrides: str, common: list[str] = COMMON):
     run_dir = tmp / name / "run"
     run_dir.mkdir(parents=True)
     log = run_dir.parent / "loss.jsonl"
-    done = train_proc(run_dir, *COMMON, *overrides, *_loss_log(log), base=BASE, cache=tmp / "cache")
+    done = train_proc(run_dir, *common, *overrides, *_loss_log(log), base=BASE, cache=tmp / "cache")
     return run_dir, log, done
 
 
@@ -113,6 +114,20 @@ def single(tmp_path_factory) -> tuple[Path, list[float]]:
     run_dir, log, done = _run(tmp, "single", *SINGLE)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir, _losses(log)
+
+
+def test_fsdp2_with_calibrated_gains_follows_the_single_process_curve(tmp_path: Path) -> None:
+    """quant=onebit (output gains calibrated before training): FSDP2 calibrates the whole student
+    on every rank, then shards it; the curve and the export are the single process's."""
+    common = [c for c in COMMON if not c.startswith("quant=")]  # quant=onebit: the default
+    gains = ["quant.calibration_sequences=4"]
+    run_one, log_one, done = _run(tmp_path, "single", *SINGLE, *gains, common=common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir, log, done = _run(tmp_path, "fsdp", *FSDP, *gains, common=common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_follows(log, (run_one, _losses(log_one)), run_dir)
+    gain = _export(run_dir)["model.layers.0.mlp.down_proj.out_gain"].float()
+    assert not torch.equal(gain, torch.ones_like(gain))  # calibrated, not left at 1
 
 
 def test_ddp_two_processes_follow_the_single_process_loss_curve(tmp_path: Path, single) -> None:

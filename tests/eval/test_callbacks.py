@@ -53,7 +53,7 @@ def test_diagnostics_are_logged_at_every_validation(tmp_path) -> None:
     from ..app.conftest import TINY
 
     cfg = compose_train([*TINY, "export=false", "optim.lr=5e-2"], tmp_path)
-    train.run(cfg)
+    result = train.run(cfg)
     with open(next(Path(cfg.paths.output_dir).rglob("metrics.csv"))) as f:
         rows = [r for r in csv.DictReader(f) if r.get("diag/flip_frac")]
     steps = [int(r["step"]) for r in rows]
@@ -64,3 +64,5 @@ def test_diagnostics_are_logged_at_every_validation(tmp_path) -> None:
         errs = [float(r[k]) for k in r if k.startswith("diag/block_rel_err/") and r[k]]
         assert len(errs) == 2
         assert max(errs) == float(r["diag/block_rel_err_max"]) and min(errs) > 0
+    d = result["diagnostics"]  # the summary train.py prints: first and last validation
+    assert d["first"]["flip_frac"] == 0.0 and d["last"]["flip_frac"] == flips[-1]

@@ -325,7 +325,8 @@ def llama_checkpoint(tmp_path_factory) -> Path:
         (
             "quant=onebit_official",
             "was trained with another quantization config (quant.ste='identity' there, 'tanh' "
-            "here; quant.sign_of_zero='plus' there, 'zero' here)",
+            "here; quant.sign_of_zero='plus' there, 'zero' here; quant.output_gain=True there, "
+            "False here)",
         ),
         (
             "quant.skip_modules=[model.layers.0.*]",
