@@ -41,10 +41,10 @@ from typing import Any, NamedTuple
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from onebit.eval.zeroshot import PAPER_COLUMNS
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # `python benchmarks/results.py` from a clone: onebit is beside
+
+from onebit.eval.zeroshot import PAPER_COLUMNS  # noqa: E402
 
 log = logging.getLogger("onebit.results")
 
