@@ -280,11 +280,11 @@ def diagnose(
         report.blocks = block_errors(t_out.hidden_states, s_out.hidden_states)
     t_modules = dict(teacher.named_modules())
     for name in names:
-        flips = None
+        flips, ref = None, teacher_signs(t_modules[name])  # (out, in), the initial signs
         if name in s_stats:
             s = student_signs(s_modules[name])
-            flips = float((s != teacher_signs(t_modules[name])).float().mean())
-        out_f, in_f = teacher_signs(t_modules[name]).shape
+            flips = float((s != ref).float().mean())
+        out_f, in_f = ref.shape
         report.layers.append(
             LayerDiagnostics(name, out_f, in_f, t_stats[name], s_stats.get(name), flips)
         )
