@@ -279,6 +279,7 @@ def frozen_signs(model) -> Iterator[None]:
     are identical, bit for bit. Only for inference: the weights must not change meanwhile.
     """
     from onebit.quant import OneBitLinear, onebit_forward
+    from onebit.quant.linear import add_skips
 
     layers = [m for m in model.modules() if isinstance(m, OneBitLinear)]
     for m in layers:
@@ -290,7 +291,7 @@ def frozen_signs(model) -> Iterator[None]:
                 x, signs.to(x.dtype), m.in_scale, m.out_scale, c.output_norm, c.norm_eps,
                 m.out_gain,
             )  # fmt: skip
-            return y if m.bias is None else y + m.bias.to(y.dtype)
+            return add_skips(m, y, x)
 
         m.forward = forward
     try:

@@ -49,7 +49,7 @@ def _packed_state(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch
                 else PackedOneBitLinear.from_onebit(module)
             )
             for key, t in p.state_dict().items():
-                state[f"{name}.{key}"] = t if t.dtype == torch.uint8 else t.to(dtype)
+                state[f"{name}.{key}"] = t.to(dtype) if t.is_floating_point() else t
             packed_prefixes.add(name + ".")
     for key, t in model.state_dict(keep_vars=False).items():
         if any(key.startswith(p) for p in packed_prefixes):
@@ -186,6 +186,9 @@ def load_onebit(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
             norm_eps=quant.norm_eps,
             device="meta",
             out_gain=f"{name}.out_gain" in state,
+            outliers=int(state[f"{name}.outlier_value"].numel())
+            if f"{name}.outlier_value" in state
+            else 0,
         )
         _set_submodule(model, name, new)
     expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}

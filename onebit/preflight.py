@@ -22,7 +22,7 @@ HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 # quantization options that change what the student computes; the others only set its start
 # (svid_*, latent_init*), which a checkpoint supersedes, or how it is computed (fused)
 QUANT_SEMANTICS = (
-    "ste", "sign_of_zero", "output_norm", "output_gain", "norm_eps", "skip_modules"
+    "ste", "sign_of_zero", "output_norm", "output_gain", "norm_eps", "skip_modules", "outliers"
 )  # fmt: skip
 
 

@@ -5,7 +5,8 @@ paper. Parameters fall in groups by role, each with its own learning rate as a m
 ``lr``:
 
     latent weights   W (only its sign reaches the forward pass)   lr · latent_lr
-    value vectors    g = in_scale, h = out_scale, gains           lr · scale_lr
+    value vectors    g = in_scale, h = out_scale, gains,          lr · scale_lr
+                     full-precision outlier weights
     biases           kept from the source layer, no decay         lr
 
 ``latent_lr = scale_lr = 1`` is the paper's single learning rate. The LightningModule
@@ -25,7 +26,7 @@ from torch import nn
 from onebit.config_utils import check_number, from_mapping
 from onebit.errors import OneBitInputError
 
-SCALE_SUFFIXES = ("in_scale", "out_scale", "out_gain")
+SCALE_SUFFIXES = ("in_scale", "out_scale", "out_gain", "outlier_value")
 
 
 @dataclass
@@ -40,8 +41,8 @@ class OptimConfig:
         warmup_steps: linear warm-up from 0 to ``lr``.
         min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` at the last step.
         latent_lr: learning rate of the latent weights as a multiple of ``lr`` (paper: 1).
-        scale_lr: learning rate of the value vectors g, h (and output gains) as a multiple of
-            ``lr`` (paper: 1).
+        scale_lr: learning rate of the value vectors g, h (and output gains and outlier weights)
+            as a multiple of ``lr`` (paper: 1).
     """
 
     lr: float = 4e-4

@@ -9,8 +9,9 @@ scale:
     rms:  γ_c = sqrt(mean_t (y_t,c − b_c)²) / sqrt(mean_t ŷ_t,c²)
     ls:   γ_c = Σ_t (y_t,c − b_c) ŷ_t,c / Σ_t ŷ_t,c²        (least squares, per channel)
 
-where ``y`` is the teacher layer's output, ``b`` the (shared) bias and ``ŷ`` the student layer's
-output before its gain, at the same tokens. The student is calibrated *sequentially* in one
+where ``y`` is the teacher layer's output, ``b`` the (shared) bias (and, with ``outliers``, the
+product with the weights kept in full precision) and ``ŷ`` the student layer's output before its
+gain, at the same tokens. The student is calibrated *sequentially* in one
 forward pass: each layer's gain is set from its own output as the forward reaches it and applied
 at once, so every later layer is calibrated on the inputs the calibrated student gives it. ``ls``
 keeps every teacher output of the calibration batch in memory (tokens × Σ out floats); ``rms``
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from onebit.quant.convert import iter_target_linears
-from onebit.quant.linear import OneBitLinear
+from onebit.quant.linear import OneBitLinear, add_skips
 
 GAIN_CALIBRATIONS = ("rms", "ls")
 
@@ -116,10 +117,11 @@ def calibrate_output_gains_(
     stats: dict[str, Tensor] = {}  # rms: teacher mean square per channel; ls: teacher outputs
     hooks = []
     for name, layer in layers.items():
-        bias = None if layer.bias is None else layer.bias.detach().float()
 
-        def t_hook(_m, _inp, out, name=name, bias=bias):
-            y = rows(out) if bias is None else rows(out) - bias
+        def t_hook(_m, inp, out, name=name, layer=layer):
+            # what the 1-bit path has to write: the output less the bias and the outlier weights'
+            # share (``outliers``: the student's kept weights are the teacher's own at this point)
+            y = rows(out - add_skips(layer, torch.zeros_like(out), inp[0]))
             stats[name] = y.pow(2).mean(0) if mode == "rms" else y
 
         hooks.append(t_modules[name].register_forward_hook(t_hook))
@@ -134,9 +136,9 @@ def calibrate_output_gains_(
     for name, layer in layers.items():
         layer.out_gain.fill_(1.0)
 
-        def s_hook(mod, _inp, out, name=name):
-            bias = 0.0 if mod.bias is None else mod.bias.to(out.dtype)
-            y_hat = out - bias  # the output before the gain (γ = 1)
+        def s_hook(mod, inp, out, name=name):
+            skips = add_skips(mod, torch.zeros_like(out), inp[0])  # bias + W_K x
+            y_hat = out - skips  # the output before the gain (γ = 1)
             u = rows(y_hat)
             if mode == "rms":
                 gain = stats[name].sqrt() / u.pow(2).mean(0).sqrt().clamp_min(1e-12)
@@ -145,7 +147,7 @@ def calibrate_output_gains_(
             mod.out_gain.copy_(gain)
             gains[name] = gain
             stats.pop(name)
-            return y_hat * gain.to(out.dtype) + bias  # later layers see the calibrated output
+            return y_hat * gain.to(out.dtype) + skips  # later layers see the calibrated output
 
         hooks.append(layer.register_forward_hook(s_hook))
     try:

@@ -57,6 +57,13 @@ class OneBitConfig:
             training on ``calibration_sequences`` training sequences: ``rms`` (each channel gets
             its teacher's RMS) or ``ls`` (least squares per channel).
         calibration_sequences: training sequences used by ``gain_init`` calibration.
+        outliers: per layer, the ``k`` weights where ``|W|`` most exceeds its rank-1 SVID
+            approximation ``a bᵀ`` stay full precision on a sparse path beside the 1-bit one,
+            added after the LayerNorm: ``y = γ ⊙ LN(...) + bias + W_K x`` (``W_K``: those ``k``
+            entries of ``W``, learnable). These are the weights that write LLaMA-class "massive
+            activations" (one weight of ~6 against a column mean of ~0.03 times an input of
+            ~3,000), which neither a sign nor a rank-1 scale can hold. 0: off (the paper). Not
+            in the paper.
         norm_eps: epsilon of that LayerNorm (``nn.LayerNorm``'s default, as in the official code).
         fused: use the fused autograd function, which saves only the input and the pre-scale
             output for backward (same numbers as the unfused composition).
@@ -74,6 +81,7 @@ class OneBitConfig:
     output_gain: bool = False
     gain_init: GainInit = "ones"
     calibration_sequences: int = 8
+    outliers: int = 0
     norm_eps: float = 1e-5
     fused: bool = True
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
@@ -89,6 +97,12 @@ class OneBitConfig:
                 f"quant.calibration_sequences={self.calibration_sequences!r} must be an integer "
                 ">= 1."
             )
+        if (
+            not isinstance(self.outliers, int)
+            or isinstance(self.outliers, bool)
+            or self.outliers < 0
+        ):
+            raise OneBitInputError(f"quant.outliers={self.outliers!r} must be an integer >= 0.")
         if not isinstance(self.svid_max_iter, int) or self.svid_max_iter < 1:
             raise OneBitInputError(
                 f"quant.svid_max_iter={self.svid_max_iter!r} must be an integer >= 1."

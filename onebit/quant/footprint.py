@@ -1,8 +1,9 @@
 """Bits per weight and bytes at rest of a OneBit model.
 
 A quantized ``out × in`` layer stores ``out·in`` sign bits plus g (``in``) and h (``out``) in
-``value_bits`` each (and a bias and the output gain γ (``out``), if any). Two per-weight figures
-are in use:
+``value_bits`` each (and a bias and the output gain γ (``out``), if any, and the ``outliers``
+weights kept in full precision: ``value_bits`` for each value plus a 32-bit position). Two
+per-weight figures are in use:
 
 * bits per original weight: ``(out·in + 16·(in + out)) / (out·in)`` → 1.0078 at 4096×4096;
 * bits per stored parameter, the paper's 1.0073 at 4096×4096: the same bits divided by
@@ -33,6 +34,16 @@ def _has_gain(module: nn.Module, config: OneBitConfig | None) -> bool:
     return config is not None and config.output_gain
 
 
+def _outliers(module: nn.Module, config: OneBitConfig | None) -> int:
+    """Weights the layer keeps (or, once quantized with ``config``, will keep) in full precision."""
+    if isinstance(module, OneBitLinear | PackedOneBitLinear):
+        return 0 if module.outlier_value is None else module.outlier_value.numel()
+    if config is None:
+        return 0
+    out_f, in_f = _shape(module)
+    return min(config.outliers, out_f * in_f)
+
+
 def _shape(module: nn.Module) -> tuple[int, int]:
     if hasattr(module, "in_features"):
         return module.out_features, module.in_features
@@ -55,10 +66,17 @@ class FootprintReport:
     packed_sign_bytes: int  # sum of out·ceil(in/8)
     kept_layers: int = 0  # decoder-block linears kept full precision (in other_params)
     kept_params: int = 0  # their parameters
+    outlier_weights: int = 0  # weights kept full precision inside quantized layers (``outliers``)
+
+    INDEX_BITS = 32  # an outlier weight's position, at rest
 
     @property
     def quantized_bits(self) -> int:
-        return self.quantized_weights + self.value_bits * (self.value_params + self.bias_params)
+        return (
+            self.quantized_weights
+            + self.value_bits * (self.value_params + self.bias_params)
+            + (self.value_bits + self.INDEX_BITS) * self.outlier_weights
+        )
 
     @property
     def bits_per_weight(self) -> float:
@@ -88,7 +106,8 @@ class FootprintReport:
     def onebit_bytes(self) -> int:
         """The OneBit model at rest: packed signs, value vectors, biases, full-precision parts."""
         vb = self.value_bits // 8 * (self.value_params + self.bias_params)
-        return self.packed_sign_bytes + vb + self.other_bits // 8 * self.other_params
+        ob = (self.value_bits + self.INDEX_BITS) // 8 * self.outlier_weights
+        return self.packed_sign_bytes + vb + ob + self.other_bits // 8 * self.other_params
 
     @property
     def compression(self) -> float:
@@ -114,6 +133,7 @@ class FootprintReport:
             ("quantized weights", f"{self.quantized_weights:,}"),
             ("bits / weight (quantized layers)", f"{self.bits_per_weight:.4f}"),
             ("bits / parameter (paper's count)", f"{self.bits_per_param:.4f}"),
+            ("  outlier weights (full precision)", f"{self.outlier_weights:,}"),
             ("full-precision parameters", f"{self.other_params:,} at {self.other_bits} bits"),
             ("  of which kept linears", f"{self.kept_params:,} in {self.kept_layers} layers"),
             ("bits / weight (whole model)", f"{self.model_bits_per_weight:.4f}"),
@@ -157,9 +177,10 @@ def footprint(
     targets = list(iter_target_linears(model, config, filter_fn))
     target_ids = set()
     target_mods = {id(m) for _, m in targets}
-    n_w = n_v = n_b = packed = 0
+    n_w = n_v = n_b = packed = n_o = 0
     for _, module in targets:
         out_f, in_f = _shape(module)
+        n_o += _outliers(module, config)
         n_w += out_f * in_f
         n_v += out_f + in_f + (out_f if _has_gain(module, config) else 0)
         packed += out_f * ((in_f + 7) // 8)
@@ -171,5 +192,6 @@ def footprint(
     kept = [m for _, m in iter_target_linears(model, None, filter_fn) if id(m) not in target_mods]
     kept_params = sum(p.numel() for m in kept for p in m.parameters())
     return FootprintReport(
-        len(targets), n_w, n_v, n_b, other, value_bits, other_bits, packed, len(kept), kept_params
-    )
+        len(targets), n_w, n_v, n_b, other, value_bits, other_bits, packed, len(kept), kept_params,
+        n_o,
+    )  # fmt: skip

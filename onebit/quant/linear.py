@@ -2,11 +2,13 @@
 
     y = LN( ((x ⊙ g) · sign(W)ᵀ) ⊙ h ) + bias          (the paper)
     y = γ ⊙ LN( ((x ⊙ g) · sign(W)ᵀ) ⊙ h ) + bias      (``output_gain``: a per-channel gain γ)
+    y = ... + W_K x                                   (``outliers``: k full-precision weights)
 
 ``W`` is a latent full-precision weight whose sign reaches the forward pass through a
 straight-through estimator; ``g`` (``in_scale``) and ``h`` (``out_scale``) are full-precision value
 vectors; LN is a LayerNorm without parameters; the bias (kept from the source layer, if it had one)
-is added after it.
+is added after it; so is ``W_K x``, the product with the few weights the layer keeps in full
+precision (``outliers``: a sparse path, the weights at flat positions ``outlier_index``).
 
 The fused path is one autograd function that saves only ``x`` and ``z = (x ⊙ g) · sign(W)ᵀ`` (plus
 two LayerNorm statistics per token) and recomputes ``sign(W)``, ``x ⊙ g`` and ``z ⊙ h`` in backward,
@@ -62,6 +64,49 @@ def onebit_forward(
     gain (out,) or None → (..., out).
     """
     return _forward_parts(x, signs, in_scale, out_scale, output_norm, eps, gain)[0]
+
+
+def outlier_outputs(
+    x: Tensor, index: Tensor, value: Tensor, in_features: int, out_features: int
+) -> Tensor:
+    """``W_K x``: the product of ``x`` with a sparse weight holding ``value`` at the flat
+    positions ``index`` (``row · in_features + col``) of an ``out × in`` matrix.
+
+    Shapes: x (..., in); index (k,) integer; value (k,) → (..., out).
+    """
+    index = index.long()
+    rows, cols = index // in_features, index % in_features
+    contrib = x[..., cols] * value.to(x.dtype)  # (..., k)
+    out = x.new_zeros(*x.shape[:-1], out_features)
+    return out.index_add(-1, rows, contrib)
+
+
+def add_skips(layer: nn.Module, y: Tensor, x: Tensor) -> Tensor:
+    """``y`` plus what a OneBit layer (training or packed) adds after its LayerNorm and gain:
+    its bias and ``W_K x`` (``outliers``), when it has them.
+
+    Shapes: y (..., out); x (..., in) → (..., out).
+    """
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    if layer.outlier_value is not None:
+        y = y + outlier_outputs(
+            x, layer.outlier_index, layer.outlier_value, layer.in_features, layer.out_features
+        ).to(y.dtype)
+    return y
+
+
+def select_outliers(W: Tensor, a: Tensor, b: Tensor, k: int) -> Tensor:
+    """Flat positions of the ``k`` entries where ``|W|`` most exceeds its rank-1 approximation
+    ``a bᵀ`` (the SVID of ``|W|``), in increasing order: the weights a sign and rank-1 value
+    vectors represent worst. Ties are broken by position, so the choice is deterministic.
+
+    Shapes: W (out, in); a (out,); b (in,) → (min(k, out·in),) int32.
+    """
+    excess = W.float().abs() - a.float()[:, None] * b.float()[None, :]
+    k = min(k, excess.numel())
+    top = torch.topk(excess.flatten(), k, sorted=False).indices
+    return top.sort().values.to(torch.int32)
 
 
 class _FusedOneBitLinear(torch.autograd.Function):
@@ -120,9 +165,12 @@ class OneBitLinear(nn.Module):
         out_scale: the paper's value vector h.
         out_gain: the per-channel gain γ after the LayerNorm (``config.output_gain``), or None.
         bias: kept from the source layer (added after the LayerNorm), or None.
+        outlier_index: flat positions (``row · in + col``) of the weights kept in full precision
+            (``config.outliers``; a buffer), or None.
+        outlier_value: their values (learnable), or None.
 
     Shapes: weight (out, in); in_scale (in,); out_scale (out,); out_gain (out,); bias (out,);
-        forward x (..., in) → (..., out).
+        outlier_index, outlier_value (k,); forward x (..., in) → (..., out).
     """
 
     def __init__(
@@ -146,6 +194,17 @@ class OneBitLinear(nn.Module):
             nn.Parameter(torch.ones(out_features, **kw)) if self.config.output_gain else None
         )
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        k = min(self.config.outliers, out_features * in_features)
+        if k and out_features * in_features >= 2**31:
+            raise ValueError(
+                f"quant.outliers: a {out_features}x{in_features} layer has more positions than "
+                "int32 outlier indices address."
+            )
+        self.register_buffer(
+            "outlier_index",
+            torch.zeros(k, dtype=torch.int32, device=device) if k else None,
+        )
+        self.outlier_value = nn.Parameter(torch.zeros(k, **kw)) if k else None
         if self.weight.device.type != "meta":
             nn.init.normal_(self.weight, std=in_features**-0.5)
 
@@ -186,6 +245,10 @@ class OneBitLinear(nn.Module):
             layer.weight.copy_(W)
         if bias is not None:
             layer.bias.copy_(bias)
+        if layer.outlier_index is not None:
+            index = select_outliers(W, a, b, layer.outlier_index.numel())
+            layer.outlier_index.copy_(index)
+            layer.outlier_value.copy_(W.flatten()[index.long()])
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -209,7 +272,7 @@ class OneBitLinear(nn.Module):
                 y = F.layer_norm(y, (self.out_features,), eps=c.norm_eps)
             if self.out_gain is not None:
                 y = y * self.out_gain.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return add_skips(self, y, x)
 
     def signs(self) -> Tensor:
         """The ±1 sign matrix this layer uses in its forward pass (float32).
@@ -224,4 +287,5 @@ class OneBitLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, output_norm={c.output_norm}, "
             f"output_gain={c.output_gain}, ste={c.ste}"
+            + (f", outliers={self.outlier_value.numel()}" if self.outlier_value is not None else "")
         )

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from onebit import kernels
-from onebit.quant.linear import OneBitLinear, onebit_forward
+from onebit.quant.linear import OneBitLinear, add_skips, onebit_forward, outlier_outputs
 from onebit.quant.packing import pack_signs, unpack_signs
 
 GEMV_MAX_TOKENS = 8  # up to this many tokens per call the bit-mask kernel, above it tiled GEMM
@@ -34,11 +34,13 @@ _INT8_MIN_TOKENS = 17  # torch._int_mm needs more than 16 rows
 
 
 class PackedOneBitLinear(nn.Module):
-    """``y = γ ⊙ LN(((x ⊙ g) · Sᵀ) ⊙ h) + bias`` with S stored as packed bits (γ: ``out_gain``,
-    present when the layer was trained with ``output_gain``).
+    """``y = γ ⊙ LN(((x ⊙ g) · Sᵀ) ⊙ h) + bias + W_K x`` with S stored as packed bits (γ:
+    ``out_gain``, present when the layer was trained with ``output_gain``; ``W_K``: the ``outliers``
+    weights kept in full precision, at flat positions ``outlier_index``, when trained with them).
 
     Shapes: packed_signs (out, ceil(in / 8)) uint8; in_scale (in,); out_scale (out,);
-        out_gain (out,) or None; bias (out,); forward x (..., in) → (..., out).
+        out_gain (out,) or None; bias (out,); outlier_index (k,) int32 and outlier_value (k,) or
+        None; forward x (..., in) → (..., out).
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class PackedOneBitLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         out_gain: bool = False,
+        outliers: int = 0,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -67,6 +70,11 @@ class PackedOneBitLinear(nn.Module):
         self.register_buffer("out_scale", torch.ones(out_features, **kw))
         self.register_buffer("out_gain", torch.ones(out_features, **kw) if out_gain else None)
         self.register_buffer("bias", torch.zeros(out_features, **kw) if bias else None)
+        self.register_buffer(
+            "outlier_index",
+            torch.zeros(outliers, dtype=torch.int32, device=device) if outliers else None,
+        )
+        self.register_buffer("outlier_value", torch.zeros(outliers, **kw) if outliers else None)
 
     @classmethod
     @torch.no_grad()
@@ -86,6 +94,7 @@ class PackedOneBitLinear(nn.Module):
             device=layer.weight.device,
             dtype=layer.in_scale.dtype,
             out_gain=layer.out_gain is not None,
+            outliers=0 if layer.outlier_value is None else layer.outlier_value.numel(),
         )
         p.packed_signs.copy_(pack_signs(layer.weight))
         p.in_scale.copy_(layer.in_scale)
@@ -94,6 +103,9 @@ class PackedOneBitLinear(nn.Module):
             p.out_gain.copy_(layer.out_gain)
         if layer.bias is not None:
             p.bias.copy_(layer.bias)
+        if layer.outlier_value is not None:
+            p.outlier_index.copy_(layer.outlier_index)
+            p.outlier_value.copy_(layer.outlier_value)
         return p
 
     def signs(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -106,7 +118,7 @@ class PackedOneBitLinear(nn.Module):
                 x, self.signs(x.dtype), self.in_scale, self.out_scale, self.output_norm,
                 self.norm_eps, self.out_gain,
             )  # fmt: skip
-            return y if self.bias is None else y + self.bias.to(y.dtype)
+            return add_skips(self, y, x)
         return self._forward_kernel(x)
 
     def _forward_kernel(self, x: Tensor) -> Tensor:
@@ -131,6 +143,11 @@ class PackedOneBitLinear(nn.Module):
             y = y * self.out_gain.float()
         if self.bias is not None:
             y = y + self.bias.float()
+        if self.outlier_value is not None:
+            y = y + outlier_outputs(
+                x.reshape(-1, self.in_features).float(), self.outlier_index,
+                self.outlier_value.float(), self.in_features, self.out_features,
+            )  # fmt: skip
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -138,6 +155,7 @@ class PackedOneBitLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, output_norm={self.output_norm}, "
             f"out_gain={self.out_gain is not None}"
+            + (f", outliers={self.outlier_value.numel()}" if self.outlier_value is not None else "")
         )
 
 
