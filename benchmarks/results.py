@@ -103,14 +103,16 @@ class Arm(NamedTuple):
     seq_len: int  # training sequence length
     batch_size: int  # sequences per step
     keep_massive: int  # keep full precision the k layers that most exceed a OneBit layer's range
+    blockwise: Any = None  # BlockwiseConfig: block-wise reconstruction before distillation
 
 
-ARM_KEYS = ("label", "quant", "loss", "optim", "data", "train", "keep_massive")
+ARM_KEYS = ("label", "quant", "loss", "optim", "data", "train", "keep_massive", "blockwise")
 
 
 def base_arm(cfg: DictConfig, label: str = "OneBit") -> Arm:
-    """The recipe of the main OneBit row: ``quant``, ``loss``, ``optim``, ``data``, ``train``."""
-    from onebit.distill import DistillLossConfig
+    """The recipe of the main OneBit row: ``quant``, ``loss``, ``optim``, ``data``, ``train``,
+    ``blockwise``."""
+    from onebit.distill import BlockwiseConfig, DistillLossConfig
     from onebit.distill.recipe import OptimConfig
     from onebit.quant import OneBitConfig
 
@@ -122,6 +124,7 @@ def base_arm(cfg: DictConfig, label: str = "OneBit") -> Arm:
         int(cfg.data.seq_len),
         int(cfg.train.batch_size),
         _count(cfg.train.get("keep_massive", 0), "train.keep_massive"),
+        BlockwiseConfig.from_dict(_container(cfg.get("blockwise")) or {}),
     )
 
 
@@ -136,8 +139,11 @@ def _count(value: Any, key: str) -> int:
 def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) -> Arm:
     """The base recipe with the overrides ``spec`` (``quant``, ``loss``, ``optim``: their keys;
     ``data``: ``seq_len``; ``train``: ``batch_size``; ``keep_massive``: a number of layers;
+    ``blockwise``: the keys of the block-wise stage (``onebit.distill.BlockwiseConfig``);
     ``label``), each key checked; ``where`` names the node in messages."""
-    from onebit.distill import DistillLossConfig
+    import dataclasses
+
+    from onebit.distill import BlockwiseConfig, DistillLossConfig
     from onebit.distill.recipe import OptimConfig
     from onebit.errors import OneBitInputError
     from onebit.quant import OneBitConfig
@@ -164,6 +170,9 @@ def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) ->
         int((spec.get("data") or {}).get("seq_len", base.seq_len)),
         int((spec.get("train") or {}).get("batch_size", base.batch_size)),
         _count(spec.get("keep_massive", base.keep_massive), f"{where}.keep_massive"),
+        BlockwiseConfig.from_dict(
+            {**dataclasses.asdict(base.blockwise), **(spec.get("blockwise") or {})}
+        ),
     )
 
 
@@ -707,6 +716,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     def trained(key: str, arm: Arm, steps: int, zero_shot: bool) -> None:
         import dataclasses
 
+        from onebit.distill import blockwise_reconstruct_
         from onebit.quant import init_output_gains_, massive_layer_names
 
         torch.manual_seed(int(cfg.seed))
@@ -719,7 +729,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             q = dataclasses.replace(q, skip_modules=(*q.skip_modules, *kept))
         student = onebit_student(teacher, q)
         init_output_gains_(teacher, student, q, calib)
-        calib_s = time.perf_counter() - t0 if (kept or q.needs_calibration) else 0.0
+        blockwise = None
+        if arm.blockwise.steps:  # on the first training sequences, before distillation
+            blockwise = blockwise_reconstruct_(
+                teacher, student, data[: arm.blockwise.sequences], arm.blockwise,
+                progress=False, seed=int(cfg.seed),
+            )  # fmt: skip
+            log.info(
+                "block-wise: relative error of the last block %.3f -> %.3f (%.0f s)",
+                blockwise["blocks"][-1]["rel_err_before"], blockwise["blocks"][-1]["rel_err_after"],
+                blockwise["seconds"],
+            )  # fmt: skip
+        prep = kept or q.needs_calibration or blockwise
+        calib_s = time.perf_counter() - t0 if prep else 0.0
         train = distill(
             teacher,
             student,
@@ -736,6 +758,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         train["train_s"] += calib_s  # calibration is part of the training budget
         train["calibrate_s"] = calib_s
         train["kept_layers"] = kept
+        train["blockwise"] = blockwise
         row_bits = footprint(student, q)
         train["bits_per_weight"] = row_bits.bits_per_weight
         train["model_bits_per_weight"] = row_bits.model_bits_per_weight

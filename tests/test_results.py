@@ -60,7 +60,8 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     assert ab["keep_massive"][1:3] == (base_q, base_l) and ab["keep_massive"].keep_massive == 5
     for key, arm in ab.items():  # nothing but its own key changes
         if key != "keep_massive":
-            assert (arm.optim, arm.seq_len, arm.batch_size, arm.keep_massive) == base[3:]
+            assert (arm.optim, arm.seq_len, arm.batch_size, arm.keep_massive) == base[3:7]
+        assert arm.blockwise == base.blockwise
         assert arm.loss == base_l or arm.quant == base_q
     OptimConfig.from_dict(dict(cfg.optim))  # the budget's optimizer is valid
 
@@ -222,6 +223,32 @@ def test_a_lever_arm_trains_with_its_own_data_and_calibration(tiny_run: DictConf
     assert lever["model_bits_per_weight"] > ref["model_bits_per_weight"]  # kept layers cost bits
 
 
+def test_a_blockwise_arm_reconstructs_before_distilling(tiny_run: DictConfig) -> None:
+    """An arm with outlier weights and the block-wise stage: its time counts as training time."""
+    with open_dict(tiny_run):
+        tiny_run.ablations["bw"] = {
+            "label": "bw",
+            "quant": {"outliers": 4},
+            "blockwise": {"steps": 3, "sequences": 8},
+        }
+        tiny_run.rows = ["ref", "bw"]
+        tiny_run.baselines = []
+    rows = {r["key"]: r for r in results.run(tiny_run)["rows"]}
+    ref, bw = rows["ref"]["train"], rows["bw"]["train"]
+    assert ref["blockwise"] is None and bw["calibrate_s"] > 0
+    blocks = bw["blockwise"]["blocks"]
+    assert len(blocks) == tiny_run_blocks(tiny_run)
+    assert all(b["rel_err_after"] < b["rel_err_before"] for b in blocks)
+    assert bw["curve"][0]["ppl"] != ref["curve"][0]["ppl"]  # another start
+    assert bw["bits_per_weight"] > ref["bits_per_weight"]  # the outlier weights are counted
+
+
+def tiny_run_blocks(cfg: DictConfig) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.model.path).num_hidden_layers
+
+
 def test_split_perplexity_equals_one_call(stories_path) -> None:
     """The table's perplexity (curve windows + the rest) is the library's one-call number."""
     from transformers import AutoModelForCausalLM
@@ -282,7 +309,8 @@ def test_shared_data_present_for_smollm2_config() -> None:
 @pytest.mark.parametrize("gain", [False, True])
 def test_frozen_signs_give_identical_outputs_and_restore_the_layer(gain: bool) -> None:
     teacher = tiny_causal_lm("llama")
-    student = results.onebit_student(teacher, OneBitConfig(output_gain=gain))
+    q = OneBitConfig(output_gain=gain, outliers=3 if gain else 0)
+    student = results.onebit_student(teacher, q)
     with torch.no_grad():  # move some latent weights so that signs differ from the teacher's
         for m in student.modules():
             if isinstance(m, OneBitLinear):

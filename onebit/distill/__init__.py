@@ -1,5 +1,6 @@
 """Quantization-aware knowledge distillation losses (plain PyTorch)."""
 
+from onebit.distill.blockwise import BlockwiseConfig, blockwise_reconstruct_
 from onebit.distill.losses import (
     DistillLoss,
     DistillLossConfig,
@@ -8,4 +9,12 @@ from onebit.distill.losses import (
     logit_kd,
 )
 
-__all__ = ["DistillLoss", "DistillLossConfig", "hidden_mse", "lm_cross_entropy", "logit_kd"]
+__all__ = [
+    "BlockwiseConfig",
+    "DistillLoss",
+    "DistillLossConfig",
+    "blockwise_reconstruct_",
+    "hidden_mse",
+    "lm_cross_entropy",
+    "logit_kd",
+]
