@@ -221,7 +221,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "activation_checkpointing": bool(cfg.get("activation_checkpointing", False)),
             **(_container(cfg.get("fsdp")) or {}),
         },
+        blockwise=_container(cfg.get("blockwise")),
     )
+    module.blockwise_state_path = str(out_dir / "blockwise_state.pt")  # a killed stage resumes
+    module.blockwise_seed = int(cfg.seed)
     datamodule = _instantiate(cfg.data, _convert_="all")
     if hasattr(datamodule, "tokenizer") and datamodule.tokenizer is None:
         datamodule.tokenizer = lambda: load_tokenizer(spec)
@@ -278,6 +281,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result["metrics"] = final
     result["global_step"] = trainer.global_step
     result["nonfinite_skipped"] = module.nonfinite_skipped
+    if module.blockwise_result is not None:
+        result["blockwise"] = module.blockwise_result
     ckpt = next((c for c in callbacks if hasattr(c, "best_model_path")), None)
     if ckpt is not None:
         result["checkpoint_last"] = ckpt.last_model_path or None
@@ -353,6 +358,15 @@ def _summary(result: dict[str, Any], name: str, held_out: str) -> str:
             + (f" (SVID init before training: {was:.2f})" if was else "")
             + f", teacher {m['val/ppl_teacher']:.2f}"
             + f", ratio {m['val/ppl'] / m['val/ppl_teacher']:.2f}"
+        )
+    bw = (result.get("blockwise") or {}).get("blocks")
+    if bw:
+        before = sum(b["rel_err_before"] for b in bw) / len(bw)
+        after = sum(b["rel_err_after"] for b in bw) / len(bw)
+        lines.append(
+            f"block-wise stage: {len(bw)} blocks in {result['blockwise']['seconds']:.0f} s; block "
+            f"output error (relative) mean {before:.3f} -> {after:.3f}, last block "
+            f"{bw[-1]['rel_err_before']:.3f} -> {bw[-1]['rel_err_after']:.3f}"
         )
     d = result.get("diagnostics")
     if d:

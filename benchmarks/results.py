@@ -104,6 +104,8 @@ class Arm(NamedTuple):
     batch_size: int  # sequences per step
     keep_massive: int  # keep full precision the k layers that most exceed a OneBit layer's range
     blockwise: Any = None  # BlockwiseConfig: block-wise reconstruction before distillation
+    steps: int | None = None  # distillation steps; None: the row's default (train.steps or
+    # train.ablation_steps), e.g. fewer for an arm whose block-wise stage takes training time
 
 
 ARM_KEYS = ("label", "quant", "loss", "optim", "data", "train", "keep_massive", "blockwise")
@@ -136,9 +138,17 @@ def _count(value: Any, key: str) -> int:
     raise OneBitInputError(f"{key}={value!r} must be an integer >= 0.")
 
 
+def _steps(value: Any, key: str) -> int | None:
+    from onebit.errors import OneBitInputError
+
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise OneBitInputError(f"{key}={value!r} must be an integer >= 1.")
+
+
 def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) -> Arm:
     """The base recipe with the overrides ``spec`` (``quant``, ``loss``, ``optim``: their keys;
-    ``data``: ``seq_len``; ``train``: ``batch_size``; ``keep_massive``: a number of layers;
+    ``data``: ``seq_len``; ``train``: ``batch_size``, ``steps``; ``keep_massive``: a number of layers;
     ``blockwise``: the keys of the block-wise stage (``onebit.distill.BlockwiseConfig``);
     ``label``), each key checked; ``where`` names the node in messages."""
     import dataclasses
@@ -155,7 +165,7 @@ def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) ->
         raise OneBitInputError(
             f"{where} has unknown key(s) {sorted(unknown)}; valid: {', '.join(ARM_KEYS)}."
         )
-    for group, allowed in (("data", {"seq_len"}), ("train", {"batch_size"})):
+    for group, allowed in (("data", {"seq_len"}), ("train", {"batch_size", "steps"})):
         bad = set(spec.get(group) or {}) - allowed
         if bad:
             raise OneBitInputError(
@@ -173,6 +183,7 @@ def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) ->
         BlockwiseConfig.from_dict(
             {**dataclasses.asdict(base.blockwise), **(spec.get("blockwise") or {})}
         ),
+        _steps((spec.get("train") or {}).get("steps"), f"{where}.train.steps"),
     )
 
 
@@ -181,7 +192,7 @@ def main_arm(cfg: DictConfig) -> Arm:
     the ablations and levers stay relative to the base, the paper's layer)."""
     arm = apply_overrides(cfg, _container(cfg.get("main")), "main")
     label = arm.label if (cfg.get("main") or {}).get("label") else "OneBit"
-    return arm._replace(label=f"{label}, {int(cfg.train.steps)} steps")
+    return arm._replace(label=f"{label}, {arm.steps or int(cfg.train.steps)} steps")
 
 
 def ablation_configs(cfg: DictConfig) -> dict[str, Arm]:
@@ -775,9 +786,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             q = OneBitConfig.from_dict({**quant.to_dict(), "output_norm": False})
             add(key, BASELINE_LABELS[key], onebit_student(teacher, q), True)
         elif key == "onebit":
-            trained(key, main_arm(cfg), int(tr.steps), True)
+            arm = main_arm(cfg)
+            trained(key, arm, arm.steps or int(tr.steps), True)
         else:
-            trained(key, ablations[key], int(tr.ablation_steps), bool(e.zero_shot_ablations))
+            arm = ablations[key]
+            trained(key, arm, arm.steps or int(tr.ablation_steps), bool(e.zero_shot_ablations))
 
     settings["total_s"] = time.perf_counter() - t_start
     result = {"settings": settings, "rows": rows}

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from onebit.config_utils import from_mapping
-from onebit.distill import DistillLoss, DistillLossConfig
+from onebit.distill import BlockwiseConfig, DistillLoss, DistillLossConfig, blockwise_reconstruct_
 from onebit.distill.recipe import OptimConfig, cosine_with_warmup, make_optimizer  # noqa: F401
 from onebit.errors import OneBitInputError
 from onebit.guards import (
@@ -163,6 +163,11 @@ class OneBitDistillation(L.LightningModule):
         guard: what to do on a NaN/inf loss or gradient (stop, or skip the step and count it).
         teacher: an already loaded teacher to use instead of loading ``model`` (tests, notebooks).
         parallel: activation checkpointing and the FSDP2 sharding options.
+        blockwise: the block-wise reconstruction stage (``onebit.distill.blockwise``), run at the
+            start of ``fit`` on the data module's first ``blockwise.sequences`` training
+            sequences, before the first step; skipped when resuming from a checkpoint. With
+            ``blockwise_state_path`` set (``train.py``: the run directory), a stage killed part
+            way resumes from its last finished block.
         svid_cache_dir: where SVID results are cached (``onebit.quant.svid_cache``): computed
             once (by rank 0 in a distributed run, the other ranks wait and read them) and reused
             by later runs of the same model and SVID setting; None computes them every time.
@@ -178,6 +183,7 @@ class OneBitDistillation(L.LightningModule):
         teacher: nn.Module | None = None,
         svid_cache_dir: str | None = None,
         parallel: ParallelConfig | dict[str, Any] | None = None,
+        blockwise: BlockwiseConfig | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.parallel = _as(ParallelConfig, parallel) or ParallelConfig()
@@ -187,12 +193,14 @@ class OneBitDistillation(L.LightningModule):
         self.loss_config = _as(DistillLossConfig, loss) or DistillLossConfig()
         self.optim = _as(OptimConfig, optim) or OptimConfig()
         self.guard = _as(GuardConfig, guard) or GuardConfig()
+        self.blockwise = _as(BlockwiseConfig, blockwise) or BlockwiseConfig()
         self.save_hyperparameters(
             {
                 "model": self.spec.to_dict(),
                 "quant": self.quant.to_dict(),
                 "loss": asdict(self.loss_config),
                 "optim": {**asdict(self.optim), "betas": list(self.optim.betas)},
+                "blockwise": asdict(self.blockwise),
             }
         )
         self.loss_fn = DistillLoss(self.loss_config)
@@ -206,6 +214,9 @@ class OneBitDistillation(L.LightningModule):
         self._skips_in_a_row = 0
         self._skip_pending = False  # this optimizer step is dropped (guard.nonfinite=skip)
         self.calibration_ids: Tensor | None = None  # quant.gain_init's text (else the data's)
+        self.blockwise_state_path: str | None = None  # where a killed block-wise stage resumes
+        self.blockwise_seed = 0
+        self.blockwise_result: dict[str, Any] | None = None  # per-block errors, once it ran
 
     # -- model set-up --------------------------------------------------------------------------
     @property
@@ -329,6 +340,31 @@ class OneBitDistillation(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._teacher_to_device()
+        self._blockwise_stage()
+
+    def _blockwise_stage(self) -> None:
+        """Block-wise reconstruction before the first step (``blockwise.steps > 0``), once."""
+        b = self.blockwise
+        if not b.steps or self.blockwise_result is not None:
+            return
+        if self.trainer.ckpt_path is not None:  # the checkpoint holds the stage's result
+            return
+        if self.sharded:
+            raise OneBitInputError(
+                "blockwise.steps>0 does not run on an FSDP2-sharded student yet; use "
+                "trainer=ddp (or one device), or blockwise.steps=0."
+            )
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "calibration_blocks"):
+            raise OneBitInputError(
+                "blockwise.steps>0 needs training text to reconstruct on: fit with a data module "
+                "that has calibration_blocks (train.py's do)."
+            )
+        ids = dm.calibration_blocks(b.sequences).to(self.device)
+        self.blockwise_result = blockwise_reconstruct_(
+            self.teacher, self.student, ids, b, state_path=self.blockwise_state_path,
+            progress=self.trainer.is_global_zero, seed=self.blockwise_seed,
+        )  # fmt: skip
 
     def on_validation_start(self) -> None:
         self._teacher_to_device()

@@ -61,7 +61,7 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     for key, arm in ab.items():  # nothing but its own key changes
         if key != "keep_massive":
             assert (arm.optim, arm.seq_len, arm.batch_size, arm.keep_massive) == base[3:7]
-        assert arm.blockwise == base.blockwise
+        assert (arm.blockwise, arm.steps) == (base.blockwise, None)
         assert arm.loss == base_l or arm.quant == base_q
     OptimConfig.from_dict(dict(cfg.optim))  # the budget's optimizer is valid
 
@@ -91,6 +91,8 @@ def test_arm_overrides_reach_optim_data_train_and_calibration() -> None:
         ("+ablations.bad.quant={gain_init: rms}", r"quant\.output_gain=true"),
         ("+ablations.bad.data={seq: 3}", r"ablations\.bad\.data has unknown key"),
         ("+ablations.bad.optim={lr: -1}", r"optim\.lr"),
+        ("+ablations.bad.train={steps: 0}", r"ablations\.bad\.train\.steps=0"),
+        ("+ablations.bad.blockwise={loss: l1}", r"blockwise\.loss"),
     ],
 )
 def test_bad_arm_overrides_are_one_sentence(override: str, match: str) -> None:
@@ -230,12 +232,14 @@ def test_a_blockwise_arm_reconstructs_before_distilling(tiny_run: DictConfig) ->
             "label": "bw",
             "quant": {"outliers": 4},
             "blockwise": {"steps": 3, "sequences": 8},
+            "train": {"steps": 5},
         }
         tiny_run.rows = ["ref", "bw"]
         tiny_run.baselines = []
     rows = {r["key"]: r for r in results.run(tiny_run)["rows"]}
     ref, bw = rows["ref"]["train"], rows["bw"]["train"]
     assert ref["blockwise"] is None and bw["calibrate_s"] > 0
+    assert (ref["steps"], bw["steps"]) == (8, 5)  # train.ablation_steps, and the arm's own
     blocks = bw["blockwise"]["blocks"]
     assert len(blocks) == tiny_run_blocks(tiny_run)
     assert all(b["rel_err_after"] < b["rel_err_before"] for b in blocks)

@@ -237,6 +237,17 @@ def _load(path: str, fingerprint: dict[str, Any], device: torch.device) -> dict[
     return state
 
 
+def _block_file(path: str, i: int) -> str:
+    return f"{path}.block{i:04d}"
+
+
+def _load_block(path: str, device: torch.device) -> dict[str, Tensor]:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise OneBitInputError(f"the block-wise state {path} cannot be read ({e}).") from None
+
+
 @torch.no_grad()
 def blockwise_reconstruct_(
     teacher: nn.Module,
@@ -266,11 +277,13 @@ def blockwise_reconstruct_(
         config: steps, batch size, learning rates and loss.
         attention_mask: 1 for real tokens, 0 for padding (ignored by the loss), or None.
         state_path: a file to resume from: rewritten (atomically) after each block, read when it
-            exists, and left in place at the end (the caller deletes it). It holds (tensors and
-            plain types only, for ``torch.load(weights_only=True)``) the next block's index, the
-            finished blocks' state dicts, both models' cached inputs of the next block, the
-            results so far and a fingerprint; a state of another run (number of blocks, hidden
-            size, ids, mask, config or seed) is refused.
+            exists, and left in place at the end (the caller deletes it, with the block files
+            ``<state_path>.block<i>``). It holds (tensors and plain types only, for
+            ``torch.load(weights_only=True)``) the next block's index, both models' cached inputs
+            of the next block, the results so far and a fingerprint; each finished block's state
+            dict is written once to its own file beside it (so the writes grow linearly with the
+            number of blocks). A state of another run (number of blocks, hidden size, ids, mask,
+            config or seed) is refused.
         progress: show a progress bar over the blocks with the current loss.
         seed: seed of the chunk order and dropout.
 
@@ -321,8 +334,8 @@ def blockwise_reconstruct_(
     start, results = 0, []
     if path is not None and os.path.exists(path):
         state = _load(path, fingerprint, device)
-        for i, block_state in state["blocks"].items():
-            s_blocks[i].load_state_dict(block_state)
+        for i in range(state["next_block"]):
+            s_blocks[i].load_state_dict(_load_block(_block_file(path, i), device))
         start, results = state["next_block"], state["results"]
         for cache, xs in ((t_in, state["teacher_inputs"]), (s_in, state["student_inputs"])):
             for chunk, x in zip(cache, xs):
@@ -352,10 +365,10 @@ def blockwise_reconstruct_(
             for cache, xs in ((t_in, targets), (s_in, outs)):
                 for chunk, x in zip(cache, xs):
                     chunk[0] = x
-            if path is not None:
+            if path is not None:  # the block's own file first, then the state that names it
+                _save(_block_file(path, i), s_blocks[i].state_dict())
                 _save(path, {
                     "fingerprint": fingerprint, "next_block": i + 1, "results": results,
-                    "blocks": {j: s_blocks[j].state_dict() for j in range(i + 1)},
                     "teacher_inputs": [c[0] for c in t_in], "student_inputs": [c[0] for c in s_in],
                 })  # fmt: skip
             if bar is not None:

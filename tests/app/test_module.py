@@ -239,3 +239,70 @@ def test_train_py_with_calibrated_gains_exports_them(tmp_path, tiny_overrides) -
     model = load_onebit(result["export"])
     gains = [m.out_gain for n, m in model.named_modules() if n.endswith("down_proj")]
     assert len(gains) == 2 and all(not torch.equal(g, torch.ones_like(g)) for g in gains)
+
+
+def test_train_py_runs_the_blockwise_stage_with_outliers_and_exports(tmp_path, tiny_overrides):
+    """blockwise.steps>0: the stage runs at the start of fit, lowers every block's error, is
+    reported; the student with outlier weights exports and reloads to the same logits."""
+    from onebit.export import load_onebit
+
+    cfg = compose_train(
+        [
+            *tiny_overrides,
+            "trainer.max_steps=4",
+            "quant.outliers=6",
+            "blockwise.steps=5",
+            "blockwise.sequences=8",
+            "export_dtype=float32",
+        ],
+        tmp_path,
+    )
+    result = _run(cfg)
+    blocks = result["blockwise"]["blocks"]
+    assert [b["block"] for b in blocks] == [0, 1]  # tiny_llama has two blocks
+    assert all(b["rel_err_after"] < b["rel_err_before"] for b in blocks)
+    assert (tmp_path / "out" / "blockwise_state.pt").is_file()
+    model = load_onebit(result["export"])
+    kept = [m.outlier_value.numel() for n, m in model.named_modules() if n.endswith("down_proj")]
+    assert kept == [6, 6]
+    assert result["footprint"]["outlier_weights"] == 6 * 14  # 7 linears in each of 2 blocks
+
+
+def test_blockwise_stage_resumes_after_a_kill_and_is_skipped_on_checkpoint_resume(
+    tmp_path, tiny_overrides, monkeypatch
+) -> None:
+    """A stage killed after its first block resumes from the run directory's state to the same
+    student as an uninterrupted one; resuming training from a checkpoint does not rerun it."""
+    import onebit.distill.blockwise as bw_mod
+    import onebit.module as module_mod
+
+    common = [*tiny_overrides, "trainer.max_steps=2", "export=false", "blockwise.steps=4",
+              "blockwise.sequences=8", "validate_before_training=false"]  # fmt: skip
+    full = _run(compose_train(common, tmp_path / "full"))
+
+    real = bw_mod.blockwise_reconstruct_
+
+    def killed(*args, **kwargs):
+        return real(*args, **{**kwargs, "_stop_after": 0})
+
+    monkeypatch.setattr(module_mod, "blockwise_reconstruct_", killed)
+    cut = compose_train(common, tmp_path / "cut")
+    with pytest.raises(Exception, match="stopped after block 0"):
+        _run(cut)
+    assert not (tmp_path / "cut" / "out" / "checkpoints" / "last.ckpt").exists()
+    monkeypatch.setattr(module_mod, "blockwise_reconstruct_", real)
+    with open_dict(cut):
+        cut.ckpt_path = "auto"  # no checkpoint yet: a new run in the same directory
+    resumed = _run(cut)
+    assert resumed["blockwise"] == {**full["blockwise"], "seconds": resumed["blockwise"]["seconds"]}
+    a = _student_state(tmp_path / "full" / "out" / "checkpoints" / "last.ckpt")
+    b = _student_state(tmp_path / "cut" / "out" / "checkpoints" / "last.ckpt")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
+
+    calls = []
+    monkeypatch.setattr(module_mod, "blockwise_reconstruct_", lambda *a, **k: calls.append(1))
+    again = compose_train([*common, "trainer.max_steps=3"], tmp_path / "full")
+    with open_dict(again):
+        again.ckpt_path = "auto"
+    assert _run(again)["global_step"] == 3 and calls == []
