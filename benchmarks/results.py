@@ -148,8 +148,8 @@ def _steps(value: Any, key: str) -> int | None:
 
 def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) -> Arm:
     """The base recipe with the overrides ``spec`` (``quant``, ``loss``, ``optim``: their keys;
-    ``data``: ``seq_len``; ``train``: ``batch_size``, ``steps``; ``keep_massive``: a number of layers;
-    ``blockwise``: the keys of the block-wise stage (``onebit.distill.BlockwiseConfig``);
+    ``data``: ``seq_len``; ``train``: ``batch_size``, ``steps``; ``keep_massive``: a number of
+    layers; ``blockwise``: the keys of the block-wise stage (``onebit.distill.BlockwiseConfig``);
     ``label``), each key checked; ``where`` names the node in messages."""
     import dataclasses
 
