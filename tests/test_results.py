@@ -40,7 +40,8 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     base_q, base_l = OneBitConfig(), DistillLossConfig()
     assert set(ab) == {
         "ref", "svd_init", "copy_init", "no_ln", "alpha_0", "alpha_10", "official_loss",
-        "gain", "gain_rms", "gain_ls", "keep_massive", "latent_small",
+        "gain", "gain_rms", "gain_ls", "keep_massive", "latent_small", "outliers",
+        "gain_ls_outliers", "gain_ls_no_ln", "latent_lr3",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -58,7 +59,15 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     assert ab["gain_ls"].quant == OneBitConfig(output_gain=True, gain_init="ls")
     assert ab["latent_small"].quant == OneBitConfig(latent_init_scale=1e-3)
     assert ab["keep_massive"][1:3] == (base_q, base_l) and ab["keep_massive"].keep_massive == 5
+    assert ab["outliers"].quant == OneBitConfig(outliers=256)
+    gain_ls = dict(output_gain=True, gain_init="ls")
+    assert ab["gain_ls_outliers"].quant == OneBitConfig(**gain_ls, outliers=256)
+    assert ab["gain_ls_no_ln"].quant == OneBitConfig(**gain_ls, output_norm=False)
+    assert ab["latent_lr3"].optim == OptimConfig.from_dict({**dict(cfg.optim), "latent_lr": 3.0})
+    assert ab["latent_lr3"].quant == base_q
     for key, arm in ab.items():  # nothing but its own key changes
+        if key == "latent_lr3":
+            continue
         if key != "keep_massive":
             assert (arm.optim, arm.seq_len, arm.batch_size, arm.keep_massive) == base[3:7]
         assert (arm.blockwise, arm.steps) == (base.blockwise, None)
