@@ -342,11 +342,9 @@ def test_frozen_signs_give_identical_outputs_and_restore_the_layer(gain: bool) -
 
 
 def test_main_row_overrides_leave_the_ablations_on_the_base() -> None:
-    cfg = compose_results(
-        ["experiment=results_smollm2_135m", "main={quant: {output_gain: true, gain_init: ls}}"]
-    )
+    cfg = compose_results(["experiment=results_smollm2_135m"])
     main, ab = results.main_arm(cfg), results.ablation_configs(cfg)
-    assert main.quant == OneBitConfig(output_gain=True, gain_init="ls")
+    assert main.quant == OneBitConfig(output_gain=True, gain_init="ls", outliers=256)
     assert main.label == "OneBit, 150 steps"
     assert ab["ref"].quant == OneBitConfig()  # the reference stays the paper's layer
     assert main[2:] == ab["ref"][2:]
