@@ -169,7 +169,9 @@ def run_diagnose(cfg: DictConfig, model, tok, device) -> dict[str, Any]:
     if ranked:
         text += (
             f"; the {len(ranked)} furthest above it (max |y| / sqrt(out - 1)), to keep in full "
-            f"precision:\n  quant.skip_modules=[{','.join(ranked)}]"
+            f"precision:\n  quant.skip_modules=[{','.join(ranked)}]\n(or, at a fraction of the "
+            "bits, keep only the weights that write them: quant.outliers=256, the default of "
+            "quant=onebit)"
         )
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     assert set(ab) == {
         "ref", "svd_init", "copy_init", "no_ln", "alpha_0", "alpha_10", "official_loss",
         "gain", "gain_rms", "gain_ls", "keep_massive", "latent_small", "outliers",
-        "gain_ls_outliers", "gain_ls_no_ln", "latent_lr3",
+        "gain_ls_outliers", "gain_ls_outliers_bw", "gain_ls_no_ln", "latent_lr3",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -63,10 +63,12 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     gain_ls = dict(output_gain=True, gain_init="ls")
     assert ab["gain_ls_outliers"].quant == OneBitConfig(**gain_ls, outliers=256)
     assert ab["gain_ls_no_ln"].quant == OneBitConfig(**gain_ls, output_norm=False)
+    assert ab["gain_ls_outliers_bw"].quant == ab["gain_ls_outliers"].quant
+    assert ab["gain_ls_outliers_bw"].blockwise.steps == 20
     assert ab["latent_lr3"].optim == OptimConfig.from_dict({**dict(cfg.optim), "latent_lr": 3.0})
     assert ab["latent_lr3"].quant == base_q
     for key, arm in ab.items():  # nothing but its own key changes
-        if key == "latent_lr3":
+        if key in ("latent_lr3", "gain_ls_outliers_bw"):
             continue
         if key != "keep_massive":
             assert (arm.optim, arm.seq_len, arm.batch_size, arm.keep_massive) == base[3:7]
