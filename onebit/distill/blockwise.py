@@ -224,11 +224,15 @@ def _save(path: str, state: dict[str, Any]) -> None:
         raise
 
 
-def _load(path: str, fingerprint: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _read(path: str, device: torch.device) -> Any:
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise OneBitInputError(f"the block-wise state {path} cannot be read ({e}).") from None
+
+
+def _load(path: str, fingerprint: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    state = _read(path, device)
     if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
         raise OneBitInputError(
             f"the block-wise state {path} belongs to another run (model, ids, config or seed "
@@ -239,13 +243,6 @@ def _load(path: str, fingerprint: dict[str, Any], device: torch.device) -> dict[
 
 def _block_file(path: str, i: int) -> str:
     return f"{path}.block{i:04d}"
-
-
-def _load_block(path: str, device: torch.device) -> dict[str, Tensor]:
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise OneBitInputError(f"the block-wise state {path} cannot be read ({e}).") from None
 
 
 @torch.no_grad()
@@ -335,7 +332,7 @@ def blockwise_reconstruct_(
     if path is not None and os.path.exists(path):
         state = _load(path, fingerprint, device)
         for i in range(state["next_block"]):
-            s_blocks[i].load_state_dict(_load_block(_block_file(path, i), device))
+            s_blocks[i].load_state_dict(_read(_block_file(path, i), device))
         start, results = state["next_block"], state["results"]
         for cache, xs in ((t_in, state["teacher_inputs"]), (s_in, state["student_inputs"])):
             for chunk, x in zip(cache, xs):

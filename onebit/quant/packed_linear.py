@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from onebit import kernels
-from onebit.quant.linear import OneBitLinear, add_skips, onebit_forward, outlier_outputs
+from onebit.quant.linear import OneBitLinear, add_skips, onebit_forward
 from onebit.quant.packing import pack_signs, unpack_signs
 
 GEMV_MAX_TOKENS = 8  # up to this many tokens per call the bit-mask kernel, above it tiled GEMM
@@ -141,13 +141,7 @@ class PackedOneBitLinear(nn.Module):
             y = torch.nn.functional.layer_norm(y, (self.out_features,), eps=self.norm_eps)
         if self.out_gain is not None:
             y = y * self.out_gain.float()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        if self.outlier_value is not None:
-            y = y + outlier_outputs(
-                x.reshape(-1, self.in_features).float(), self.outlier_index,
-                self.outlier_value.float(), self.in_features, self.out_features,
-            )  # fmt: skip
+        y = add_skips(self, y, x.reshape(-1, self.in_features).float())  # bias, W_K x in fp32
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
