@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +284,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result["nonfinite_skipped"] = module.nonfinite_skipped
     if module.blockwise_result is not None:
         result["blockwise"] = module.blockwise_result
+    if module.sign_init_errors:
+        result["sign_init_errors"] = module.sign_init_errors
     ckpt = next((c for c in callbacks if hasattr(c, "best_model_path")), None)
     if ckpt is not None:
         result["checkpoint_last"] = ckpt.last_model_path or None
@@ -355,9 +358,17 @@ def _summary(result: dict[str, Any], name: str, held_out: str) -> str:
         was = result.get("metrics_before", {}).get("val/ppl")
         lines.append(
             f"perplexity on held-out {held_out}: student {m['val/ppl']:.2f}"
-            + (f" (SVID init before training: {was:.2f})" if was else "")
+            + (f" (at initialisation: {was:.2f})" if was else "")
             + f", teacher {m['val/ppl_teacher']:.2f}"
             + f", ratio {m['val/ppl'] / m['val/ppl_teacher']:.2f}"
+        )
+    errors = result.get("sign_init_errors")
+    if errors:
+        svid_err = statistics.median(e["svid"] for e in errors.values())
+        gptq_err = statistics.median(e["gptq"] for e in errors.values())
+        lines.append(
+            f"quant.sign_init=gptq: median relative output error of the {len(errors)} layers on "
+            f"the calibration text {svid_err:.3f} (SVID) -> {gptq_err:.3f}"
         )
     bw = (result.get("blockwise") or {}).get("blocks")
     if bw:
@@ -372,7 +383,8 @@ def _summary(result: dict[str, Any], name: str, held_out: str) -> str:
     if d:
         first, last = d["first"], d["last"]
         lines.append(
-            f"diagnostics: {100 * last['flip_frac']:.2f} % of the signs flipped; residual-stream "
+            f"diagnostics: {100 * last['flip_frac']:.2f} % of the signs differ from the teacher's "
+            f"({100 * first['flip_frac']:.2f} % at the first validation); residual-stream "
             f"error after the last block {last['block_rel_err_last']:.3f} (first validation "
             f"{first['block_rel_err_last']:.3f}), mean over blocks "
             f"{last['block_rel_err_mean']:.3f} ({first['block_rel_err_mean']:.3f})"

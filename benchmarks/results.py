@@ -728,7 +728,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         import dataclasses
 
         from onebit.distill import blockwise_reconstruct_
-        from onebit.quant import init_output_gains_, massive_layer_names
+        from onebit.quant import init_from_calibration_, massive_layer_names
 
         torch.manual_seed(int(cfg.seed))
         data = blocks_of(arm.seq_len)
@@ -739,7 +739,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             kept = massive_layer_names(teacher, calib, arm.keep_massive)
             q = dataclasses.replace(q, skip_modules=(*q.skip_modules, *kept))
         student = onebit_student(teacher, q)
-        init_output_gains_(teacher, student, q, calib)
+        init_from_calibration_(teacher, student, q, calib)
         blockwise = None
         if arm.blockwise.steps:  # on the first training sequences, before distillation
             blockwise = blockwise_reconstruct_(

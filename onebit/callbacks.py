@@ -305,11 +305,12 @@ class Diagnostics(L.Callback):
     """Where the student departs from its teacher (``onebit.diagnostics``), at every validation.
 
     On the first ``max_sequences`` sequences of the first validation batch (the same tokens every
-    time), logs ``diag/flip_frac`` (signs flipped since initialisation), ``diag/block_rel_err/<i>``
-    (the residual stream's relative error after block ``i``), their mean, maximum and last, and the
-    spread of the layers' output-scale ratios (``diag/log10_rms_ratio_*``); to W&B also a table
-    with one row per quantized layer. With ``validate_before_training`` the first point is the
-    SVID-initialised student. Skipped, with a warning, for a sharded (FSDP2) student.
+    time), logs ``diag/flip_frac`` (signs that differ from the teacher's ``sign(W)``),
+    ``diag/block_rel_err/<i>`` (the residual stream's relative error after block ``i``), their
+    mean, maximum and last, and the spread of the layers' output-scale ratios
+    (``diag/log10_rms_ratio_*``); to W&B also a table with one row per quantized layer. With
+    ``validate_before_training`` the first point is the initialised student. Skipped, with a
+    warning, for a sharded (FSDP2) student.
     """
 
     def __init__(self, max_sequences: int = 4, layer_table: bool = True) -> None:

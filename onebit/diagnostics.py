@@ -11,9 +11,10 @@ teacher's ``model.layers.3.mlp.down_proj``), trained (``OneBitLinear``) or packe
   near 1 (``|y| <= sqrt(out - 1)``), which a teacher's "massive activations" far exceed;
 * **block error**: per decoder block, ``‖s − t‖ / ‖t‖`` of the residual stream after the block
   (the relative error of the hidden state), and the mean per-token cosine similarity;
-* **sign flips**: the fraction of each layer's signs that differ from ``sign(W)`` of the teacher,
-  i.e. from the initialisation (both latent inits of :class:`~onebit.quant.OneBitConfig` start
-  at ``sign(W)``).
+* **sign flips**: the fraction of each layer's signs that differ from ``sign(W)`` of the teacher:
+  the flips since initialisation with ``quant.sign_init=sign`` (both latent inits start at
+  ``sign(W)``); with ``sign_init=gptq`` the signs GPTQ chose differently count too (compare with
+  the first validation).
 
 :func:`diagnose` returns a :class:`Diagnostics` report; ``python evaluate.py ... diagnose=true``
 prints it for a model, a checkpoint or an export, and ``onebit.callbacks.Diagnostics`` logs it
@@ -126,7 +127,7 @@ class Diagnostics:
         lines = [f"diagnostics on {self.n_tokens:,} tokens"]
         s = self.summary()
         lines.append(
-            "signs flipped since initialisation: "
+            "signs that differ from the teacher's sign(W): "
             f"{100 * s['flip_frac']:.3f} % of the quantized weights"
         )
         if self.blocks:

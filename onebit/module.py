@@ -45,7 +45,7 @@ from onebit.quant import (
     OneBitLinear,
     footprint,
     freeze_,
-    init_output_gains_,
+    init_from_calibration_,
     quantize_,
 )
 from onebit.quant.convert import find_decoder_blocks
@@ -213,7 +213,9 @@ class OneBitDistillation(L.LightningModule):
         self.nonfinite_skipped = 0  # steps dropped by guard.nonfinite=skip, over the whole run
         self._skips_in_a_row = 0
         self._skip_pending = False  # this optimizer step is dropped (guard.nonfinite=skip)
-        self.calibration_ids: Tensor | None = None  # quant.gain_init's text (else the data's)
+        self.calibration_ids: Tensor | None = None  # calibration text (else the data's)
+        # quant.sign_init=gptq: per layer, the relative output error of SVID's start and of GPTQ's
+        self.sign_init_errors: dict[str, dict[str, float]] = {}
         self.blockwise_state_path: str | None = None  # where a killed block-wise stage resumes
         self.blockwise_seed = 0
         self.blockwise_result: dict[str, Any] | None = None  # per-block errors, once it ran
@@ -244,11 +246,13 @@ class OneBitDistillation(L.LightningModule):
         shard = None if mesh is None else self._fully_shard(mesh["data_parallel"])
         # block by block: under FSDP2 each block is sharded as soon as it is quantized, so a
         # rank never holds the whole fp32 student, only the teacher and one student block.
-        # Calibrating the output gains (quant.gain_init) runs the whole student first, so then
+        # Calibration (quant.sign_init, quant.gain_init) runs the whole student first, so then
         # every block is sharded after it (each rank calibrates on the same sequences)
         calibrate = self.quant.needs_calibration
         self._quantize(student, after_block=None if calibrate else shard)
-        init_output_gains_(teacher, student, self.quant, self._calibration_ids())
+        self.sign_init_errors = init_from_calibration_(
+            teacher, student, self.quant, self._calibration_ids(), progress=True
+        )
         student = freeze_(student).train()  # embeddings, norms, lm_head: full precision
         if shard is not None:
             if calibrate:
@@ -263,8 +267,9 @@ class OneBitDistillation(L.LightningModule):
         self.student = student
 
     def _calibration_ids(self) -> Tensor | None:
-        """Training sequences for ``quant.gain_init`` calibration: ``self.calibration_ids`` when
-        set, else the data module's ``calibration_blocks``; None when not needed."""
+        """Training sequences for calibration (``quant.sign_init``, ``quant.gain_init``):
+        ``self.calibration_ids`` when set, else the data module's ``calibration_blocks``; None
+        when not needed."""
         if not self.quant.needs_calibration:
             return None
         if self.calibration_ids is not None:
@@ -272,7 +277,8 @@ class OneBitDistillation(L.LightningModule):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "calibration_blocks"):
             raise OneBitInputError(
-                f"quant.gain_init={self.quant.gain_init} needs training text to calibrate on: "
+                f"quant.sign_init={self.quant.sign_init}, quant.gain_init={self.quant.gain_init}: "
+                "calibration needs training text to calibrate on: "
                 "fit with a data module that has calibration_blocks (train.py's do)."
             )
         return dm.calibration_blocks(self.quant.calibration_sequences)

@@ -21,7 +21,17 @@ def _node(group: str, name: str) -> dict:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("onebit", OneBitConfig(output_gain=True, gain_init="ls", outliers=256)),  # the app's
+        (
+            "onebit",
+            OneBitConfig(
+                output_gain=True,
+                gain_init="ls",
+                outliers=256,
+                sign_init="gptq",
+                output_norm=False,
+                calibration_sequences=32,
+            ),
+        ),  # the app's
         ("onebit_paper", OneBitConfig()),  # the library's default: the paper's layer
         ("onebit_official", OneBitConfig.official()),
     ],

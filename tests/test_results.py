@@ -41,7 +41,9 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     assert set(ab) == {
         "ref", "svd_init", "copy_init", "no_ln", "alpha_0", "alpha_10", "official_loss",
         "gain", "gain_rms", "gain_ls", "keep_massive", "latent_small", "outliers",
-        "gain_ls_outliers", "gain_ls_outliers_bw", "gain_ls_no_ln", "latent_lr3",
+        "gain_ls_outliers", "gain_ls_outliers_bw", "gain_ls_no_ln", "latent_lr3", "gptq",
+        "gain_ls_no_ln_gptq", "gain_ls_outliers_no_ln", "gain_ls_outliers_no_ln_42",
+        "gain_ls_outliers_no_ln_gptq",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -67,8 +69,16 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     assert ab["gain_ls_outliers_bw"].blockwise.steps == 20
     assert ab["latent_lr3"].optim == OptimConfig.from_dict({**dict(cfg.optim), "latent_lr": 3.0})
     assert ab["latent_lr3"].quant == base_q
+    gptq = dict(sign_init="gptq", calibration_sequences=32)
+    assert ab["gptq"].quant == OneBitConfig(**gptq)
+    no_ln = dict(**gain_ls, output_norm=False)
+    assert ab["gain_ls_no_ln_gptq"].quant == OneBitConfig(**no_ln, **gptq)
+    assert ab["gain_ls_outliers_no_ln"].quant == OneBitConfig(**no_ln, outliers=256)
+    assert ab["gain_ls_outliers_no_ln_42"].quant == ab["gain_ls_outliers_no_ln"].quant
+    assert ab["gain_ls_outliers_no_ln_42"].steps == 42  # the GPTQ row's training time
+    assert ab["gain_ls_outliers_no_ln_gptq"].quant == OneBitConfig(**no_ln, outliers=256, **gptq)
     for key, arm in ab.items():  # nothing but its own key changes
-        if key in ("latent_lr3", "gain_ls_outliers_bw"):
+        if key in ("latent_lr3", "gain_ls_outliers_bw", "gain_ls_outliers_no_ln_42"):
             continue
         if key != "keep_massive":
             assert (arm.optim, arm.seq_len, arm.batch_size, arm.keep_massive) == base[3:7]
@@ -346,7 +356,14 @@ def test_frozen_signs_give_identical_outputs_and_restore_the_layer(gain: bool) -
 def test_main_row_overrides_leave_the_ablations_on_the_base() -> None:
     cfg = compose_results(["experiment=results_smollm2_135m"])
     main, ab = results.main_arm(cfg), results.ablation_configs(cfg)
-    assert main.quant == OneBitConfig(output_gain=True, gain_init="ls", outliers=256)
+    assert main.quant == OneBitConfig(
+        output_gain=True,
+        gain_init="ls",
+        outliers=256,
+        output_norm=False,
+        sign_init="gptq",
+        calibration_sequences=32,
+    )  # quant=onebit's layer
     assert main.label == "OneBit, 150 steps"
     assert ab["ref"].quant == OneBitConfig()  # the reference stays the paper's layer
     assert main[2:] == ab["ref"][2:]

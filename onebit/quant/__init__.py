@@ -2,12 +2,13 @@
 
 from onebit.quant.calibrate import (
     calibrate_output_gains_,
-    init_output_gains_,
+    init_from_calibration_,
     massive_layer_names,
 )
 from onebit.quant.config import OneBitConfig
 from onebit.quant.convert import find_decoder_blocks, freeze_, iter_target_linears, pack_, quantize_
 from onebit.quant.footprint import FootprintReport, footprint, layer_bits_per_weight
+from onebit.quant.gptq import gptq_init_, gptq_signs, refit_value_vectors
 from onebit.quant.linear import OneBitLinear, onebit_forward
 from onebit.quant.packed_linear import PackedOneBitLinear
 from onebit.quant.packing import pack_signs, unpack_signs
@@ -31,7 +32,9 @@ __all__ = [
     "find_decoder_blocks",
     "footprint",
     "freeze_",
-    "init_output_gains_",
+    "gptq_init_",
+    "gptq_signs",
+    "init_from_calibration_",
     "iter_target_linears",
     "layer_bits_per_weight",
     "massive_layer_names",
@@ -40,6 +43,7 @@ __all__ = [
     "pack_signs",
     "quantize_",
     "rank1_optimal_error",
+    "refit_value_vectors",
     "relative_error",
     "sign",
     "sign_ste",

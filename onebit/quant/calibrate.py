@@ -31,11 +31,21 @@ from onebit.quant.linear import OneBitLinear, add_skips
 GAIN_CALIBRATIONS = ("rms", "ls")
 
 
-def init_output_gains_(teacher: nn.Module, student: nn.Module, config, ids: Tensor | None) -> None:
-    """Initialise the student's output gains as ``config.gain_init`` says (in place).
+def init_from_calibration_(
+    teacher: nn.Module,
+    student: nn.Module,
+    config,
+    ids: Tensor | None,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """The initialisation steps that read the teacher on training text (in place), on the first
+    ``config.calibration_sequences`` rows of ``ids``: ``sign_init=gptq``
+    (:func:`onebit.quant.gptq.gptq_init_`), then ``gain_init`` ``rms``/``ls``
+    (:func:`calibrate_output_gains_`, on the student as the first step left it). Nothing when
+    ``config.needs_calibration`` is false.
 
-    ``ones`` leaves them at 1; ``rms`` and ``ls`` call :func:`calibrate_output_gains_` on the
-    first ``config.calibration_sequences`` rows of ``ids``.
+    Returns:
+        ``sign_init=gptq``'s per-layer errors (empty otherwise).
 
     Raises:
         ValueError: calibration is asked for and ``ids`` is None.
@@ -43,10 +53,21 @@ def init_output_gains_(teacher: nn.Module, student: nn.Module, config, ids: Tens
     Shapes: ids (n, seq) token ids.
     """
     if not config.needs_calibration:
-        return
+        return {}
     if ids is None:
-        raise ValueError(f"quant.gain_init={config.gain_init} needs calibration sequences.")
-    calibrate_output_gains_(teacher, student, ids[: config.calibration_sequences], config.gain_init)
+        raise ValueError(
+            f"quant.sign_init={config.sign_init} / quant.gain_init={config.gain_init} need "
+            "calibration sequences."
+        )
+    ids = ids[: config.calibration_sequences]
+    errors = {}
+    if config.sign_init == "gptq":
+        from onebit.quant.gptq import gptq_init_
+
+        errors = gptq_init_(teacher, student, ids, config.gptq_damp, progress=progress)
+    if config.output_gain and config.gain_init != "ones":
+        calibrate_output_gains_(teacher, student, ids, config.gain_init)
+    return errors
 
 
 @torch.no_grad()

@@ -18,12 +18,14 @@ LatentInit = Literal["sign", "weight"]
 SteKind = Literal["identity", "clipped", "tanh"]
 SignOfZero = Literal["plus", "zero"]
 GainInit = Literal["ones", "rms", "ls"]
+SignInit = Literal["sign", "gptq"]
 
 SVID_METHODS = ("nmf", "svd", "power", "nmf_sklearn", "none")
 LATENT_INITS = ("sign", "weight")
 STE_KINDS = ("identity", "clipped", "tanh")
 SIGNS_OF_ZERO = ("plus", "zero")
 GAIN_INITS = ("ones", "rms", "ls")
+SIGN_INITS = ("sign", "gptq")
 
 
 @dataclass
@@ -56,7 +58,13 @@ class OneBitConfig:
         gain_init: how ``output_gain`` starts: ``ones``, or calibrated from the teacher before
             training on ``calibration_sequences`` training sequences: ``rms`` (each channel gets
             its teacher's RMS) or ``ls`` (least squares per channel).
-        calibration_sequences: training sequences used by ``gain_init`` calibration.
+        sign_init: where the signs and value vectors start: ``sign`` (``sign(W)`` and SVID's
+            ``a``, ``b``: the paper) or ``gptq`` (signs chosen by GPTQ's error feedback and ``g``,
+            ``h`` refitted by least squares, both weighted by each layer's inputs on
+            ``calibration_sequences`` training sequences: :mod:`onebit.quant.gptq`). Not in the
+            paper.
+        gptq_damp: ``sign_init=gptq``'s dampening, a fraction of each Gram matrix's mean diagonal.
+        calibration_sequences: training sequences read by ``sign_init`` and ``gain_init``.
         outliers: per layer, the ``k`` weights where ``|W|`` most exceeds its rank-1 SVID
             approximation ``a bᵀ`` stay full precision on a sparse path beside the 1-bit one,
             added after the LayerNorm: ``y = γ ⊙ LN(...) + bias + W_K x`` (``W_K``: those ``k``
@@ -80,6 +88,8 @@ class OneBitConfig:
     output_norm: bool = True
     output_gain: bool = False
     gain_init: GainInit = "ones"
+    sign_init: SignInit = "sign"
+    gptq_damp: float = 0.01
     calibration_sequences: int = 8
     outliers: int = 0
     norm_eps: float = 1e-5
@@ -92,6 +102,8 @@ class OneBitConfig:
         check_choice("quant", "ste", self.ste, STE_KINDS)
         check_choice("quant", "sign_of_zero", self.sign_of_zero, SIGNS_OF_ZERO)
         check_choice("quant", "gain_init", self.gain_init, GAIN_INITS)
+        check_choice("quant", "sign_init", self.sign_init, SIGN_INITS)
+        check_number("quant", "gptq_damp", self.gptq_damp, allow_zero=False)
         if not isinstance(self.calibration_sequences, int) or self.calibration_sequences < 1:
             raise OneBitInputError(
                 f"quant.calibration_sequences={self.calibration_sequences!r} must be an integer "
@@ -122,14 +134,14 @@ class OneBitConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Initialisation reads teacher outputs on training text (``gain_init``)."""
-        return self.output_gain and self.gain_init != "ones"
+        """Initialisation reads the teacher on training text (``sign_init``, ``gain_init``)."""
+        return self.sign_init != "sign" or (self.output_gain and self.gain_init != "ones")
 
     def without_calibration(self) -> OneBitConfig:
         """This config for rebuilding a trained student (its values come from a state dict):
         no SVID, no calibration."""
         extra = {"gain_init": "ones"} if self.output_gain else {}
-        return dataclasses.replace(self, svid_method="none", **extra)
+        return dataclasses.replace(self, svid_method="none", sign_init="sign", **extra)
 
     @classmethod
     def official(cls, **overrides: Any) -> OneBitConfig:

@@ -241,6 +241,33 @@ def test_train_py_with_calibrated_gains_exports_them(tmp_path, tiny_overrides) -
     assert len(gains) == 2 and all(not torch.equal(g, torch.ones_like(g)) for g in gains)
 
 
+def test_train_py_with_gptq_signs_reports_and_exports_them(tmp_path, tiny_overrides) -> None:
+    """quant.sign_init=gptq: configure_model chooses the signs on the calibration text; the run
+    reports each layer's error (lower than SVID's) and exports those signs when the latent
+    weights do not learn (optim.latent_lr=0)."""
+    from onebit.export import load_onebit
+    from onebit.models import tiny_causal_lm
+    from onebit.quant import PackedOneBitLinear
+    from onebit.quant.packing import unpack_signs
+
+    cfg = compose_train(
+        [*tiny_overrides, "quant.sign_init=gptq", "quant.output_norm=false", "optim.latent_lr=0",
+         "export_dtype=float32"],
+        tmp_path,
+    )  # fmt: skip
+    result = _run(cfg)
+    errors = result["sign_init_errors"]
+    assert len(errors) == 14 and all(e["gptq"] < e["svid"] for e in errors.values()), errors
+    model = load_onebit(result["export"])
+    teacher = tiny_causal_lm("llama")
+    differ = 0
+    for name, m in model.named_modules():
+        if isinstance(m, PackedOneBitLinear):
+            signs = unpack_signs(m.packed_signs, m.in_features).float()
+            differ += int((signs != torch.sign(teacher.get_submodule(name).weight)).sum())
+    assert differ > 0  # GPTQ chose some signs other than sign(W), and the export has them
+
+
 def test_train_py_runs_the_blockwise_stage_with_outliers_and_exports(tmp_path, tiny_overrides):
     """blockwise.steps>0: the stage runs at the start of fit, lowers every block's error, is
     reported; the student with outlier weights exports and reloads to the same logits."""

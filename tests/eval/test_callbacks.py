@@ -47,12 +47,12 @@ def test_perplexity_and_zero_shot_are_logged(tmp_path, stories_path) -> None:
 
 def test_diagnostics_are_logged_at_every_validation(tmp_path) -> None:
     """The default callbacks log diag/* at the validation before training and after it; the
-    first point is the SVID-initialised student (no sign flipped yet)."""
+    first point is the SVID-initialised student (quant.sign_init=sign: no sign flipped yet)."""
     import train
 
     from ..app.conftest import TINY
 
-    cfg = compose_train([*TINY, "export=false", "optim.lr=5e-2"], tmp_path)
+    cfg = compose_train([*TINY, "export=false", "optim.lr=5e-2", "quant.sign_init=sign"], tmp_path)
     result = train.run(cfg)
     with open(next(Path(cfg.paths.output_dir).rglob("metrics.csv"))) as f:
         rows = [r for r in csv.DictReader(f) if r.get("diag/flip_frac")]

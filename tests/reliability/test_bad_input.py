@@ -325,8 +325,9 @@ def llama_checkpoint(tmp_path_factory) -> Path:
         (
             "quant=onebit_official",
             "was trained with another quantization config (quant.ste='identity' there, 'tanh' "
-            "here; quant.sign_of_zero='plus' there, 'zero' here; quant.output_gain=True there, "
-            "False here; quant.outliers=256 there, 0 here)",
+            "here; quant.sign_of_zero='plus' there, 'zero' here; quant.output_norm=False there, "
+            "True here; quant.output_gain=True there, False here; quant.outliers=256 there, 0 "
+            "here)",
         ),
         (
             "quant.skip_modules=[model.layers.0.*]",
