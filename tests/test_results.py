@@ -43,7 +43,7 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         "gain", "gain_rms", "gain_ls", "keep_massive", "latent_small", "outliers",
         "gain_ls_outliers", "gain_ls_outliers_bw", "gain_ls_no_ln", "latent_lr3", "gptq",
         "gain_ls_no_ln_gptq", "gain_ls_outliers_no_ln", "gain_ls_outliers_no_ln_42",
-        "gain_ls_outliers_no_ln_gptq",
+        "gain_ls_outliers_no_ln_gptq", "gptq_frozen_signs",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -77,8 +77,12 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     assert ab["gain_ls_outliers_no_ln_42"].quant == ab["gain_ls_outliers_no_ln"].quant
     assert ab["gain_ls_outliers_no_ln_42"].steps == 42  # the GPTQ row's training time
     assert ab["gain_ls_outliers_no_ln_gptq"].quant == OneBitConfig(**no_ln, outliers=256, **gptq)
+    frozen = ab["gptq_frozen_signs"]
+    assert frozen.quant == ab["gain_ls_outliers_no_ln_gptq"].quant
+    assert frozen.optim == OptimConfig.from_dict({**dict(cfg.optim), "latent_lr": 0.0})
+    more = ("latent_lr3", "gain_ls_outliers_bw", "gain_ls_outliers_no_ln_42", "gptq_frozen_signs")
     for key, arm in ab.items():  # nothing but its own key changes
-        if key in ("latent_lr3", "gain_ls_outliers_bw", "gain_ls_outliers_no_ln_42"):
+        if key in more:  # these change optim or the steps too (checked above)
             continue
         if key != "keep_massive":
             assert (arm.optim, arm.seq_len, arm.batch_size, arm.keep_massive) == base[3:7]
