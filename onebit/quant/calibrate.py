@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from onebit.quant.convert import iter_target_linears
+from onebit.quant.gptq import gptq_init_
 from onebit.quant.linear import OneBitLinear, add_skips
 
 GAIN_CALIBRATIONS = ("rms", "ls")
@@ -62,8 +63,6 @@ def init_from_calibration_(
     ids = ids[: config.calibration_sequences]
     errors = {}
     if config.sign_init == "gptq":
-        from onebit.quant.gptq import gptq_init_
-
         errors = gptq_init_(teacher, student, ids, config.gptq_damp, progress=progress)
     if config.output_gain and config.gain_init != "ones":
         calibrate_output_gains_(teacher, student, ids, config.gain_init)

@@ -147,9 +147,7 @@ def init_layer_(layer: OneBitLinear, W: Tensor, H: Tensor, damp: float = 0.01) -
     h0, g0 = layer.out_scale.detach().float(), layer.in_scale.detach().float()
     quantized = 1.0 if keep is None else (~keep).float()
     target = W * quantized
-    before = weighted_error(
-        target, h0[:, None] * torch.where(W >= 0, 1.0, -1.0) * g0 * quantized, Hd
-    )
+    before = weighted_error(target, h0[:, None] * layer.signs() * g0 * quantized, Hd)
     signs, g = gptq_signs(W, Hd, h0, keep)
     g, h = refit_value_vectors(W, signs, Hd, g, h0, keep)
     g = torch.where(dead, g0, g)  # inputs never seen: SVID's value
