@@ -20,6 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from onebit.config_utils import register_resolvers
 from onebit.eval.zeroshot import PAPER_COLUMNS
 
 log = logging.getLogger("onebit.evaluate")
@@ -38,6 +39,12 @@ def load_for_eval(cfg: DictConfig):
     if cfg.source == "hf":
         spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
         return load_causal_lm(spec).to(dtype), load_tokenizer(spec), f"{spec.name} (full precision)"
+    chosen = [o for o in _overrides() if o.lstrip("+~").split("=")[0].split(".")[0] == "model"]
+    if chosen:
+        raise OneBitInputError(
+            f"{chosen[0]} is not used with source={cfg.source}: the {cfg.source} names its own "
+            "model; drop the override (or use source=hf to evaluate that model)."
+        )
     if not cfg.path or not Path(cfg.path).exists():
         raise OneBitInputError(f"path={cfg.path} does not exist (source={cfg.source} needs it).")
     if cfg.source == "export":
@@ -78,12 +85,25 @@ def load_for_eval(cfg: DictConfig):
     raise OneBitInputError(f"source={cfg.source} is not one of hf, checkpoint, export.")
 
 
+def _overrides() -> list[str]:
+    """The command line's overrides (empty outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
+    from onebit.errors import OneBitInputError
     from onebit.eval.perplexity import c4_ids, perplexity, wikitext2_ids
 
     model, tok, name = load_for_eval(cfg)
+    if tok is None:
+        raise OneBitInputError(
+            f"{cfg.path or cfg.model.name} has no tokenizer (a tiny random model, as smoke runs "
+            "use, has none), so there is no text to evaluate it on; use a model with one."
+        )
     device = (
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -100,8 +120,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         elif ds == "c4":
             ids = c4_ids(tok, e.c4_path, seqlen=seqlen, n_samples=e.c4_samples)
         else:
-            from onebit.errors import OneBitInputError
-
             raise OneBitInputError(f"eval.datasets has {ds!r}; valid: wikitext2, c4.")
         res = perplexity(model, ids, seqlen, e.stride, e.max_windows, device, progress=True)
         row[ds] = res.to_dict()
@@ -122,6 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_text(out_dir / "eval.md", table + "\n")
     print("\n" + table + "\n", flush=True)
     print(_notes(row), flush=True)
+    print(f"results: {out_dir / 'eval.json'} and {out_dir / 'eval.md'}", flush=True)
     _log_wandb(cfg, row)
     return row
 
@@ -248,6 +267,9 @@ def _log_wandb(cfg: DictConfig, row: dict[str, Any]) -> None:
     run.finish()
 
 
+register_resolvers()  # ${onebit.cwd:} in conf/paths, before Hydra composes
+
+
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from onebit.errors import run_cli
@@ -258,5 +280,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     from onebit.preflight import exit_on_bad_command_line
 
-    exit_on_bad_command_line(Path(__file__).resolve().parent / "conf")  # before Hydra saves it
+    exit_on_bad_command_line(Path(__file__).resolve().parent / "conf", config_name="evaluate")
     main()

@@ -14,6 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from onebit.config_utils import register_resolvers
+
 log = logging.getLogger("onebit.generate")
 
 
@@ -52,18 +54,36 @@ def run(cfg: DictConfig) -> dict:
     import torch
 
     from onebit import kernels
+    from onebit.errors import OneBitInputError
     from onebit.generation import generate, peak_rss_bytes
+    from onebit.preflight import context_length
     from onebit.quant.footprint import human_bytes
 
+    n_new = cfg.max_new_tokens
+    if not isinstance(n_new, int) or isinstance(n_new, bool) or n_new < 1:
+        raise OneBitInputError(f"max_new_tokens={n_new!r} must be an integer >= 1.")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     model, tok = load_for_generation(cfg)
+    if tok is None:
+        where = cfg.path if cfg.source == "export" else f"model {cfg.model.name}"
+        raise OneBitInputError(
+            f"{where} has no tokenizer (a tiny random model, as smoke runs use, has none), so "
+            "there is no text to generate from; use a model with a tokenizer."
+        )
     model.eval()
     ids = tok(cfg.prompt, return_tensors="pt").input_ids
+    ctx = context_length(model.config)
+    if ctx is not None and ids.shape[1] + n_new > ctx:
+        raise OneBitInputError(
+            f"the prompt ({ids.shape[1]:,} tokens) plus max_new_tokens={n_new} is "
+            f"{ids.shape[1] + n_new:,} tokens, above the model's context of {ctx:,} positions; "
+            "nothing was generated: shorten the prompt or lower max_new_tokens."
+        )
     out, stats = generate(
         model,
         ids,
-        int(cfg.max_new_tokens),
+        n_new,
         do_sample=bool(cfg.do_sample),
         temperature=float(cfg.temperature),
         top_k=int(cfg.top_k),
@@ -82,6 +102,9 @@ def run(cfg: DictConfig) -> dict:
     return {"text": text, "stats": stats, "peak_rss": rss}
 
 
+register_resolvers()  # ${onebit.cwd:} in conf/paths, before Hydra composes
+
+
 @hydra.main(config_path="conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from onebit.errors import run_cli
@@ -90,4 +113,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from onebit.preflight import exit_on_bad_command_line
+
+    exit_on_bad_command_line(Path(__file__).resolve().parent / "conf", config_name="generate")
     main()

@@ -21,6 +21,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from onebit.config_utils import register_resolvers
+
 log = logging.getLogger("onebit.train")
 
 
@@ -79,6 +81,7 @@ def preflight(cfg: DictConfig, module, datamodule, world_size: int) -> Path | No
     """Every check that needs no weights, before anything is loaded or written; returns the
     checkpoint to resume from (``ckpt_path``: none, ``auto``, a directory or a file)."""
     from onebit.checkpoint import resolve_ckpt_path
+    from onebit.export import check_export_destination
     from onebit.preflight import (
         check_checkpoint_fits,
         check_loss_weights,
@@ -86,6 +89,7 @@ def preflight(cfg: DictConfig, module, datamodule, world_size: int) -> Path | No
         check_seq_len,
         model_config,
     )
+    from onebit.rundir import check_fresh_run_dir, launch_rank
 
     check_no_secrets(_container(cfg))
     check_loss_weights(module.loss_config)
@@ -93,9 +97,14 @@ def preflight(cfg: DictConfig, module, datamodule, world_size: int) -> Path | No
     if hasattr(datamodule, "preflight"):  # offline, missing, empty or too short data
         datamodule.preflight(world_size)
     check_seq_len(getattr(datamodule, "seq_len", None), module.spec.name, hf_config)
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir) / "checkpoints")
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir / "checkpoints")
     if ckpt is not None:
         check_checkpoint_fits(ckpt, module.spec, hf_config, module.quant)
+    elif launch_rank() == 0:  # a new run never overwrites a finished or interrupted one
+        check_fresh_run_dir(out_dir)
+    if cfg.get("export"):  # the end-of-run export may replace an earlier export, nothing else
+        check_export_destination(out_dir / "onebit_model")
     return ckpt
 
 
@@ -165,6 +174,51 @@ def check_launcher(cfg: DictConfig) -> None:
         )
 
 
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` fits ``annotation`` as far as a command-line value can be checked
+    (unions, literals, None, int, float, str; anything else is not judged)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return not isinstance(value, str) or annotation is typing.Any
+
+
+def check_trainer_types(trainer_cfg: dict[str, Any]) -> None:
+    """Refuse a ``trainer.*`` text value where ``lightning.Trainer`` takes a number (or other
+    non-text): ``trainer.max_steps=abc`` is named, not a traceback from inside Lightning."""
+    import typing
+
+    import lightning as L
+
+    from onebit.errors import OneBitInputError
+
+    try:
+        hints = typing.get_type_hints(L.Trainer.__init__)
+    except Exception:  # an annotation that does not resolve: leave the checking to Lightning
+        return
+    for key, value in trainer_cfg.items():
+        if isinstance(value, str) and key in hints and not _accepts(hints[key], value):
+            kind = hints[key]
+            kind = kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+            raise OneBitInputError(
+                f"trainer.{key}={value!r} is not a value lightning.Trainer takes for {key} "
+                f"(it takes {kind})."
+            )
+
+
 def _make_trainer(trainer_cfg: dict[str, Any], **kwargs: Any):
     """``lightning.Trainer(**trainer_cfg, **kwargs)``; a trainer config this machine cannot run
     (no GPU for ``accelerator=gpu``, an unknown strategy, ...) is one sentence, exit status 2."""
@@ -181,6 +235,7 @@ def _make_trainer(trainer_cfg: dict[str, Any], **kwargs: Any):
             "on CPU add trainer.accelerator=cpu (with trainer=ddp or trainer=fsdp also "
             "trainer.devices=<processes>, over gloo) or use trainer=default."
         )
+    check_trainer_types(trainer_cfg)
     try:
         return L.Trainer(**trainer_cfg, **kwargs)
     except (MisconfigurationException, ValueError, TypeError) as e:
@@ -192,10 +247,36 @@ def _make_trainer(trainer_cfg: dict[str, Any], **kwargs: Any):
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, export and report; returns the final metrics and where everything went."""
+    """Train, export and report; returns the final metrics and where everything went.
+
+    The run directory is locked while the run uses it (onebit.rundir): a second run there is
+    refused, and nothing is written to it before every check has passed."""
     if cfg.get("plan") and cfg.plan.enabled:
         return plan(cfg)
     check_launcher(cfg)
+    from onebit.rundir import RunDirLock, launch_rank
+
+    if launch_rank() != 0:  # rank 0 holds the lock for every rank of the run
+        return _run(cfg)
+    with RunDirLock(Path(cfg.paths.output_dir)):
+        return _run(cfg)
+
+
+def _save_config(cfg: DictConfig, out_dir: Path) -> None:
+    """The accepted command's config in ``.hydra/`` (Hydra's own copy is off: it would be
+    written before the command is checked)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from onebit.rundir import save_run_config
+
+    hydra_cfg, overrides = None, []
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        overrides = list(hydra_cfg.overrides.task)
+    save_run_config(out_dir, cfg, hydra_cfg, overrides)
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -206,7 +287,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from onebit.models import ModelSpec, load_tokenizer
     from onebit.module import OneBitDistillation
 
-    L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     spec = ModelSpec.from_dict(_container(cfg.model))
     out_dir = Path(cfg.paths.output_dir)
@@ -246,6 +326,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cfg.global_batch_size, trainer.world_size, trainer.accumulate_grad_batches
         )
     ckpt_path = preflight(cfg, module, datamodule, trainer.world_size)
+    L.seed_everything(cfg.seed, workers=True)  # after the checks: it logs to the run's train.log
+    if trainer.is_global_zero:
+        _save_config(cfg, out_dir)
     for lg in loggers:
         lg.log_hyperparams(_container(cfg))
 
@@ -425,6 +508,9 @@ def _log_file_per_rank() -> None:
             handler.baseFilename = str(path.with_name(f"{path.stem}_rank{rank}{path.suffix}"))
 
 
+register_resolvers()  # ${onebit.cwd:} in conf/paths, before Hydra composes
+
+
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from onebit.errors import run_cli
@@ -437,5 +523,5 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from onebit.preflight import exit_on_bad_command_line
 
-    exit_on_bad_command_line(Path(__file__).resolve().parent / "conf")  # before Hydra saves it
+    exit_on_bad_command_line(Path(__file__).resolve().parent / "conf", config_name="train")
     main()

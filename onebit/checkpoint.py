@@ -343,7 +343,8 @@ def resolve_ckpt_path(value: str | None, run_checkpoints: str | os.PathLike) -> 
     * ``None``: none (a fresh run).
     * ``auto``: the newest good checkpoint in this run's checkpoint directory, or none when there
       is none yet (so that a requeued job with a fixed ``hydra.run.dir`` resumes, and its first
-      start begins afresh). Corrupt ones are named in a warning and skipped.
+      start begins afresh). Corrupt ones are named in a warning and skipped; when every one is
+      corrupt the run is refused rather than started over on top of them.
     * a directory (a run directory or its ``checkpoints/``): the newest good checkpoint in it.
     * a file: that checkpoint, verified.
 
@@ -355,6 +356,12 @@ def resolve_ckpt_path(value: str | None, run_checkpoints: str | os.PathLike) -> 
         return None
     if str(value) == "auto":
         found, bad = find_resume_checkpoint(run_checkpoints)
+        if found is None and bad:  # never start over on top of a run that cannot be read
+            raise OneBitInputError(
+                f"ckpt_path=auto found no usable checkpoint in {run_checkpoints}, only damaged "
+                f"ones ({_describe_bad(bad)}); nothing was changed: resume from a good copy with "
+                "ckpt_path=<file>, or move the damaged files away to start this run afresh."
+            )
         if bad:
             log.warning(
                 "skipping unusable checkpoint(s) in %s: %s", run_checkpoints, _describe_bad(bad)

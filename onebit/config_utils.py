@@ -36,3 +36,24 @@ def from_mapping(cls: type[T], values: dict[str, Any], section: str) -> T:
             f"valid keys: {', '.join(sorted(known))}."
         )
     return cls(**values)
+
+
+def launch_dir() -> str:
+    """The directory the command was started from: Hydra's ``runtime.cwd`` inside a job, the
+    process's working directory before one (a multirun resolves ``hydra.sweep.dir`` there)."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.cwd)
+    return os.getcwd()
+
+
+def register_resolvers() -> None:
+    """The config's own interpolations (``${onebit.cwd:}``, used by ``conf/paths``); scripts call
+    this before Hydra composes their config."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("onebit.cwd"):
+        OmegaConf.register_new_resolver("onebit.cwd", launch_dir)

@@ -10,13 +10,19 @@ Layout:
     tokenizer files    when a tokenizer is given.
 
 The directory is written next to its destination and renamed into place, so an interrupted export
-never replaces a good one with half a model.
+never replaces a good one with half a model. An existing destination is replaced only when it is
+empty or a previous OneBit export (its config.json has the ``onebit`` block); any other folder is
+refused and left as it was. config.json records the SHA-256 of model.safetensors, which
+``load_onebit`` checks, and the files get the permissions of the umask (as ``open`` would).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -61,6 +67,61 @@ def _packed_state(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch
     return state, names
 
 
+def is_onebit_export(path: Path) -> bool:
+    """Whether ``path`` is a directory that :func:`save_onebit` wrote (config.json with the
+    ``onebit`` block)."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get("onebit"), dict)
+
+
+def check_export_destination(path: str | os.PathLike) -> None:
+    """Refuse to write an export over anything but an empty folder or an earlier OneBit export.
+
+    Raises:
+        OneBitInputError: ``path`` is a file, or a non-empty folder that is not a OneBit export.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise OneBitInputError(
+            f"the export destination {path} exists and is not a folder; nothing was written: "
+            "give a new folder."
+        )
+    if any(path.iterdir()) and not is_onebit_export(path):
+        raise OneBitInputError(
+            f"the export destination {path} is a non-empty folder that is not a OneBit export; "
+            "nothing was written or deleted: give a new or empty folder (an earlier export is "
+            "replaced, nothing else is)."
+        )
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _os_error(e: Exception, path: Path) -> OSError:
+    """A safetensors write error as the OSError it reports (``... (os error 28)``)."""
+    m = re.search(r"os error (\d+)", str(e))
+    code = int(m.group(1)) if m else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
+def _apply_umask(root: Path) -> None:
+    """``mkdtemp`` makes the folder 0700: give it and its files what ``open``/``mkdir`` give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def save_onebit(
     model: nn.Module,
     path: str | os.PathLike,
@@ -73,22 +134,30 @@ def save_onebit(
 
     Args:
         model: the student, a Hugging Face causal LM whose decoder-block linears are OneBit layers.
-        path: the directory to create (replaced atomically if it exists).
+        path: the directory to create; an existing one is replaced atomically when it is empty or
+            an earlier export (:func:`check_export_destination`), else refused.
         quant: the quantization config the student was trained with.
         dtype: dtype of the value vectors and the full-precision parts.
         tokenizer: saved alongside when given.
         extra: more metadata for the ``onebit`` block of config.json.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
+    check_export_destination(path)
     state, names = _packed_state(model, dtype)
     if not names:
         raise OneBitInputError("the model has no OneBit layers to export; quantize it first.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
     try:
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt", "onebit": str(FORMAT_VERSION)})
+        try:
+            save_file(
+                state, tmp / WEIGHTS, metadata={"format": "pt", "onebit": str(FORMAT_VERSION)}
+            )
+        except SafetensorError as e:  # a full disk comes back as this, not as OSError
+            raise _os_error(e, path / WEIGHTS) from e
         model.config.save_pretrained(tmp)
         cfg_file = tmp / "config.json"
         cfg = json.loads(cfg_file.read_text())
@@ -99,11 +168,14 @@ def save_onebit(
             "sign_convention": "bit 1 = +1 (w >= 0), bit 0 = -1",
             "bit_order": BIT_ORDER,
             "value_dtype": str(dtype).removeprefix("torch."),
+            "weights_sha256": file_sha256(tmp / WEIGHTS),
             **(extra or {}),
         }
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _apply_umask(tmp)
+        check_export_destination(path)  # again: nothing else may have appeared there meanwhile
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old{os.getpid()}")
@@ -117,7 +189,9 @@ def save_onebit(
     return path
 
 
-def load_onebit(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+def load_onebit(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool = True
+) -> nn.Module:
     """Rebuild an exported 1-bit model with :class:`PackedOneBitLinear` layers, in eval mode.
 
     No dense weight matrix is ever materialised: the architecture is built with parameters on the
@@ -126,6 +200,8 @@ def load_onebit(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
     Args:
         path: a directory written by :func:`save_onebit`.
         dtype: cast the floating-point tensors to this dtype (default: as saved).
+        verify: check model.safetensors against the SHA-256 in config.json (exports written
+            before the checksum have none and are not checked).
     """
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
@@ -147,6 +223,12 @@ def load_onebit(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
             f"{FORMAT_VERSION}."
         )
     quant = OneBitConfig.from_dict(info["quant"])
+    want = info.get("weights_sha256")
+    if verify and want and file_sha256(path / WEIGHTS) != want:
+        raise OneBitInputError(
+            f"{path}/{WEIGHTS} does not match the checksum in its config.json (the file changed "
+            "or was damaged after the export); export the model again."
+        )
     try:  # trust_remote_code stays off: an export never runs code shipped beside it
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:

@@ -27,12 +27,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "flo
     """
     from onebit.checkpoint import load_checkpoint_file
     from onebit.errors import OneBitInputError
-    from onebit.export import save_onebit
+    from onebit.export import check_export_destination, save_onebit
     from onebit.models import ModelSpec, load_tokenizer
     from onebit.module import student_from_state
     from onebit.preflight import model_config
     from onebit.quant import OneBitConfig
 
+    check_export_destination(out)  # before reading gigabytes
     ckpt = load_checkpoint_file(checkpoint)
     hp = ckpt.get("hyper_parameters") or {}
     if "model" not in hp or "quant" not in hp or "state_dict" not in ckpt:
@@ -52,7 +53,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    from onebit.errors import OneBitInputError
+    import errno
+
+    from onebit.errors import EXIT_INPUT, EXIT_RUN, OneBitInputError
 
     parser = argparse.ArgumentParser(
         prog="python -m onebit.export_checkpoint",
@@ -60,14 +63,28 @@ def main(argv: list[str] | None = None) -> None:
         "sharded FSDP2 checkpoint directory).",
     )
     parser.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint directory")
-    parser.add_argument("out", help="the export directory to write (replaced atomically)")
+    parser.add_argument(
+        "out",
+        help="the export directory to write: new, empty, or an earlier OneBit export (replaced "
+        "atomically); any other folder is refused",
+    )
     parser.add_argument("--dtype", default="float16", choices=DTYPES, help="of g, h and the rest")
     args = parser.parse_args(argv)
     try:
         path = export_checkpoint(args.checkpoint, args.out, args.dtype)
     except OneBitInputError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_INPUT) from None
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        reason = "the disk is full" if full else (e.strerror or str(e))
+        kept = "an earlier export there is intact" if Path(args.out).exists() else "none existed"
+        print(
+            f"error: could not write the 1-bit model to {args.out} ({reason}); nothing was "
+            f"replaced ({kept}): free space and run the command again.",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_RUN) from None
     print(f"1-bit model: {path}")
 
 

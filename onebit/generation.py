@@ -57,14 +57,20 @@ def generate(
     top_k: int = 0,
     seed: int = 0,
     eos_token_id: int | None = None,
+    warmup: bool = True,
 ) -> tuple[Tensor, GenerationStats]:
     """Generate up to ``max_new_tokens`` after ``input_ids`` with the model's KV cache.
+
+    With ``warmup``, one untimed forward over the prompt's first token runs first, so that
+    one-time set-up (kernel loading, first allocations) is not counted as prefill time.
 
     Shapes: input_ids (batch, prompt) → (batch, prompt + new).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     gen = torch.Generator(device=input_ids.device).manual_seed(seed) if do_sample else None
+    if warmup:
+        model(input_ids=input_ids[:, :1], use_cache=True)
     t0 = time.perf_counter()
     out = model(input_ids=input_ids, use_cache=True)
     nxt = _next_token(out.logits[:, -1], do_sample, temperature, top_k, gen)

@@ -75,12 +75,78 @@ def check_command_line(argv: Sequence[str], conf_dir: Path) -> None:
             )
 
 
-def exit_on_bad_command_line(conf_dir: Path, argv: Sequence[str] | None = None) -> None:
-    """:func:`check_command_line` for a script's ``__main__``: one sentence and exit status 2."""
+def _hydra_reason(e: BaseException) -> str:
+    """The first line of a Hydra/OmegaConf error, or of the error under it."""
+    for err in (e, e.__cause__):
+        if err is not None and str(err).strip():
+            return str(err).strip().splitlines()[0].rstrip(".")
+    return type(e).__name__
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is OmegaConf's ``???`` (required, unset) in a plain container."""
+    if isinstance(node, Mapping):
+        items = node.items()
+    elif isinstance(node, list):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return [prefix] if node == "???" else []
+    return [k for key, v in items for k in _missing_keys(v, f"{prefix}.{key}" if prefix else key)]
+
+
+def check_composes(argv: Sequence[str], conf_dir: Path, config_name: str) -> None:
+    """Compose the config as Hydra will, and say in one sentence what stops it: a key that is not
+    in the config (a typo: ``optim.lrr=1``), a value of the wrong type, or a required value left
+    unset (``model=local`` without ``model.path``). Sweeps (``-m``) are left to Hydra.
+
+    Raises:
+        OneBitInputError: naming the key.
+    """
+    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("-") for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from onebit.config_utils import register_resolvers
+
+    register_resolvers()
+    overrides = [a for a in argv if "=" in a or a.startswith("~")]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        text = f"{e} {e.__cause__ or ''}"
+        m = re.search(r"Could not override '([^']+)'", text)
+        if m and "not in struct" in text:
+            key = m.group(1)
+            raise OneBitInputError(
+                f"{key} is not a key of the config; check its spelling (python "
+                f"{config_name}.py --cfg job lists every key), or add a new key with +{key}=..."
+            ) from None
+        raise OneBitInputError(f"the command line does not compose: {_hydra_reason(e)}.") from None
+    plain = OmegaConf.to_container(cfg, resolve=False)  # interpolations stay text, ??? too
+    missing = sorted(k for k in _missing_keys(plain) if not k.startswith("hydra."))
+    if missing:
+        raise OneBitInputError(
+            f"{missing[0]} must be set (it has no default here): add {missing[0]}=... to the "
+            "command line."
+        )
+
+
+def exit_on_bad_command_line(
+    conf_dir: Path, argv: Sequence[str] | None = None, config_name: str | None = None
+) -> None:
+    """:func:`check_command_line` (and :func:`check_composes` with ``config_name``) for a
+    script's ``__main__``: one sentence and exit status 2."""
     from onebit.errors import EXIT_INPUT
 
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        check_command_line(sys.argv[1:] if argv is None else argv, conf_dir)
+        check_command_line(argv, conf_dir)
+        if config_name:
+            check_composes(argv, conf_dir, config_name)
     except OneBitInputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_INPUT)

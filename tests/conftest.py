@@ -17,6 +17,9 @@ def compose_config(config_name: str, overrides: list[str], tmp: Path | None = No
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    from onebit.config_utils import register_resolvers
+
+    register_resolvers()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides)
     if tmp is not None:

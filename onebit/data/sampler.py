@@ -16,6 +16,38 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from onebit.errors import OneBitInputError
+
+
+def data_shape(loader: DataLoader) -> dict[str, int]:
+    """What a saved data position counts in: sequences per batch and tokens per sequence
+    (``seq_len`` of the data set, or of its blocks), for :func:`check_data_shape`."""
+    shape = {"batch_size": int(loader.batch_size)}
+    ds = loader.dataset
+    seq_len = getattr(ds, "seq_len", None)
+    if seq_len is None and getattr(ds, "blocks", None) is not None:
+        seq_len = ds.blocks.shape[-1]
+    if seq_len is not None:
+        shape["seq_len"] = int(seq_len)
+    return shape
+
+
+def check_data_shape(state: dict[str, Any], loader: DataLoader) -> None:
+    """Refuse to resume a data position saved with another batch size or sequence length: the
+    position counts batches of blocks, so it would point at other tokens.
+
+    Raises:
+        OneBitInputError: naming the key and both values. (Positions saved before these keys
+            were recorded are accepted.)
+    """
+    for key, now in data_shape(loader).items():
+        saved = state.get(key)
+        if saved is not None and int(saved) != now:
+            raise OneBitInputError(
+                f"the checkpoint's data position was saved with data.{key}={int(saved)}; resume "
+                f"with the same value (now {now}), or start a new run to change it."
+            )
+
 
 def dist_rank_world() -> tuple[int, int]:
     """This process's rank and the world size (0, 1 without torch.distributed)."""
@@ -81,8 +113,9 @@ class ResumableDataLoader(DataLoader):
         return (sampler.size // dist_rank_world()[1]) // self.batch_size
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self._batches}
+        return {"epoch": self.sampler.epoch, "batches": self._batches, **data_shape(self)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        check_data_shape(state, self)
         self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
         self.sampler.set_epoch(int(state["epoch"]))

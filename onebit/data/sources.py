@@ -95,6 +95,77 @@ def resolve_local_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
+def _open_bytes(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def check_utf8(path: Path, chunk: int = 1 << 24) -> None:
+    """Read the whole file (decompressed when ``.gz``) and refuse it at its first byte that is not
+    UTF-8, so that a bad byte deep in a file stops the run before training, not hours into it.
+
+    Raises:
+        OneBitInputError: naming the file, the byte offset and the byte.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    with _open_bytes(path) as f:
+        while True:
+            data = f.read(chunk)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:  # e.start counts from the pending bytes
+                at = offset - pending + e.start
+                what = " of its decompressed text" if path.name.lower().endswith(".gz") else ""
+                raise OneBitInputError(
+                    f"{path} is not UTF-8 text: byte {at:,}{what} (0x{e.object[e.start]:02x}) "
+                    "cannot be decoded; convert the file to UTF-8 (e.g. iconv -f latin1 -t "
+                    "utf-8) or leave it out of data.path."
+                ) from None
+            if not data:
+                return
+            offset += len(data)
+
+
+def check_parquet_column(path: Path, text_field: str) -> None:
+    """Refuse a parquet file without a ``text_field`` column of strings.
+
+    Raises:
+        OneBitInputError: naming the file, the column and what it holds.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except Exception as e:  # pyarrow's errors: not a parquet file, truncated footer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OneBitInputError(f"{path} cannot be read as parquet: {first}") from None
+    if text_field not in schema.names:
+        raise OneBitInputError(
+            f"{path} has no column {text_field!r} (data.text_field); its columns are "
+            f"{', '.join(schema.names)}."
+        )
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise OneBitInputError(
+            f"column {text_field!r} of {path} holds {kind}, not text (data.text_field names the "
+            "column of strings to train on)."
+        )
+
+
+def check_local_files(files: Iterable[Path], text_field: str = "text") -> None:
+    """Every check a data file can fail before training: text and JSON lines are UTF-8 from the
+    first byte to the last, parquet has a column of strings named ``text_field``."""
+    for f in files:
+        if file_kind(f) == "parquet":
+            check_parquet_column(f, text_field)
+        else:
+            check_utf8(f)
+
+
 def _open_text(path: Path) -> IO[str]:
     # newline=None (universal newlines) turns CRLF and lone CR into LF.
     if path.name.lower().endswith(".gz"):
@@ -133,12 +204,8 @@ def iter_file_rows(path: Path, text_field: str = "text") -> Iterator[str]:
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
+        check_parquet_column(path, text_field)
         pf = pq.ParquetFile(path)
-        if text_field not in pf.schema_arrow.names:
-            raise OneBitInputError(
-                f"{path} has no column {text_field!r} (data.text_field); its columns are "
-                f"{', '.join(pf.schema_arrow.names)}."
-            )
         for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
             for value in batch.column(0).to_pylist():
                 yield value or ""

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from onebit.data.sampler import check_data_shape, data_shape
 from onebit.errors import OneBitInputError
 
 _WORKER_KEY = "_worker"
@@ -191,6 +192,7 @@ class ResumableStreamLoader(DataLoader):
             "next_worker": position.next_worker,
             "num_workers": self.num_workers,
             "world_size": int(getattr(self.dataset, "world_size", 1)),
+            **data_shape(self),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -200,6 +202,7 @@ class ResumableStreamLoader(DataLoader):
             OneBitInputError: when the state was saved with another ``num_workers`` or world size,
                 which shard the documents differently.
         """
+        check_data_shape(state, self)
         workers, world = int(state["num_workers"]), int(state["world_size"])
         if workers != self.num_workers:
             raise OneBitInputError(

@@ -34,6 +34,7 @@ from onebit.data.sources import (
     HubDocuments,
     LocalDocuments,
     check_hub,
+    check_local_files,
     resolve_local_files,
 )
 from onebit.data.stream import ResumableStreamLoader, collate_blocks
@@ -300,15 +301,16 @@ class TextDataModule(L.LightningDataModule):
             )
 
     def preflight(self, world_size: int = 1) -> None:
-        """Fail in seconds on bad data input, before any model is loaded: no tokenizer, a Hub data
-        set offline, local files missing, empty or shorter than one block of ``seq_len``."""
+        """Fail on bad data input before any model is loaded: no tokenizer, a Hub data set
+        offline, local files missing, empty, shorter than one block of ``seq_len``, not UTF-8
+        anywhere in them (every byte is read), or a parquet column that is not text."""
         tok = self._resolve_tokenizer()
         if self.source == "hub":
             check_hub(self.hub_name, self.hub_config, self.train_split, self.hub_timeout_s)
             return
-        resolve_local_files(self.path)
+        check_local_files(resolve_local_files(self.path), self.text_field)
         if self.val_path:
-            resolve_local_files(self.val_path)
+            check_local_files(resolve_local_files(self.val_path), self.text_field)
         docs = LocalDocuments(self.path, text_field=self.text_field, sample_by=self.sample_by)
         self._check_one_block(docs, tok)
 

@@ -188,3 +188,43 @@ def test_hub_stream_is_not_resharded_in_workers(
             t for i, d in enumerate(texts) if i % 2 == worker for t in encode_document(tok, d)
         ]
         assert streams[worker] == expected
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 24])
+def test_check_utf8_names_the_first_bad_byte(tmp_path: Path, chunk: int) -> None:
+    """Offsets count bytes of the file (of its decompressed text for .gz), across read chunks
+    and characters cut by them; a character cut short at the end is caught too."""
+    from onebit.data.sources import check_utf8
+
+    cases = [
+        (("é" * 40).encode() + b"\xffabc", 80, "0xff"),
+        (b"a" * 61_439 + "é".encode() + b"\xe9x", 61_441, "0xe9"),
+        (("é" * 3).encode() + b"\xc3", 6, "0xc3"),
+    ]
+    for data, at, byte in cases:
+        for name, write in (("t.txt", Path.write_bytes), ("t.txt.gz", None)):
+            f = tmp_path / name
+            if write is None:
+                with gzip.open(f, "wb") as g:
+                    g.write(data)
+            else:
+                f.write_bytes(data)
+            with pytest.raises(
+                OneBitInputError, match=rf"byte {at:,}( of its decompressed text)? \({byte}\)"
+            ):
+                check_utf8(f, chunk)
+    (tmp_path / "ok.txt").write_bytes(("é" * 1000).encode())
+    check_utf8(tmp_path / "ok.txt", chunk)
+
+
+def test_a_parquet_column_that_is_not_text_is_refused(tmp_path: Path) -> None:
+    from onebit.data.sources import check_local_files
+
+    f = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3]}), f)
+    with pytest.raises(OneBitInputError) as e:
+        check_local_files([f])
+    assert str(e.value) == (
+        f"column 'text' of {f} holds int64, not text (data.text_field names the column of "
+        "strings to train on)."
+    )

@@ -256,3 +256,23 @@ def test_calibration_blocks_are_the_first_training_blocks_and_leave_the_stream(
     fresh = _dm(path, tok, shuffle_docs=4)
     fresh.setup("fit")
     assert torch.equal(next(iter(fresh.train_dataloader()))["input_ids"], first)
+
+
+def test_a_bad_byte_deep_in_a_local_file_fails_the_preflight(tok, docs_jsonl, tmp_path) -> None:
+    """A byte that is not UTF-8 60 KB into the file stops the run before training, naming the
+    file and the byte offset (it used to kill training when the stream reached it)."""
+    path, _ = docs_jsonl
+    good = path.read_bytes()
+    docs = [json.dumps({"text": "word " * 200}) + "\n" for _ in range(80)]  # ~80 KB
+    body = "".join(docs).encode()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(body[:61_440] + b"\xff" + body[61_440:])
+    dm = _dm(bad, tok)
+    with pytest.raises(OneBitInputError) as e:
+        dm.preflight()
+    assert str(e.value) == (
+        f"{bad} is not UTF-8 text: byte 61,440 (0xff) cannot be decoded; convert the file to "
+        "UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out of data.path."
+    )
+    _dm(path, tok).preflight()  # the good file passes
+    assert path.read_bytes() == good
