@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python benchmarks/results.py` from a clone: onebit is beside
 
+from onebit.config_utils import register_resolvers  # noqa: E402
 from onebit.eval.zeroshot import PAPER_COLUMNS  # noqa: E402
 
 log = logging.getLogger("onebit.results")
@@ -106,6 +107,8 @@ class Arm(NamedTuple):
     blockwise: Any = None  # BlockwiseConfig: block-wise reconstruction before distillation
     steps: int | None = None  # distillation steps; None: the row's default (train.steps or
     # train.ablation_steps), e.g. fewer for an arm whose block-wise stage takes training time
+    source: str | None = None  # training text (c4 | self_generated); None: data.source
+    calibration_seq_len: int | None = None  # tokens per calibration sequence; None: seq_len
 
 
 ARM_KEYS = ("label", "quant", "loss", "optim", "data", "train", "keep_massive", "blockwise")
@@ -148,9 +151,10 @@ def _steps(value: Any, key: str) -> int | None:
 
 def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) -> Arm:
     """The base recipe with the overrides ``spec`` (``quant``, ``loss``, ``optim``: their keys;
-    ``data``: ``seq_len``; ``train``: ``batch_size``, ``steps``; ``keep_massive``: a number of
-    layers; ``blockwise``: the keys of the block-wise stage (``onebit.distill.BlockwiseConfig``);
-    ``label``), each key checked; ``where`` names the node in messages."""
+    ``data``: ``seq_len``, ``source``, ``calibration_seq_len``; ``train``: ``batch_size``,
+    ``steps``; ``keep_massive``: a number of layers; ``blockwise``: the keys of the block-wise stage
+    (``onebit.distill.BlockwiseConfig``); ``label``), each key checked; ``where`` names the node
+    in messages."""
     import dataclasses
 
     from onebit.distill import BlockwiseConfig, DistillLossConfig
@@ -165,7 +169,10 @@ def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) ->
         raise OneBitInputError(
             f"{where} has unknown key(s) {sorted(unknown)}; valid: {', '.join(ARM_KEYS)}."
         )
-    for group, allowed in (("data", {"seq_len"}), ("train", {"batch_size", "steps"})):
+    for group, allowed in (
+        ("data", {"seq_len", "source", "calibration_seq_len"}),
+        ("train", {"batch_size", "steps"}),
+    ):
         bad = set(spec.get(group) or {}) - allowed
         if bad:
             raise OneBitInputError(
@@ -184,7 +191,22 @@ def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) ->
             {**dataclasses.asdict(base.blockwise), **(spec.get("blockwise") or {})}
         ),
         _steps((spec.get("train") or {}).get("steps"), f"{where}.train.steps"),
+        _source((spec.get("data") or {}).get("source"), f"{where}.data.source"),
+        _steps(
+            (spec.get("data") or {}).get("calibration_seq_len"), f"{where}.data.calibration_seq_len"
+        ),
     )
+
+
+DATA_SOURCES = ("self_generated", "c4")
+
+
+def _source(value: Any, key: str) -> str | None:
+    from onebit.errors import OneBitInputError
+
+    if value is None or value in DATA_SOURCES:
+        return value
+    raise OneBitInputError(f"{key}={value!r} is not one of {', '.join(DATA_SOURCES)}.")
 
 
 def main_arm(cfg: DictConfig) -> Arm:
@@ -232,31 +254,39 @@ def c4_train_blocks(tokenizer, path: str, seq_len: int, max_doc_tokens: int) -> 
     return torch.tensor(list(pack_blocks(docs, seq_len)), dtype=torch.long)
 
 
+def generated_blocks(cfg: DictConfig, spec, seq_len: int) -> tuple[Any, Any]:
+    """(training, held-out) blocks the teacher writes (``data.num_sequences`` and
+    ``data.val_sequences`` of ``seq_len`` tokens), cached under ``data.cache_dir``.
+    Shapes: → (n, seq_len) int64 each."""
+    from onebit.data.self_generated import SelfGeneratedDataModule
+
+    d = cfg.data
+    dm = SelfGeneratedDataModule(
+        spec,
+        num_sequences=int(d.num_sequences),
+        val_sequences=int(d.val_sequences),
+        seq_len=seq_len,
+        gen_batch_size=int(d.gen_batch_size),
+        cache_dir=str(d.cache_dir),
+        seed=int(cfg.seed),
+        device="cpu",
+    )
+    dm.prepare_data()
+    dm.setup()
+    return dm.train_blocks.long(), dm.val_blocks.long()
+
+
 def load_data(cfg: DictConfig, spec, tokenizer) -> tuple[Any, Any | None]:
     """(training blocks, held-out generated blocks or None). Shapes: (n, seq_len) each."""
     from onebit.errors import OneBitInputError
 
     d = cfg.data
     if d.source == "self_generated":
-        from onebit.data.self_generated import SelfGeneratedDataModule
-
-        dm = SelfGeneratedDataModule(
-            spec,
-            num_sequences=int(d.num_sequences),
-            val_sequences=int(d.val_sequences),
-            seq_len=int(d.seq_len),
-            gen_batch_size=int(d.gen_batch_size),
-            cache_dir=str(d.cache_dir),
-            seed=int(cfg.seed),
-            device="cpu",
-        )
-        dm.prepare_data()
-        dm.setup()
-        return dm.train_blocks.long(), dm.val_blocks.long()
+        return generated_blocks(cfg, spec, int(d.seq_len))
     if d.source == "c4":
         blocks = c4_train_blocks(tokenizer, d.c4_path, int(d.seq_len), int(cfg.eval.seqlen))
         return blocks, None
-    raise OneBitInputError(f"data.source={d.source!r} is not one of self_generated, c4.")
+    raise OneBitInputError(f"data.source={d.source!r} is not one of {', '.join(DATA_SOURCES)}.")
 
 
 def eval_streams(cfg: DictConfig, teacher, tokenizer, held_out) -> dict[str, tuple[Any, int]]:
@@ -710,19 +740,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ppl = ", ".join(f"{d} {v['ppl']:.4g}" for d, v in row["ppl"].items())
         print(f"[{time.perf_counter() - t_start:6.0f} s] {label}: {ppl}", flush=True)
 
-    block_cache = {int(cfg.data.seq_len): blocks}
+    block_cache = {(str(cfg.data.source), int(cfg.data.seq_len)): blocks}
 
-    def blocks_of(seq_len: int):
-        """Training blocks of ``seq_len`` tokens: C4 cut anew; generated text repacked."""
-        if seq_len not in block_cache:
-            if cfg.data.source == "c4":
-                block_cache[seq_len] = c4_train_blocks(
+    def blocks_of(source: str, seq_len: int):
+        """Training blocks of ``seq_len`` tokens from ``source``: C4 cut anew; generated text
+        written (and cached) in sequences of data.seq_len tokens, joined for other lengths."""
+        if (source, seq_len) not in block_cache:
+            if source == "c4":
+                block_cache[source, seq_len] = c4_train_blocks(
                     tokenizer, cfg.data.c4_path, seq_len, int(cfg.eval.seqlen)
                 )
             else:
-                flat = blocks.reshape(-1)
-                block_cache[seq_len] = flat[: flat.numel() // seq_len * seq_len].view(-1, seq_len)
-        return block_cache[seq_len]
+                base = int(cfg.data.seq_len)
+                if (source, base) not in block_cache:
+                    block_cache[source, base] = generated_blocks(cfg, spec, base)[0]
+                flat = block_cache[source, base].reshape(-1)
+                block_cache[source, seq_len] = flat[: flat.numel() // seq_len * seq_len].view(
+                    -1, seq_len
+                )
+        return block_cache[source, seq_len]
 
     def trained(key: str, arm: Arm, steps: int, zero_shot: bool) -> None:
         import dataclasses
@@ -731,8 +767,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from onebit.quant import init_from_calibration_, massive_layer_names
 
         torch.manual_seed(int(cfg.seed))
-        data = blocks_of(arm.seq_len)
-        calib = data[-arm.quant.calibration_sequences :]  # training text, never evaluated
+        t0 = time.perf_counter()
+        source = arm.source or str(cfg.data.source)
+        data = blocks_of(source, arm.seq_len)
+        # the teacher writing its text (when not cached) is part of the training budget
+        generate_s = time.perf_counter() - t0 if source == "self_generated" else 0.0
+        calib_data = data
+        if arm.calibration_seq_len and arm.calibration_seq_len != arm.seq_len:
+            calib_data = blocks_of(source, arm.calibration_seq_len)  # the same text, cut anew
+        calib = calib_data[-arm.quant.calibration_sequences :]  # training text, never evaluated
         t0 = time.perf_counter()
         q, kept = arm.quant, []
         if arm.keep_massive:
@@ -766,8 +809,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             int(tr.eval_every),
             lambda: curve_ppl(student, streams, int(e.curve_windows)),
         )
-        train["train_s"] += calib_s  # calibration is part of the training budget
+        train["train_s"] += calib_s + generate_s  # so are calibration and written text
         train["calibrate_s"] = calib_s
+        train["generate_s"] = generate_s
         train["kept_layers"] = kept
         train["blockwise"] = blockwise
         row_bits = footprint(student, q)
@@ -826,6 +870,9 @@ def _notes(result: dict[str, Any], streams: dict[str, tuple[Any, int]]) -> str:
     )
     parts.append(f"{s['threads']} threads, total {s['total_s']:.0f} s")
     return "; ".join(parts) + "."
+
+
+register_resolvers()  # ${onebit.cwd:} in conf/paths, before Hydra composes
 
 
 @hydra.main(config_path="../conf", config_name="results", version_base="1.3")

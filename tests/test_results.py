@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -43,7 +44,9 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         "gain", "gain_rms", "gain_ls", "keep_massive", "latent_small", "outliers",
         "gain_ls_outliers", "gain_ls_outliers_bw", "gain_ls_no_ln", "latent_lr3", "gptq",
         "gain_ls_no_ln_gptq", "gain_ls_outliers_no_ln", "gain_ls_outliers_no_ln_42",
-        "gain_ls_outliers_no_ln_gptq", "gptq_frozen_signs",
+        "gain_ls_outliers_no_ln_gptq", "gptq_frozen_signs", "len512", "len2048",
+        "self_generated", "latent_lr03", "calib2048", "calib2048_4",
+        "gain_ls_outliers_no_ln_gptq_47", "self_generated_calib2048",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -80,9 +83,23 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     frozen = ab["gptq_frozen_signs"]
     assert frozen.quant == ab["gain_ls_outliers_no_ln_gptq"].quant
     assert frozen.optim == OptimConfig.from_dict({**dict(cfg.optim), "latent_lr": 0.0})
+    onebit = ab["gain_ls_outliers_no_ln_gptq"].quant  # quant=onebit's layer: the fourth run's
+    two = dataclasses.replace(onebit, calibration_sequences=2)
+    assert (ab["len512"].seq_len, ab["len512"].batch_size, ab["len512"].quant) == (
+        512, 1, dataclasses.replace(onebit, calibration_sequences=8)
+    )  # fmt: skip
+    assert (ab["len2048"].seq_len, ab["len2048"].batch_size, ab["len2048"].steps) == (2048, 1, 8)
+    assert (ab["self_generated"].source, ab["self_generated"].quant) == ("self_generated", onebit)
+    assert ab["latent_lr03"].optim == OptimConfig.from_dict({**dict(cfg.optim), "latent_lr": 0.3})
+    assert (ab["calib2048"].calibration_seq_len, ab["calib2048"].quant) == (2048, two)
+    assert ab["calib2048_4"].quant.calibration_sequences == 4
+    assert ab["gain_ls_outliers_no_ln_gptq_47"].steps == 47
+    sg = ab["self_generated_calib2048"]
+    assert (sg.source, sg.calibration_seq_len, sg.quant) == ("self_generated", 2048, two)
     more = ("latent_lr3", "gain_ls_outliers_bw", "gain_ls_outliers_no_ln_42", "gptq_frozen_signs")
+    more += ("len512", "len2048", "latent_lr03", "gain_ls_outliers_no_ln_gptq_47")
     for key, arm in ab.items():  # nothing but its own key changes
-        if key in more:  # these change optim or the steps too (checked above)
+        if key in more:  # these change optim, the data shape or the steps too (checked above)
             continue
         if key != "keep_massive":
             assert (arm.optim, arm.seq_len, arm.batch_size, arm.keep_massive) == base[3:7]
@@ -96,7 +113,7 @@ def test_arm_overrides_reach_optim_data_train_and_calibration() -> None:
         [
             "experiment=results_smollm2_135m",
             "+ablations.lever.optim={latent_lr: 10.0}",
-            "+ablations.lever.data={seq_len: 512}",
+            "+ablations.lever.data={seq_len: 512, source: c4, calibration_seq_len: 2048}",
             "+ablations.lever.train={batch_size: 1}",
             "+ablations.lever.keep_massive=3",
             "+ablations.lever.quant={output_gain: true, gain_init: rms}",
@@ -106,6 +123,8 @@ def test_arm_overrides_reach_optim_data_train_and_calibration() -> None:
     assert arm.optim == OptimConfig.from_dict({**dict(cfg.optim), "latent_lr": 10.0})
     assert arm.optim.scale_lr == base.optim.scale_lr == 10.0  # the experiment's g/h rate kept
     assert (arm.seq_len, arm.batch_size, arm.keep_massive) == (512, 1, 3)
+    assert (arm.source, arm.calibration_seq_len) == ("c4", 2048)
+    assert (base.source, base.calibration_seq_len) == (None, None)  # None: the base's
     assert arm.quant == OneBitConfig(output_gain=True, gain_init="rms")
 
 
@@ -117,6 +136,11 @@ def test_arm_overrides_reach_optim_data_train_and_calibration() -> None:
         ("+ablations.bad.data={seq: 3}", r"ablations\.bad\.data has unknown key"),
         ("+ablations.bad.optim={lr: -1}", r"optim\.lr"),
         ("+ablations.bad.train={steps: 0}", r"ablations\.bad\.train\.steps=0"),
+        ("+ablations.bad.data={source: wiki}", r"ablations\.bad\.data\.source='wiki' is not one"),
+        (
+            "+ablations.bad.data={calibration_seq_len: 0}",
+            r"ablations\.bad\.data\.calibration_seq_len=0 must be",
+        ),
         ("+ablations.bad.blockwise={loss: l1}", r"blockwise\.loss"),
     ],
 )
@@ -250,6 +274,40 @@ def test_a_lever_arm_trains_with_its_own_data_and_calibration(tiny_run: DictConf
     assert lever["model_bits_per_weight"] > ref["model_bits_per_weight"]  # kept layers cost bits
 
 
+def test_arms_with_their_own_text_and_calibration_length(tiny_run: DictConfig, monkeypatch) -> None:
+    """``data.source`` trains a row on other text (here C4 beside the generated base);
+    ``data.calibration_seq_len`` calibrates on the same text cut into longer sequences."""
+    import onebit.quant
+
+    seen = []
+    real = onebit.quant.init_from_calibration_
+
+    def spy(teacher, student, config, ids, *args, **kwargs):
+        seen.append(tuple(ids.shape))
+        return real(teacher, student, config, ids, *args, **kwargs)
+
+    monkeypatch.setattr(onebit.quant, "init_from_calibration_", spy)
+    gains = {"output_gain": True, "gain_init": "rms", "calibration_sequences": 2}
+    with open_dict(tiny_run):
+        tiny_run.data.c4_path = str(shared_path("data", "c4", "c4_validation_2k.parquet"))
+        tiny_run.eval.seqlen = 64  # C4 documents of at most 64 tokens
+        tiny_run.ablations["long_calib"] = {
+            "quant": gains,
+            "data": {"calibration_seq_len": 64},
+            "train": {"steps": 2},
+        }
+        tiny_run.ablations["on_c4"] = {
+            "quant": gains,
+            "data": {"source": "c4"},
+            "train": {"steps": 2},
+        }
+        tiny_run.rows = ["long_calib", "on_c4"]
+        tiny_run.baselines = []
+    rows = {r["key"]: r["train"] for r in results.run(tiny_run)["rows"]}
+    assert seen == [(2, 64), (2, 32)]  # generated text joined to 64; C4 cut at data.seq_len
+    assert rows["long_calib"]["curve"][0]["ppl"] != rows["on_c4"]["curve"][0]["ppl"]
+
+
 def test_a_blockwise_arm_reconstructs_before_distilling(tiny_run: DictConfig) -> None:
     """An arm with outlier weights and the block-wise stage: its time counts as training time."""
     with open_dict(tiny_run):
@@ -366,11 +424,13 @@ def test_main_row_overrides_leave_the_ablations_on_the_base() -> None:
         outliers=256,
         output_norm=False,
         sign_init="gptq",
-        calibration_sequences=32,
-    )  # quant=onebit's layer
+        calibration_sequences=2,
+    )  # quant=onebit's layer, calibrated on 2 sequences of the evaluation's length
+    assert main.calibration_seq_len == 2048
     assert main.label == "OneBit, 150 steps"
     assert ab["ref"].quant == OneBitConfig()  # the reference stays the paper's layer
-    assert main[2:] == ab["ref"][2:]
+    assert ab["ref"].calibration_seq_len is None
+    assert main._replace(calibration_seq_len=None)[2:] == ab["ref"][2:]
 
 
 def test_the_script_runs_from_a_clone_without_the_package_installed() -> None:
