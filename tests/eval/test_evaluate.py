@@ -44,6 +44,7 @@ def test_hf_model_table(tmp_path, stories_path) -> None:
         in out.stdout
     )
     assert (tmp_path / "eval.md").read_text().startswith("| Model |")
+    assert f"results: {tmp_path / 'eval.json'} and {tmp_path / 'eval.md'}" in out.stdout
 
 
 @pytest.mark.slow
