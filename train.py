@@ -400,10 +400,9 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
 
 def _export(cfg: DictConfig, module, spec, path: Path, student=None) -> Path:
     """The packed 1-bit student, written beside ``path`` and renamed into place."""
-    import errno
-
     import torch
 
+    from onebit.checkpoint import write_failure_reason
     from onebit.errors import OneBitRunError
     from onebit.export import save_onebit
     from onebit.models import load_tokenizer
@@ -424,8 +423,7 @@ def _export(cfg: DictConfig, module, spec, path: Path, student=None) -> Path:
             extra={"model": spec.to_dict()},
         )
     except OSError as e:
-        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        reason = "the disk is full" if full else (e.strerror or str(e))
+        reason = write_failure_reason(e)
         kept = "the previous export there is intact" if path.exists() else "none existed before"
         raise OneBitRunError(
             f"could not export the 1-bit model to {path} ({reason}); nothing was replaced "

@@ -91,8 +91,13 @@ class _ChecksumWriter:
         self.f.flush()
 
 
+def write_failure_reason(error: OSError) -> str:
+    """Why a write failed, for a one-sentence error: "the disk is full" or the OS's words."""
+    return "the disk is full" if error.errno in _DISK_FULL else (error.strerror or str(error))
+
+
 def _write_error(path: Path, error: OSError) -> OneBitRunError:
-    reason = "the disk is full" if error.errno in _DISK_FULL else (error.strerror or str(error))
+    reason = write_failure_reason(error)
     kept = (
         f"the previous {path.name} there is intact"
         if path.exists()

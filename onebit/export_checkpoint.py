@@ -53,8 +53,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    import errno
-
+    from onebit.checkpoint import write_failure_reason
     from onebit.errors import EXIT_INPUT, EXIT_RUN, OneBitInputError
 
     parser = argparse.ArgumentParser(
@@ -76,8 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_INPUT) from None
     except OSError as e:
-        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        reason = "the disk is full" if full else (e.strerror or str(e))
+        reason = write_failure_reason(e)
         kept = "an earlier export there is intact" if Path(args.out).exists() else "none existed"
         print(
             f"error: could not write the 1-bit model to {args.out} ({reason}); nothing was "
