@@ -86,7 +86,10 @@ def test_export_and_checkpoint_give_the_same_perplexity(tmp_path, stories_path) 
         assert out.returncode == 0, out.stderr[-2000:]
         rows[src] = json.loads((tmp_path / src / "eval.json").read_text())
     ppl = {src: row["wikitext2"]["ppl"] for src, row in rows.items()}
-    assert ppl["export"] == pytest.approx(ppl["checkpoint"], rel=1e-6)
+    # the packed export runs its own matmul kernel (another summation order, chosen by the CPU's
+    # instruction set): a CI machine measured 4e-6 apart. The same run exported in float16
+    # measured 4e-4 apart, so 16-bit rounding on the way still fails this.
+    assert ppl["export"] == pytest.approx(ppl["checkpoint"], rel=5e-5)
     assert rows["export"]["piqa"]["n"] == rows["checkpoint"]["piqa"]["n"] == 8
     assert rows["export"]["piqa"]["acc"] == rows["checkpoint"]["piqa"]["acc"]
 
