@@ -16,9 +16,10 @@ One row per method, every row evaluated by the same code on the same tokens (``o
     <ablation>    OneBit distilled for ``train.ablation_steps`` steps with one key of quant/loss
                   changed (``ref`` is the unchanged recipe at that budget)
 
-The distillation is a plain loop over the library (``quantize_``, ``freeze_``, ``DistillLoss``,
-and ``onebit.distill.recipe.make_optimizer``, the optimizer and schedule ``OneBitDistillation``
-builds). Every run reads the same training blocks in the same seeded order. Writes
+Every trained row is what ``python train.py`` runs: ``onebit.module.OneBitDistillation`` (SVID and
+calibration in ``configure_model``, the block-wise stage, ``training_step``, the numerical guards,
+the optimizer and schedule) fitted by a Lightning ``Trainer``; only the text and the evaluation
+are the benchmark's. Every run reads the same training blocks in the same seeded order. Writes
 ``results.json``, ``results.csv``, ``curves.csv`` and ``results.md`` to the run directory, the plot
 to ``plot``, and a W&B run.
 """
@@ -415,81 +416,84 @@ def _evaluate(model, tokenizer, streams, cfg: DictConfig, zero_shot: bool) -> di
 
 # -- distillation ---------------------------------------------------------------------------------
 def distill(
-    teacher,
-    student,
+    module,
     blocks,
-    loss_config,
-    optim,
     steps: int,
     batch_size: int,
     seed: int,
     grad_clip: float | None = 1.0,
     eval_every: int = 0,
     on_eval: Callable[[], float] | None = None,
+    root_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Distil ``teacher`` into ``student`` in place for ``steps`` AdamW steps; the curve.
+    """Train ``module`` (a ``OneBitDistillation`` whose ``configure_model`` has run) for ``steps``
+    steps with a Lightning ``Trainer``: the ``training_step``, guards, optimizer and schedule that
+    ``python train.py`` runs. Batches walk through ``blocks`` in a seeded order, reshuffled at each
+    pass; the block-wise stage (``module.blockwise``) reads the first ``blockwise.sequences``.
 
-    The loop of ``OneBitDistillation``: teacher forward without gradients, student forward,
-    ``DistillLoss``, gradient clipping, and the optimizer and schedule of
-    ``onebit.distill.recipe.make_optimizer`` (AdamW, per-role learning rates ``optim.latent_lr``
-    and ``optim.scale_lr``, warm-up + cosine), the same objects the LightningModule builds.
-    Batches walk through ``blocks`` in a seeded order, reshuffled at each pass.
-
-    Returns ``{"curve": [{step, tokens, wall_s, ppl, loss}], "steps", "tokens", "train_s"}``; a
-    curve point is taken before training and every ``eval_every`` steps (and at the end) with
-    ``on_eval()``, whose time is not counted in ``train_s``.
+    Returns ``{"curve": [{step, tokens, train_s, ppl, loss}], "steps", "tokens", "train_s"}``: a
+    curve point before the first step (after the block-wise stage) and every ``eval_every`` steps
+    (and at the end) with ``on_eval()``; ``train_s`` counts the training steps only (not the
+    curve, not Lightning's set-up).
 
     Shapes: blocks (n, seq_len) token ids.
     """
+    import lightning as L
     import torch
+    from torch.utils.data import DataLoader
 
-    from onebit.distill import DistillLoss
-    from onebit.distill.recipe import make_optimizer
-
-    loss_fn = DistillLoss(loss_config)
-    opt, sched = make_optimizer(student, optim, steps)
-    trainable = [p for group in opt.param_groups for p in group["params"]]
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    hidden = loss_config.needs_hidden_states
-    curve: list[dict[str, float]] = []
-    train_s, tokens, last_loss = 0.0, 0, None
+    batches = []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order += torch.randperm(len(blocks), generator=gen).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        batches.append({"input_ids": blocks[idx]})  # (batch, seq_len)
+
+    class Blocks(L.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(batches, batch_size=None)  # each element is a batch
+
+        def calibration_blocks(self, n: int):
+            return blocks[:n]
+
+    curve: list[dict[str, Any]] = []
+    state: dict[str, Any] = {"train_s": 0.0, "tokens": 0, "loss": None, "t0": 0.0}
 
     def point(step: int) -> None:
         if on_eval is not None:
             ppl = on_eval()
-            curve.append(
-                {"step": step, "tokens": tokens, "train_s": train_s, "ppl": ppl, "loss": last_loss}
-            )
-            log.info("step %d, %d tokens, %.0f s: ppl %.4g", step, tokens, train_s, ppl)
+            curve.append({"step": step, "tokens": state["tokens"], "train_s": state["train_s"],
+                          "ppl": ppl, "loss": state["loss"]})  # fmt: skip
+            log.info("step %d, %d tokens, %.0f s: ppl %.4g", step, state["tokens"],
+                     state["train_s"], ppl)  # fmt: skip
 
-    point(0)
-    student.train()
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        while len(order) < batch_size:
-            order += torch.randperm(len(blocks), generator=gen).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        ids = blocks[idx]  # (batch, seq_len)
-        with torch.no_grad():
-            t = teacher(input_ids=ids, output_hidden_states=hidden)
-        s = student(input_ids=ids, output_hidden_states=hidden)
-        terms = loss_fn(s.logits, t.logits, s.hidden_states, t.hidden_states, None, ids)
-        terms["loss"].backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        last_loss = terms["loss"].item()
-        if not math.isfinite(last_loss):
-            raise FloatingPointError(f"the distillation loss is {last_loss} at step {step}.")
-        tokens += ids.numel()
-        train_s += time.perf_counter() - t0
-        if step == steps or (eval_every and step % eval_every == 0):
-            point(step)
-    student.eval()
-    return {"curve": curve, "steps": steps, "tokens": tokens, "train_s": train_s}
+    class Curve(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            point(0)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            state["t0"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            state["train_s"] += time.perf_counter() - state["t0"]
+            state["tokens"] += batch["input_ids"].numel()
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            state["loss"] = float(loss)
+            step = trainer.global_step
+            if step == steps or (eval_every and step % eval_every == 0):
+                point(step)
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, gradient_clip_val=grad_clip or None, callbacks=[Curve()],
+        default_root_dir=root_dir,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=Blocks())
+    module.student.eval()
+    return {"curve": curve, "steps": steps, "tokens": state["tokens"], "train_s": state["train_s"]}
 
 
 # -- tables, files, plot, W&B ---------------------------------------------------------------------
@@ -763,8 +767,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     def trained(key: str, arm: Arm, steps: int, zero_shot: bool) -> None:
         import dataclasses
 
-        from onebit.distill import blockwise_reconstruct_
-        from onebit.quant import init_from_calibration_, massive_layer_names
+        from onebit.module import OneBitDistillation
+        from onebit.quant import massive_layer_names
 
         torch.manual_seed(int(cfg.seed))
         t0 = time.perf_counter()
@@ -781,34 +785,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if arm.keep_massive:
             kept = massive_layer_names(teacher, calib, arm.keep_massive)
             q = dataclasses.replace(q, skip_modules=(*q.skip_modules, *kept))
-        student = onebit_student(teacher, q)
-        init_from_calibration_(teacher, student, q, calib)
-        blockwise = None
-        if arm.blockwise.steps:  # on the first training sequences, before distillation
-            blockwise = blockwise_reconstruct_(
-                teacher, student, data[: arm.blockwise.sequences], arm.blockwise,
-                progress=False, seed=int(cfg.seed),
-            )  # fmt: skip
-            log.info(
-                "block-wise: relative error of the last block %.3f -> %.3f (%.0f s)",
-                blockwise["blocks"][-1]["rel_err_before"], blockwise["blocks"][-1]["rel_err_after"],
-                blockwise["seconds"],
-            )  # fmt: skip
-        prep = kept or q.needs_calibration or blockwise
-        calib_s = time.perf_counter() - t0 if prep else 0.0
+        find_s = time.perf_counter() - t0
+        # the LightningModule train.py runs, on the loaded teacher: SVID (cached under
+        # svid_cache_dir), calibration, then the block-wise stage and the steps in fit
+        module = OneBitDistillation(
+            spec, q, arm.loss, arm.optim, teacher=teacher, blockwise=arm.blockwise,
+            svid_cache_dir=cfg.get("svid_cache_dir"),
+        )  # fmt: skip
+        module.calibration_ids = calib if q.needs_calibration else None
+        module.blockwise_seed = int(cfg.seed)
+        module.configure_model()
+        student = module.student
         train = distill(
-            teacher,
-            student,
+            module,
             data,
-            arm.loss,
-            arm.optim,
             steps,
             arm.batch_size,
             int(cfg.seed),
             tr.grad_clip,
             int(tr.eval_every),
             lambda: curve_ppl(student, streams, int(e.curve_windows)),
+            str(cfg.paths.output_dir),
         )
+        blockwise = module.blockwise_result
+        if blockwise is not None:
+            log.info(
+                "block-wise: relative error of the last block %.3f -> %.3f (%.0f s)",
+                blockwise["blocks"][-1]["rel_err_before"], blockwise["blocks"][-1]["rel_err_after"],
+                blockwise["seconds"],
+            )  # fmt: skip
+        # finding the kept layers, calibration and the block-wise stage are training time
+        calib_s = find_s + module.setup_seconds["calibrate"]
+        calib_s += blockwise["seconds"] if blockwise is not None else 0.0
+        calib_s = calib_s if (kept or q.needs_calibration or blockwise) else 0.0
         train["train_s"] += calib_s + generate_s  # so are calibration and written text
         train["calibrate_s"] = calib_s
         train["generate_s"] = generate_s

@@ -219,6 +219,9 @@ class OneBitDistillation(L.LightningModule):
         self.blockwise_state_path: str | None = None  # where a killed block-wise stage resumes
         self.blockwise_seed = 0
         self.blockwise_result: dict[str, Any] | None = None  # per-block errors, once it ran
+        # configure_model's wall time: quantize (SVID or its cache) and calibrate (sign_init,
+        # gain_init; 0 without them)
+        self.setup_seconds: dict[str, float] = {}
 
     # -- model set-up --------------------------------------------------------------------------
     @property
@@ -249,10 +252,13 @@ class OneBitDistillation(L.LightningModule):
         # Calibration (quant.sign_init, quant.gain_init) runs the whole student first, so then
         # every block is sharded after it (each rank calibrates on the same sequences)
         calibrate = self.quant.needs_calibration
+        t0 = time.perf_counter()
         self._quantize(student, after_block=None if calibrate else shard)
+        t1 = time.perf_counter()
         self.sign_init_errors = init_from_calibration_(
             teacher, student, self.quant, self._calibration_ids(), progress=True
         )
+        self.setup_seconds = {"quantize": t1 - t0, "calibrate": time.perf_counter() - t1}
         student = freeze_(student).train()  # embeddings, norms, lm_head: full precision
         if shard is not None:
             if calibrate:

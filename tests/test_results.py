@@ -253,6 +253,28 @@ def test_benchmark_rows_files_and_reproducibility(tiny_run: DictConfig, tmp_path
     ]
 
 
+def test_trained_rows_run_the_lightning_module_that_train_py_runs(
+    tiny_run: DictConfig, monkeypatch
+) -> None:
+    """One training recipe: each step of a row is ``OneBitDistillation.training_step``."""
+    from onebit.module import OneBitDistillation
+
+    calls = []
+    real = OneBitDistillation.training_step
+
+    def spy(self, batch, batch_idx):
+        calls.append(tuple(batch["input_ids"].shape))
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(OneBitDistillation, "training_step", spy)
+    with open_dict(tiny_run):
+        tiny_run.rows = ["onebit"]
+        tiny_run.baselines = []
+    train = results.run(tiny_run)["rows"][0]["train"]
+    assert calls == [(4, 32)] * 16  # train.steps batches of train.batch_size x data.seq_len
+    assert train["steps"] == 16 and train["tokens"] == 16 * 4 * 32
+
+
 def test_a_lever_arm_trains_with_its_own_data_and_calibration(tiny_run: DictConfig) -> None:
     """An arm with gains calibrated before training, other sequences and another batch size."""
     with open_dict(tiny_run):
@@ -277,16 +299,16 @@ def test_a_lever_arm_trains_with_its_own_data_and_calibration(tiny_run: DictConf
 def test_arms_with_their_own_text_and_calibration_length(tiny_run: DictConfig, monkeypatch) -> None:
     """``data.source`` trains a row on other text (here C4 beside the generated base);
     ``data.calibration_seq_len`` calibrates on the same text cut into longer sequences."""
-    import onebit.quant
+    import onebit.module
 
     seen = []
-    real = onebit.quant.init_from_calibration_
+    real = onebit.module.init_from_calibration_
 
     def spy(teacher, student, config, ids, *args, **kwargs):
         seen.append(tuple(ids.shape))
         return real(teacher, student, config, ids, *args, **kwargs)
 
-    monkeypatch.setattr(onebit.quant, "init_from_calibration_", spy)
+    monkeypatch.setattr(onebit.module, "init_from_calibration_", spy)
     gains = {"output_gain": True, "gain_init": "rms", "calibration_sequences": 2}
     with open_dict(tiny_run):
         tiny_run.data.c4_path = str(shared_path("data", "c4", "c4_validation_2k.parquet"))
