@@ -455,8 +455,10 @@ def distill(
         def train_dataloader(self):
             return DataLoader(batches, batch_size=None)  # each element is a batch
 
-        def calibration_blocks(self, n: int):
-            return blocks[:n]
+        seq_len = blocks.shape[1]
+
+        def calibration_blocks(self, n: int, seq_len: int | None = None):
+            return blocks[:n]  # the block-wise stage's: training blocks
 
     curve: list[dict[str, Any]] = []
     state: dict[str, Any] = {"train_s": 0.0, "tokens": 0, "loss": None, "t0": 0.0}

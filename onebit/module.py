@@ -372,7 +372,7 @@ class OneBitDistillation(L.LightningModule):
                 "blockwise.steps>0 needs training text to reconstruct on: fit with a data module "
                 "that has calibration_blocks (train.py's do)."
             )
-        ids = dm.calibration_blocks(b.sequences).to(self.device)
+        ids = dm.calibration_blocks(b.sequences, seq_len=dm.seq_len).to(self.device)
         self.blockwise_result = blockwise_reconstruct_(
             self.teacher, self.student, ids, b, state_path=self.blockwise_state_path,
             progress=self.trainer.is_global_zero, seed=self.blockwise_seed,

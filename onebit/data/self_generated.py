@@ -133,6 +133,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         seed: seeds generation and the training order.
         num_workers: dataloader workers.
         device: where generation runs (``auto``: CUDA if available, else CPU).
+        calibration_seq_len: tokens per calibration sequence (``quant.sign_init``,
+            ``quant.gain_init``), consecutive sequences joined; None: ``seq_len``.
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         device: str = "auto",
+        calibration_seq_len: int | None = None,
     ) -> None:
         super().__init__()
         self.spec = model if isinstance(model, ModelSpec) else ModelSpec.from_dict(dict(model))
@@ -164,6 +167,13 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         ):
             if not isinstance(value, int) or value < low:
                 raise OneBitInputError(f"data.{key}={value!r} must be an integer >= {low}.")
+        if calibration_seq_len is not None and (
+            not isinstance(calibration_seq_len, int) or calibration_seq_len < 1
+        ):
+            raise OneBitInputError(
+                f"data.calibration_seq_len={calibration_seq_len!r} must be an integer >= 1 or null."
+            )
+        self.calibration_seq_len = calibration_seq_len
         self.num_sequences, self.val_sequences, self.seq_len = num_sequences, val_sequences, seq_len
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -248,12 +258,26 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         self.train_blocks = blocks[: self.num_sequences]
         self.val_blocks = blocks[self.num_sequences :]
 
-    def calibration_blocks(self, n: int) -> Tensor:
-        """The first ``n`` training sequences (after ``setup``), for calibration before training.
+    def calibration_blocks(self, n: int, seq_len: int | None = None) -> Tensor:
+        """The first ``n`` training sequences (after ``setup``), for calibration and the block-wise
+        stage before training; ``seq_len`` tokens each (None: ``calibration_seq_len``, else
+        ``seq_len``): other lengths join consecutive sequences and cut them anew.
 
-        Shapes: → (min(n, num_sequences), seq_len) int64.
+        Shapes: → (at most n, seq_len) int64.
+
+        Raises:
+            OneBitInputError: when the training text holds fewer than ``seq_len`` tokens.
         """
-        return self.train_blocks[:n].long()
+        length = seq_len or self.calibration_seq_len or self.seq_len
+        if length == self.seq_len:
+            return self.train_blocks[:n].long()
+        flat = self.train_blocks[: -(-n * length // self.seq_len)].reshape(-1)
+        if flat.numel() < length:
+            raise OneBitInputError(
+                f"data.calibration_seq_len={length} is longer than the {flat.numel()} tokens of "
+                "the generated training text (data.num_sequences x data.seq_len)."
+            )
+        return flat[: flat.numel() // length * length].view(-1, length)[:n].long()
 
     def train_dataloader(self) -> ResumableDataLoader:
         sampler = EpochSampler(len(self.train_blocks), shuffle=True, seed=self.seed)

@@ -241,6 +241,34 @@ def test_train_py_with_calibrated_gains_exports_them(tmp_path, tiny_overrides) -
     assert len(gains) == 2 and all(not torch.equal(g, torch.ones_like(g)) for g in gains)
 
 
+def test_train_py_calibrates_at_data_calibration_seq_len(tmp_path, tiny_overrides, monkeypatch):
+    """data.calibration_seq_len: calibration reads sequences of that length; the block-wise stage
+    and the training steps keep data.seq_len."""
+    import onebit.module
+
+    seen: dict[str, list] = {"calibrate": [], "blockwise": []}
+    calibrate, blockwise = onebit.module.init_from_calibration_, onebit.module.blockwise_reconstruct_
+
+    def spy_calibrate(teacher, student, config, ids, *args, **kwargs):
+        seen["calibrate"].append(tuple(ids.shape))
+        return calibrate(teacher, student, config, ids, *args, **kwargs)
+
+    def spy_blockwise(teacher, student, ids, *args, **kwargs):
+        seen["blockwise"].append(tuple(ids.shape))
+        return blockwise(teacher, student, ids, *args, **kwargs)
+
+    monkeypatch.setattr(onebit.module, "init_from_calibration_", spy_calibrate)
+    monkeypatch.setattr(onebit.module, "blockwise_reconstruct_", spy_blockwise)
+    cfg = compose_train(
+        [*tiny_overrides, "quant.output_gain=true", "quant.gain_init=ls",
+         "quant.calibration_sequences=2", "data.calibration_seq_len=40", "blockwise.steps=1",
+         "blockwise.sequences=4", "trainer.max_steps=2", "export=false"],
+        tmp_path,
+    )  # fmt: skip
+    _run(cfg)
+    assert seen == {"calibrate": [(2, 40)], "blockwise": [(4, 16)]}
+
+
 def test_train_py_with_gptq_signs_reports_and_exports_them(tmp_path, tiny_overrides) -> None:
     """quant.sign_init=gptq: configure_model chooses the signs on the calibration text; the run
     reports each layer's error (lower than SVID's) and exports those signs when the latent

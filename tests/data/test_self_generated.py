@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import onebit.data.self_generated as sg
 from onebit.data.self_generated import SelfGeneratedDataModule, generate_sequences
+from onebit.errors import OneBitInputError
 from onebit.models import tiny_causal_lm
 
 TINY = {"name": "tiny_llama", "source": "tiny", "arch": "llama"}
@@ -52,3 +54,18 @@ def test_cache_is_written_once_and_reused(tmp_path, monkeypatch) -> None:
     assert batch["input_ids"].shape == (2, 10) and batch["attention_mask"].all()
     # another setting is another cache entry
     assert SelfGeneratedDataModule(TINY, **{**kw, "seq_len": 11}).cache_path != dm.cache_path
+
+
+def test_calibration_sequences_join_consecutive_generated_ones(tmp_path) -> None:
+    kw = dict(num_sequences=8, val_sequences=0, seq_len=10, batch_size=2, cache_dir=str(tmp_path))
+    dm = SelfGeneratedDataModule(TINY, **kw, calibration_seq_len=25)
+    dm.prepare_data()
+    dm.setup()
+    calib = dm.calibration_blocks(3)
+    assert calib.shape == (3, 25) and calib.dtype == torch.long
+    assert torch.equal(calib.flatten(), dm.train_blocks.long().flatten()[:75])
+    assert torch.equal(dm.calibration_blocks(2, seq_len=10), dm.train_blocks[:2].long())
+    with pytest.raises(OneBitInputError, match=r"data\.calibration_seq_len=81 is longer than the 80"):
+        dm.calibration_blocks(1, seq_len=81)
+    with pytest.raises(OneBitInputError, match=r"data\.calibration_seq_len=0 "):
+        SelfGeneratedDataModule(TINY, **kw, calibration_seq_len=0)

@@ -258,6 +258,22 @@ def test_calibration_blocks_are_the_first_training_blocks_and_leave_the_stream(
     assert torch.equal(next(iter(fresh.train_dataloader()))["input_ids"], first)
 
 
+def test_calibration_at_its_own_length_cuts_the_same_text(tok, docs_jsonl) -> None:
+    """data.calibration_seq_len: calibration sequences of that length from the same text, in
+    source order; the block-wise stage asks for the training length."""
+    path, docs = docs_jsonl
+    dm = _dm(path, tok, calibration_seq_len=80)
+    dm.setup("fit")
+    _, val = dm._split_sources(tok)
+    calib = dm.calibration_blocks(2)
+    assert calib.shape == (2, 80) and calib.dtype == torch.long
+    assert calib.flatten().tolist() == _stream(tok, docs[: val.start])[: 2 * 80]
+    assert dm.calibration_blocks(3, seq_len=dm.seq_len).shape == (3, 32)
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape == (4, 32)  # training: seq_len
+    with pytest.raises(OneBitInputError, match=r"data\.calibration_seq_len=0 "):
+        _dm(path, tok, calibration_seq_len=0)
+
+
 def test_a_bad_byte_deep_in_a_local_file_fails_the_preflight(tok, docs_jsonl, tmp_path) -> None:
     """A byte that is not UTF-8 60 KB into the file stops the run before training, naming the
     file and the byte offset (it used to kill training when the stream reached it)."""
