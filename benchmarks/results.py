@@ -1,7 +1,7 @@
 """The results table: a OneBit student against untrained 1-bit baselines and its own ablations.
 
     python benchmarks/results.py experiment=results_stories260k      # ~10 min, 1 thread
-    python benchmarks/results.py experiment=results_smollm2_135m     # < 1 h on 2 CPU cores
+    python benchmarks/results.py experiment=results_smollm2_135m     # ~2 h on 2 CPU cores
     python benchmarks/results.py experiment=results_smollm2_135m 'rows=[teacher,onebit]' \
         train.steps=5000 eval.max_windows=null eval.limit=null       # a bigger budget, full eval
 
@@ -57,6 +57,12 @@ BASELINE_LABELS = {
     "svid_no_ln": "SVID sign(W)⊙abᵀ without LN, no training",
 }
 PPL_COLUMNS = {"wikitext2": "Wiki2", "c4": "C4", "generated": "Gen."}
+
+
+def ppl_column(name: str) -> str:
+    """A perplexity column's heading: ``wikitext2`` → Wiki2, ``c4@128`` → C4@128."""
+    base, at, length = name.partition("@")
+    return PPL_COLUMNS.get(base, base) + at + length
 
 
 def _container(node: Any) -> Any:
@@ -290,33 +296,48 @@ def load_data(cfg: DictConfig, spec, tokenizer) -> tuple[Any, Any | None]:
     raise OneBitInputError(f"data.source={d.source!r} is not one of {', '.join(DATA_SOURCES)}.")
 
 
-def eval_streams(cfg: DictConfig, teacher, tokenizer, held_out) -> dict[str, tuple[Any, int]]:
-    """Perplexity data set name → (token stream, window length), per ``eval.datasets``."""
+def eval_streams(
+    cfg: DictConfig, teacher, tokenizer, held_out
+) -> dict[str, tuple[Any, int, int | None]]:
+    """Perplexity data set name → (token stream, window length, windows scored or None: all), per
+    ``eval.datasets``; with ``eval.extra_seqlen`` = L, also ``<name>@L`` for WikiText-2 and C4:
+    the same tokens as their long windows, scored in windows of L tokens."""
     from onebit.errors import OneBitInputError
     from onebit.eval.perplexity import c4_ids, wikitext2_ids
 
     e = cfg.eval
     ctx = getattr(teacher.config, "max_position_embeddings", None) or int(e.seqlen)
     seqlen = min(int(e.seqlen), int(ctx))
-    n_c4 = int(e.max_windows) if e.max_windows is not None else 256
-    out = {}
+    cap = int(e.max_windows) if e.max_windows is not None else None
+    extra = e.get("extra_seqlen")
+    if extra is not None and (not isinstance(extra, int) or not 2 <= extra < seqlen):
+        raise OneBitInputError(
+            f"eval.extra_seqlen={extra!r} must be an integer from 2 to {seqlen - 1} (the windows "
+            "of eval.seqlen are scored anyway) or null."
+        )
+    out, short = {}, {}
     for name in e.datasets:
-        if name == "wikitext2":
-            out[name] = (wikitext2_ids(tokenizer, e.wikitext2_path), seqlen)
-        elif name == "c4":
-            out[name] = (c4_ids(tokenizer, e.c4_path, seqlen, n_c4), seqlen)
+        if name in ("wikitext2", "c4"):
+            if name == "wikitext2":
+                ids = wikitext2_ids(tokenizer, e.wikitext2_path)
+            else:
+                ids = c4_ids(tokenizer, e.c4_path, seqlen, cap if cap is not None else 256)
+            out[name] = (ids, seqlen, cap)
+            if extra:
+                span = ids if cap is None else ids[: cap * seqlen]
+                short[f"{name}@{extra}"] = (span[: span.numel() // seqlen * seqlen], extra, None)
         elif name == "generated":
             if held_out is None or len(held_out) == 0:
                 raise OneBitInputError(
                     "eval.datasets has 'generated', which needs data.source=self_generated "
                     "and data.val_sequences > 0."
                 )
-            out[name] = (held_out.reshape(-1), held_out.shape[1])
+            out[name] = (held_out.reshape(-1), held_out.shape[1], cap)
         else:
             raise OneBitInputError(f"eval.datasets has {name!r}; valid: wikitext2, c4, generated.")
     if not out:
         raise OneBitInputError("eval.datasets is empty; name at least one perplexity data set.")
-    return out
+    return {**out, **short}
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -356,7 +377,7 @@ def curve_ppl(model, streams, windows: int) -> float:
     """Perplexity on the first ``windows`` windows of the first data set (the curve's metric)."""
     from onebit.eval.perplexity import perplexity
 
-    ids, seqlen = next(iter(streams.values()))
+    ids, seqlen, _ = next(iter(streams.values()))
     was = model.training
     with frozen_signs(model):
         ppl = perplexity(model.eval(), ids, seqlen, max_windows=windows).ppl
@@ -378,11 +399,11 @@ def _evaluate(model, tokenizer, streams, cfg: DictConfig, zero_shot: bool) -> di
 
     e = cfg.eval
     row: dict[str, Any] = {"ppl": {}, "zero_shot": {}}
-    for i, (name, (ids, seqlen)) in enumerate(streams.items()):
+    for i, (name, (ids, seqlen, cap)) in enumerate(streams.items()):
         # windows do not overlap, so the first stream is scored as the curve's windows plus the
         # rest, and the sums combine exactly: the curve metric comes at no extra cost
         n = len(windows(ids.numel(), seqlen))
-        n = n if e.max_windows is None else min(n, int(e.max_windows))
+        n = n if cap is None else min(n, cap)
         k = min(int(e.curve_windows), n) if i == 0 else 0
         parts = [perplexity(model, ids[: k * seqlen], seqlen)] if k else []
         if n > k:
@@ -487,6 +508,8 @@ def distill(
             if step == steps or (eval_every and step % eval_every == 0):
                 point(step)
 
+    # Lightning's start-up lines (devices, tips, "max_steps reached") once per row add nothing here
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -501,7 +524,7 @@ def distill(
 # -- tables, files, plot, W&B ---------------------------------------------------------------------
 def markdown_table(rows: list[dict[str, Any]], datasets: list[str], tasks: list[str]) -> str:
     """The paper's layout: Method | perplexities | zero-shot accuracies in % | Avg."""
-    head = ["Method", *(PPL_COLUMNS.get(d, d) for d in datasets)]
+    head = ["Method", *(ppl_column(d) for d in datasets)]
     task_cols = [t for t in PAPER_COLUMNS if t in tasks]
     head += [PAPER_COLUMNS[t] for t in task_cols] + (["Avg."] if task_cols else [])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -526,7 +549,7 @@ def budget_table(rows: list[dict[str, Any]], datasets: list[str]) -> str:
     """Per trained row: steps, tokens, training time, and student/teacher perplexity ratios."""
     teacher = next((r for r in rows if r["key"] == "teacher"), None)
     head = ["Method", "steps", "tokens", "train (s)", "eval (s)"]
-    head += [f"{PPL_COLUMNS.get(d, d)} / teacher" for d in datasets] if teacher else []
+    head += [f"{ppl_column(d)} / teacher" for d in datasets] if teacher else []
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         t = r.get("train") or {}
@@ -622,7 +645,7 @@ def plot_curves(result: dict[str, Any], path: str | Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
     ds = s["datasets"][0]
-    ax.set_ylabel(f"{PPL_COLUMNS.get(ds, ds)} perplexity ({s['curve_tokens']:,} tokens, log)")
+    ax.set_ylabel(f"{ppl_column(ds)} perplexity ({s['curve_tokens']:,} tokens, log)")
     ax.set_title(f"OneBit on {s['model']}: perplexity during distillation")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -719,11 +742,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(spec)
     blocks, held_out = load_data(cfg, spec, tokenizer)
     streams = eval_streams(cfg, teacher, tokenizer, held_out)
-    first_ids, first_len = next(iter(streams.values()))
+    first_ids, first_len, _ = next(iter(streams.values()))
     curve_tokens = min(int(e.curve_windows), first_ids.numel() // first_len) * (first_len - 1)
     settings = {
         "model": spec.name,
-        "datasets": list(e.datasets),
+        "datasets": list(streams),  # eval.datasets, then their <name>@<eval.extra_seqlen>
         "tasks": list(e.tasks),
         "limit": e.limit,
         "zero_shot_ablations": bool(e.zero_shot_ablations),
@@ -863,7 +886,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _notes(result: dict[str, Any], streams: dict[str, tuple[Any, int]]) -> str:
+def _notes(result: dict[str, Any], streams: dict[str, tuple[Any, int, int | None]]) -> str:
     s, rows = result["settings"], result["rows"]
     parts = []
     for r in rows[:1]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, open_dict
 
 from onebit.distill import DistillLossConfig
+from onebit.errors import OneBitInputError
 from onebit.eval.perplexity import perplexity
 from onebit.models import tiny_causal_lm
 from onebit.module import OptimConfig
@@ -46,7 +47,8 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         "gain_ls_no_ln_gptq", "gain_ls_outliers_no_ln", "gain_ls_outliers_no_ln_42",
         "gain_ls_outliers_no_ln_gptq", "gptq_frozen_signs", "len512", "len2048",
         "self_generated", "latent_lr03", "calib2048", "calib2048_4",
-        "gain_ls_outliers_no_ln_gptq_47", "self_generated_calib2048",
+        "gain_ls_outliers_no_ln_gptq_47", "self_generated_calib2048", "scale_lr1", "scale_lr3",
+        "lr3e-4",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -96,8 +98,13 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     assert ab["gain_ls_outliers_no_ln_gptq_47"].steps == 47
     sg = ab["self_generated_calib2048"]
     assert (sg.source, sg.calibration_seq_len, sg.quant) == ("self_generated", 2048, two)
+    for key, change in (("scale_lr1", {"scale_lr": 1.0}), ("scale_lr3", {"scale_lr": 3.0}),
+                        ("lr3e-4", {"lr": 3e-4})):  # fmt: skip
+        assert ab[key].optim == OptimConfig.from_dict({**dict(cfg.optim), **change})
+        assert (ab[key].calibration_seq_len, ab[key].quant) == (2048, two)
     more = ("latent_lr3", "gain_ls_outliers_bw", "gain_ls_outliers_no_ln_42", "gptq_frozen_signs")
-    more += ("len512", "len2048", "latent_lr03", "gain_ls_outliers_no_ln_gptq_47")
+    more += ("len512", "len2048", "latent_lr03", "gain_ls_outliers_no_ln_gptq_47", "scale_lr1")
+    more += ("scale_lr3", "lr3e-4")
     for key, arm in ab.items():  # nothing but its own key changes
         if key in more:  # these change optim, the data shape or the steps too (checked above)
             continue
@@ -365,11 +372,42 @@ def test_split_perplexity_equals_one_call(stories_path) -> None:
     model = AutoModelForCausalLM.from_pretrained(stories_path).eval()
     ids = torch.randint(3, 512, (10 * 64,), generator=torch.Generator().manual_seed(0))
     cfg = compose_results(["eval.max_windows=7", "eval.curve_windows=3"])
-    row = results.evaluate_row(model, None, {"generated": (ids, 64)}, cfg, zero_shot=False)
+    row = results.evaluate_row(model, None, {"generated": (ids, 64, 7)}, cfg, zero_shot=False)
     ref = perplexity(model, ids, 64, max_windows=7)
     assert row["ppl"]["generated"]["n_tokens"] == ref.n_tokens == 7 * 63
     assert math.isclose(row["ppl"]["generated"]["ppl"], ref.ppl, rel_tol=1e-12)
     assert math.isclose(row["curve_ppl"], perplexity(model, ids, 64, max_windows=3).ppl)
+
+
+def test_extra_seqlen_scores_the_same_tokens_in_shorter_windows(stories_path) -> None:
+    """eval.extra_seqlen: WikiText-2 also at the training length, on the long windows' tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(stories_path).eval()
+    tok = AutoTokenizer.from_pretrained(stories_path)
+    wiki = shared_path("data", "wikitext2", "wiki.test.raw")
+    cfg = compose_results(
+        ["eval.datasets=[wikitext2]", "eval.max_windows=3", "eval.curve_windows=1",
+         "eval.seqlen=128", "eval.extra_seqlen=32", f"eval.wikitext2_path={wiki}"]
+    )  # fmt: skip
+    streams = results.eval_streams(cfg, model, tok, None)
+    assert list(streams) == ["wikitext2", "wikitext2@32"]
+    (long_ids, long_len, cap), (short_ids, short_len, short_cap) = streams.values()
+    assert (long_len, cap, short_len, short_cap) == (128, 3, 32, None)
+    assert torch.equal(short_ids, long_ids[: 3 * 128])  # the tokens of the 3 long windows
+    row = results.evaluate_row(model, tok, streams, cfg, zero_shot=False)
+    short = row["ppl"]["wikitext2@32"]
+    assert (short["n_windows"], short["n_tokens"], short["seqlen"]) == (12, 12 * 31, 32)
+    assert row["ppl"]["wikitext2"]["n_tokens"] == 3 * 127
+    assert math.isclose(short["ppl"], perplexity(model, short_ids, 32).ppl, rel_tol=1e-12)
+    rows = [{"key": "teacher", "label": "t", "ppl": row["ppl"], "zero_shot": {}, "eval_s": 1.0}]
+    assert results.markdown_table(rows, list(streams), []).startswith(
+        "| Method | Wiki2 | Wiki2@32 |"
+    )
+    with pytest.raises(OneBitInputError, match=r"eval\.extra_seqlen=128 must be an integer from 2"):
+        results.eval_streams(compose_results(
+            ["eval.datasets=[wikitext2]", "eval.seqlen=128", "eval.extra_seqlen=128",
+             f"eval.wikitext2_path={wiki}"]), model, tok, None)  # fmt: skip
 
 
 def test_table_layout_and_ratios() -> None:
@@ -449,7 +487,7 @@ def test_main_row_overrides_leave_the_ablations_on_the_base() -> None:
         calibration_sequences=2,
     )  # quant=onebit's layer, calibrated on 2 sequences of the evaluation's length
     assert main.calibration_seq_len == 2048
-    assert main.label == "OneBit, 150 steps"
+    assert main.label == "OneBit, 640 steps"
     assert ab["ref"].quant == OneBitConfig()  # the reference stays the paper's layer
     assert ab["ref"].calibration_seq_len is None
     assert main._replace(calibration_seq_len=None)[2:] == ab["ref"][2:]

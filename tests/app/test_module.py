@@ -247,7 +247,10 @@ def test_train_py_calibrates_at_data_calibration_seq_len(tmp_path, tiny_override
     import onebit.module
 
     seen: dict[str, list] = {"calibrate": [], "blockwise": []}
-    calibrate, blockwise = onebit.module.init_from_calibration_, onebit.module.blockwise_reconstruct_
+    calibrate, blockwise = (
+        onebit.module.init_from_calibration_,
+        onebit.module.blockwise_reconstruct_,
+    )
 
     def spy_calibrate(teacher, student, config, ids, *args, **kwargs):
         seen["calibrate"].append(tuple(ids.shape))

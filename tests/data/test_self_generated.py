@@ -65,7 +65,9 @@ def test_calibration_sequences_join_consecutive_generated_ones(tmp_path) -> None
     assert calib.shape == (3, 25) and calib.dtype == torch.long
     assert torch.equal(calib.flatten(), dm.train_blocks.long().flatten()[:75])
     assert torch.equal(dm.calibration_blocks(2, seq_len=10), dm.train_blocks[:2].long())
-    with pytest.raises(OneBitInputError, match=r"data\.calibration_seq_len=81 is longer than the 80"):
+    with pytest.raises(
+        OneBitInputError, match=r"data\.calibration_seq_len=81 is longer than the 80"
+    ):
         dm.calibration_blocks(1, seq_len=81)
     with pytest.raises(OneBitInputError, match=r"data\.calibration_seq_len=0 "):
         SelfGeneratedDataModule(TINY, **kw, calibration_seq_len=0)
