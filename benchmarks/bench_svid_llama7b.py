@@ -23,8 +23,6 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 SHAPES = {  # (out, in) of LLaMA-7B's linears, per decoder block
     "q_proj": (4096, 4096),

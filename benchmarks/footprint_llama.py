@@ -7,12 +7,7 @@ Built on the ``meta`` device from the real architectures (no weights, no downloa
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from onebit.quant import footprint
 

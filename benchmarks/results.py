@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +42,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # `python benchmarks/results.py` from a clone: onebit is beside
 
 from onebit.config_utils import register_resolvers  # noqa: E402
 from onebit.eval.zeroshot import PAPER_COLUMNS  # noqa: E402
