@@ -63,8 +63,8 @@ def load_for_eval(cfg: DictConfig):
         return model, tok, f"{info.get('model', {}).get('name', Path(cfg.path).name)} (OneBit)"
     if cfg.source == "checkpoint":
         from onebit.checkpoint import load_checkpoint_file
-        from onebit.module import OneBitDistillation
         from onebit.quant import OneBitConfig
+        from onebit.train.module import OneBitDistillation
 
         ckpt = load_checkpoint_file(cfg.path)  # checksum verified, weights_only: no code runs
         hp = ckpt.get("hyper_parameters") or {}
@@ -251,7 +251,7 @@ def _log_wandb(cfg: DictConfig, row: dict[str, Any]) -> None:
         return
     import wandb
 
-    from onebit.loggers import resolve_wandb_mode
+    from onebit.train.loggers import resolve_wandb_mode
 
     w = node["wandb"]
     run = wandb.init(
@@ -278,7 +278,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from onebit.preflight import exit_on_bad_command_line
+    from onebit.train.preflight import exit_on_bad_command_line
 
     exit_on_bad_command_line(Path(__file__).resolve().parent / "conf", config_name="evaluate")
     main()

@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> dict:
     from onebit import kernels
     from onebit.errors import OneBitInputError
     from onebit.generation import generate, peak_rss_bytes
-    from onebit.preflight import context_length
+    from onebit.models import context_length
     from onebit.quant.footprint import human_bytes
 
     n_new = cfg.max_new_tokens
@@ -113,7 +113,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from onebit.preflight import exit_on_bad_command_line
+    from onebit.train.preflight import exit_on_bad_command_line
 
     exit_on_bad_command_line(Path(__file__).resolve().parent / "conf", config_name="generate")
     main()

@@ -34,7 +34,7 @@ def build_loggers(cfg: DictConfig) -> list:
     """Lightning loggers from the ``logger`` group (wandb, csv, tensorboard, or none)."""
     from lightning.pytorch import loggers as pl_loggers
 
-    from onebit.loggers import make_wandb_logger
+    from onebit.train.loggers import make_wandb_logger
 
     out = []
     node = _container(cfg.get("logger")) or {}
@@ -65,7 +65,7 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    from onebit.callbacks import OneBitCheckpoint
+    from onebit.train.callbacks import OneBitCheckpoint
 
     node = _container(cfg.get("callbacks")) or {}
     out = []
@@ -82,14 +82,14 @@ def preflight(cfg: DictConfig, module, datamodule, world_size: int) -> Path | No
     checkpoint to resume from (``ckpt_path``: none, ``auto``, a directory or a file)."""
     from onebit.checkpoint import resolve_ckpt_path
     from onebit.export import check_export_destination
-    from onebit.preflight import (
+    from onebit.models import model_config
+    from onebit.train.preflight import (
         check_checkpoint_fits,
         check_loss_weights,
         check_no_secrets,
         check_seq_len,
-        model_config,
     )
-    from onebit.rundir import check_fresh_run_dir, launch_rank
+    from onebit.train.rundir import check_fresh_run_dir, launch_rank
 
     check_no_secrets(_container(cfg))
     check_loss_weights(module.loss_config)
@@ -109,11 +109,10 @@ def preflight(cfg: DictConfig, module, datamodule, world_size: int) -> Path | No
 
 
 def plan(cfg: DictConfig) -> dict[str, Any]:
-    """Print the per-GPU memory plan of this configuration (onebit.planner) and return it."""
+    """Print the per-GPU memory plan of this configuration (onebit.train.planner) and return it."""
     from onebit.errors import OneBitInputError
-    from onebit.models import ModelSpec
-    from onebit.planner import KNOWN_ARCHITECTURES, PlanSettings, count_model, plan_memory
-    from onebit.preflight import model_config
+    from onebit.models import ModelSpec, model_config
+    from onebit.train.planner import KNOWN_ARCHITECTURES, PlanSettings, count_model, plan_memory
 
     spec = ModelSpec.from_dict(_container(cfg.model))
     try:
@@ -226,7 +225,7 @@ def _make_trainer(trainer_cfg: dict[str, Any], **kwargs: Any):
     import torch
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from onebit.errors import OneBitInputError
+    from onebit.errors import OneBitInputError, first_line
 
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -239,7 +238,7 @@ def _make_trainer(trainer_cfg: dict[str, Any], **kwargs: Any):
     try:
         return L.Trainer(**trainer_cfg, **kwargs)
     except (MisconfigurationException, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise OneBitInputError(
             f"the trainer config cannot run here: {first.rstrip('.')} (trainer.* are the "
             "arguments of lightning.Trainer; trainer=ddp and trainer=fsdp set the strategy)."
@@ -249,12 +248,12 @@ def _make_trainer(trainer_cfg: dict[str, Any], **kwargs: Any):
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, export and report; returns the final metrics and where everything went.
 
-    The run directory is locked while the run uses it (onebit.rundir): a second run there is
+    The run directory is locked while the run uses it (onebit.train.rundir): a second run there is
     refused, and nothing is written to it before every check has passed."""
     if cfg.get("plan") and cfg.plan.enabled:
         return plan(cfg)
     check_launcher(cfg)
-    from onebit.rundir import RunDirLock, launch_rank
+    from onebit.train.rundir import RunDirLock, launch_rank
 
     if launch_rank() != 0:  # rank 0 holds the lock for every rank of the run
         return _run(cfg)
@@ -267,7 +266,7 @@ def _save_config(cfg: DictConfig, out_dir: Path) -> None:
     written before the command is checked)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from onebit.rundir import save_run_config
+    from onebit.train.rundir import save_run_config
 
     hydra_cfg, overrides = None, []
     if HydraConfig.initialized():
@@ -281,11 +280,12 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    import onebit.strategies  # noqa: F401  (registers trainer.strategy=fsdp2)
-    from onebit.checkpoint import AtomicCheckpointIO, atomic_write_text
+    import onebit.train.parallel  # noqa: F401  (registers trainer.strategy=fsdp2)
+    from onebit.checkpoint import atomic_write_text
     from onebit.errors import Preempted
     from onebit.models import ModelSpec, load_tokenizer
-    from onebit.module import OneBitDistillation
+    from onebit.train.checkpoint_io import AtomicCheckpointIO
+    from onebit.train.module import OneBitDistillation
 
     torch.set_float32_matmul_precision("high")
     spec = ModelSpec.from_dict(_container(cfg.model))
@@ -320,7 +320,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         plugins=[AtomicCheckpointIO()],
     )
     if cfg.get("global_batch_size") is not None:
-        from onebit.preflight import per_device_batch
+        from onebit.train.preflight import per_device_batch
 
         datamodule.batch_size = per_device_batch(
             cfg.global_batch_size, trainer.world_size, trainer.accumulate_grad_batches
@@ -519,7 +519,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from onebit.preflight import exit_on_bad_command_line
+    from onebit.train.preflight import exit_on_bad_command_line
 
     exit_on_bad_command_line(Path(__file__).resolve().parent / "conf", config_name="train")
     main()

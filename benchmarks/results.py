@@ -16,12 +16,12 @@ One row per method, every row evaluated by the same code on the same tokens (``o
     <ablation>    OneBit distilled for ``train.ablation_steps`` steps with one key of quant/loss
                   changed (``ref`` is the unchanged recipe at that budget)
 
-Every trained row is what ``python train.py`` runs: ``onebit.module.OneBitDistillation`` (SVID and
-calibration in ``configure_model``, the block-wise stage, ``training_step``, the numerical guards,
-the optimizer and schedule) fitted by a Lightning ``Trainer``; only the text and the evaluation
-are the benchmark's. Every run reads the same training blocks in the same seeded order. Writes
-``results.json``, ``results.csv``, ``curves.csv`` and ``results.md`` to the run directory, the plot
-to ``plot``, and a W&B run.
+Every trained row is what ``python train.py`` runs: ``onebit.train.module.OneBitDistillation``
+(SVID and calibration in ``configure_model``, the block-wise stage, ``training_step``, the
+numerical guards, the optimizer and schedule) fitted by a Lightning ``Trainer``; only the text and
+the evaluation are the benchmark's. Every run reads the same training blocks in the same seeded
+order. Writes ``results.json``, ``results.csv``, ``curves.csv`` and ``results.md`` to the run
+directory, the plot to ``plot``, and a W&B run.
 """
 
 from __future__ import annotations
@@ -665,7 +665,7 @@ class WandbLog:
             return
         import wandb
 
-        from onebit.loggers import resolve_wandb_mode
+        from onebit.train.loggers import resolve_wandb_mode
 
         w = node["wandb"]
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -790,8 +790,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     def trained(key: str, arm: Arm, steps: int, zero_shot: bool) -> None:
         import dataclasses
 
-        from onebit.module import OneBitDistillation
         from onebit.quant import massive_layer_names
+        from onebit.train.module import OneBitDistillation
 
         torch.manual_seed(int(cfg.seed))
         t0 = time.perf_counter()

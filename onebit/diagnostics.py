@@ -17,7 +17,7 @@ teacher's ``model.layers.3.mlp.down_proj``), trained (``OneBitLinear``) or packe
   the first validation).
 
 :func:`diagnose` returns a :class:`Diagnostics` report; ``python evaluate.py ... diagnose=true``
-prints it for a model, a checkpoint or an export, and ``onebit.callbacks.Diagnostics`` logs it
+prints it for a model, a checkpoint or an export, and ``onebit.train.callbacks.Diagnostics`` logs it
 during training.
 """
 

@@ -14,6 +14,13 @@ EXIT_INPUT = 2
 EXIT_RUN = 3
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty), for
+    one-sentence errors that quote a library's reason."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class OneBitInputError(ValueError):
     """Bad input from the user (config value, path, model id, data set): one clear sentence."""
 

@@ -18,6 +18,7 @@ refused and left as it was. config.json records the SHA-256 of model.safetensors
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -29,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from onebit.errors import OneBitInputError
-from onebit.quant import OneBitConfig, OneBitLinear, PackedOneBitLinear
+from onebit.errors import OneBitInputError, first_line
+from onebit.quant import OneBitConfig, OneBitLinear, PackedOneBitLinear, quantize_
 from onebit.quant.convert import _set_submodule
 from onebit.quant.packing import BIT_ORDER
 
@@ -232,14 +233,14 @@ def load_onebit(
     try:  # trust_remote_code stays off: an export never runs code shipped beside it
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e)
         raise OneBitInputError(f"{path}/config.json is not a usable model config: {first}") from e
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real
         model = AutoModelForCausalLM.from_config(config)
     try:  # safetensors: tensors only, nothing executed
         state = load_file(path / WEIGHTS)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise OneBitInputError(
             f"{path}/{WEIGHTS} is truncated or corrupt ({first}); export the model again."
         ) from e
@@ -290,3 +291,30 @@ def load_onebit(
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def student_from_state(
+    config, quant: OneBitConfig, state: dict[str, Tensor], dtype: torch.dtype
+) -> nn.Module:
+    """A plain CPU student of architecture ``config`` holding ``state`` (a full student state
+    dict, keys without the ``student.`` prefix), built without weights of its own: parameters
+    are created empty (``meta``) and ``state``'s tensors assigned; no SVID runs."""
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantize_(model, quant.without_calibration())
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if empty or unexpected:
+        raise OneBitInputError(
+            f"the student state does not fit the {type(model).__name__} architecture: "
+            f"{len(empty)} parameter(s) missing (e.g. {empty[:1]}), {len(unexpected)} "
+            f"unexpected (e.g. {unexpected[:1]})."
+        )
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.requires_grad_(False).eval()

@@ -27,10 +27,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "flo
     """
     from onebit.checkpoint import load_checkpoint_file
     from onebit.errors import OneBitInputError
-    from onebit.export import check_export_destination, save_onebit
-    from onebit.models import ModelSpec, load_tokenizer
-    from onebit.module import student_from_state
-    from onebit.preflight import model_config
+    from onebit.export import check_export_destination, save_onebit, student_from_state
+    from onebit.models import ModelSpec, load_tokenizer, model_config
     from onebit.quant import OneBitConfig
 
     check_export_destination(out)  # before reading gigabytes

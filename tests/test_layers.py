@@ -1,5 +1,6 @@
-"""The layers of the package: the method library and the file formats import neither Lightning
-nor Hydra, so a user's own training loop (README, "Your own loop") pulls in neither."""
+"""The layers of the package: the method library, the file formats (exports, checkpoints) and
+the export command import neither Lightning nor Hydra, so a user's own training loop (README,
+"Your own loop") pulls in neither; Lightning lives in ``onebit.train``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ APP_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning", "hydra", "
 
 @pytest.mark.parametrize(
     "module",
-    ["onebit.quant", "onebit.distill", "onebit.export", "onebit.models", "onebit.eval.perplexity"],
+    [
+        "onebit.quant",
+        "onebit.distill",
+        "onebit.export",
+        "onebit.models",
+        "onebit.checkpoint",
+        "onebit.export_checkpoint",
+        "onebit.eval.perplexity",
+    ],
 )
 def test_the_library_imports_neither_lightning_nor_hydra(module: str) -> None:
     code = (
@@ -32,10 +41,19 @@ def test_the_library_imports_neither_lightning_nor_hydra(module: str) -> None:
 def test_the_check_sees_lightning_when_it_is_imported() -> None:
     """The check above can fail: the LightningModule's file does import Lightning."""
     code = (
-        "import sys, onebit.module; "
+        "import sys, onebit.train.module; "
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({APP_PACKAGES!r})))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert "lightning" in done.stdout, done.stderr[-2000:]
+
+
+def test_the_sharded_checkpoint_meta_file_is_lightnings() -> None:
+    """``onebit.checkpoint.sharded`` names Lightning's ``meta.pt`` without importing Lightning."""
+    from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
+
+    from onebit.checkpoint.sharded import LIGHTNING_META
+
+    assert LIGHTNING_META == _METADATA_FILENAME

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from onebit.planner import GIB, PlanSettings, count_model, llama_config, plan_memory
+from onebit.train.planner import GIB, PlanSettings, count_model, llama_config, plan_memory
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from onebit.distill import DistillLossConfig
 from onebit.errors import OneBitInputError
 from onebit.eval.perplexity import perplexity
 from onebit.models import tiny_causal_lm
-from onebit.module import OptimConfig
 from onebit.quant import OneBitConfig, OneBitLinear, iter_target_linears, xnor_approx
+from onebit.train.module import OptimConfig
 
 from .conftest import REPO, compose_config, shared_path
 
@@ -264,7 +264,7 @@ def test_trained_rows_run_the_lightning_module_that_train_py_runs(
     tiny_run: DictConfig, monkeypatch
 ) -> None:
     """One training recipe: each step of a row is ``OneBitDistillation.training_step``."""
-    from onebit.module import OneBitDistillation
+    from onebit.train.module import OneBitDistillation
 
     calls = []
     real = OneBitDistillation.training_step
@@ -306,16 +306,16 @@ def test_a_lever_arm_trains_with_its_own_data_and_calibration(tiny_run: DictConf
 def test_arms_with_their_own_text_and_calibration_length(tiny_run: DictConfig, monkeypatch) -> None:
     """``data.source`` trains a row on other text (here C4 beside the generated base);
     ``data.calibration_seq_len`` calibrates on the same text cut into longer sequences."""
-    import onebit.module
+    import onebit.train.module
 
     seen = []
-    real = onebit.module.init_from_calibration_
+    real = onebit.train.module.init_from_calibration_
 
     def spy(teacher, student, config, ids, *args, **kwargs):
         seen.append(tuple(ids.shape))
         return real(teacher, student, config, ids, *args, **kwargs)
 
-    monkeypatch.setattr(onebit.module, "init_from_calibration_", spy)
+    monkeypatch.setattr(onebit.train.module, "init_from_calibration_", spy)
     gains = {"output_gain": True, "gain_init": "rms", "calibration_sequences": 2}
     with open_dict(tiny_run):
         tiny_run.data.c4_path = str(shared_path("data", "c4", "c4_validation_2k.parquet"))

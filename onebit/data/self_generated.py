@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from onebit.data.sampler import EpochSampler, ResumableDataLoader
-from onebit.errors import OneBitInputError
+from onebit.errors import OneBitInputError, first_line
 from onebit.models import ModelSpec, load_causal_lm
 
 
@@ -252,7 +252,7 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         except Exception as e:
             raise OneBitInputError(
                 f"the self-generated data cache {self.cache_path} cannot be read "
-                f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                f"({first_line(e)}); "
                 "delete it to generate the data again."
             ) from e
         self.train_blocks = blocks[: self.num_sequences]

@@ -34,7 +34,7 @@ from typing import IO
 
 from torch.utils.data import get_worker_info
 
-from onebit.errors import OneBitInputError
+from onebit.errors import OneBitInputError, first_line
 from onebit.hub import hub_reachable
 
 SAMPLE_BY = ("auto", "row", "paragraph", "article")
@@ -141,7 +141,7 @@ def check_parquet_column(path: Path, text_field: str) -> None:
     try:
         schema = pq.ParquetFile(path).schema_arrow
     except Exception as e:  # pyarrow's errors: not a parquet file, truncated footer
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise OneBitInputError(f"{path} cannot be read as parquet: {first}") from None
     if text_field not in schema.names:
         raise OneBitInputError(

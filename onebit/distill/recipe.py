@@ -10,7 +10,7 @@ paper. Parameters fall in groups by role, each with its own learning rate as a m
     biases           kept from the source layer, no decay         lr
 
 ``latent_lr = scale_lr = 1`` is the paper's single learning rate. The LightningModule
-(``onebit.module.OneBitDistillation``) builds its optimizer here; the results benchmark
+(``onebit.train.module.OneBitDistillation``) builds its optimizer here; the results benchmark
 (``benchmarks/results.py``) trains through that module.
 """
 

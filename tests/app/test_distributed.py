@@ -13,9 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from onebit.checkpoint import check_checkpoint, find_resume_checkpoint
+from onebit.checkpoint import (
+    MANIFEST,
+    check_checkpoint,
+    consolidate,
+    find_resume_checkpoint,
+    sharded_shapes,
+)
 from onebit.export_checkpoint import main as export_main
-from onebit.strategies import MANIFEST, consolidate, sharded_shapes
 
 from ..conftest import REPO
 from ..reliability.conftest import FAULTS, train_proc

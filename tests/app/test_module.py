@@ -10,7 +10,7 @@ import torch
 from omegaconf import open_dict
 
 from onebit.errors import OneBitInputError
-from onebit.module import OneBitDistillation, cosine_with_warmup
+from onebit.train.module import OneBitDistillation, cosine_with_warmup
 
 from .conftest import compose_train
 
@@ -244,12 +244,12 @@ def test_train_py_with_calibrated_gains_exports_them(tmp_path, tiny_overrides) -
 def test_train_py_calibrates_at_data_calibration_seq_len(tmp_path, tiny_overrides, monkeypatch):
     """data.calibration_seq_len: calibration reads sequences of that length; the block-wise stage
     and the training steps keep data.seq_len."""
-    import onebit.module
+    import onebit.train.module
 
     seen: dict[str, list] = {"calibrate": [], "blockwise": []}
     calibrate, blockwise = (
-        onebit.module.init_from_calibration_,
-        onebit.module.blockwise_reconstruct_,
+        onebit.train.module.init_from_calibration_,
+        onebit.train.module.blockwise_reconstruct_,
     )
 
     def spy_calibrate(teacher, student, config, ids, *args, **kwargs):
@@ -260,8 +260,8 @@ def test_train_py_calibrates_at_data_calibration_seq_len(tmp_path, tiny_override
         seen["blockwise"].append(tuple(ids.shape))
         return blockwise(teacher, student, ids, *args, **kwargs)
 
-    monkeypatch.setattr(onebit.module, "init_from_calibration_", spy_calibrate)
-    monkeypatch.setattr(onebit.module, "blockwise_reconstruct_", spy_blockwise)
+    monkeypatch.setattr(onebit.train.module, "init_from_calibration_", spy_calibrate)
+    monkeypatch.setattr(onebit.train.module, "blockwise_reconstruct_", spy_blockwise)
     cfg = compose_train(
         [*tiny_overrides, "quant.output_gain=true", "quant.gain_init=ls",
          "quant.calibration_sequences=2", "data.calibration_seq_len=40", "blockwise.steps=1",
@@ -332,7 +332,7 @@ def test_blockwise_stage_resumes_after_a_kill_and_is_skipped_on_checkpoint_resum
     """A stage killed after its first block resumes from the run directory's state to the same
     student as an uninterrupted one; resuming training from a checkpoint does not rerun it."""
     import onebit.distill.blockwise as bw_mod
-    import onebit.module as module_mod
+    import onebit.train.module as module_mod
 
     common = [*tiny_overrides, "trainer.max_steps=2", "export=false", "blockwise.steps=4",
               "blockwise.sequences=8", "validate_before_training=false"]  # fmt: skip

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from onebit import checkpoint as ck
+from onebit.checkpoint import MANIFEST, check_sharded, consolidate, write_manifest
 from onebit.errors import OneBitInputError
-from onebit.strategies import MANIFEST, check_sharded, consolidate, write_manifest
 
 
 def _sharded(directory: Path, step: int, name: str | None = None) -> Path:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from onebit.models import tiny_causal_lm
-from onebit.module import OneBitDistillation
 from onebit.quant import OneBitLinear
 from onebit.quant.svid_cache import SvidCache
+from onebit.train.module import OneBitDistillation
 
 
 def _student_scales(module: OneBitDistillation) -> dict[str, torch.Tensor]:

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from onebit.distill import DistillLossConfig
 from onebit.models import ModelSpec
-from onebit.module import OptimConfig
 from onebit.quant import OneBitConfig
+from onebit.train.module import OptimConfig
 
 from ..conftest import REPO
 from .conftest import compose_train

@@ -97,7 +97,7 @@ class _Recorder(L.LightningModule):
         return (self.w * batch["input_ids"].float().mean()).sum()
 
     def configure_optimizers(self):
-        # As onebit.module does: this builds the train loader before the checkpoint is read.
+        # As onebit.train.module does: this builds the train loader before the checkpoint is read.
         assert self.trainer.estimated_stepping_batches > 0
         return torch.optim.SGD(self.parameters(), lr=0.0)
 

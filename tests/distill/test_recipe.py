@@ -72,7 +72,7 @@ def test_module_and_results_benchmark_build_the_same_optimizer(tmp_path) -> None
     """The LightningModule's configure_optimizers and the benchmark's loop share the recipe."""
     import lightning as L
 
-    from onebit.module import OneBitDistillation
+    from onebit.train.module import OneBitDistillation
 
     teacher = tiny_causal_lm("llama")
     o = OptimConfig(lr=2e-3, scale_lr=10.0, latent_lr=0.5, warmup_steps=2)

@@ -143,7 +143,7 @@ class _ArmedWrite(L.Callback):
         self.at_step, self.after_bytes, self.armed = at_step, after_bytes, False
 
     def setup(self, trainer, pl_module, stage) -> None:
-        from onebit import checkpoint
+        from onebit.checkpoint import single as checkpoint
 
         original = checkpoint._ChecksumWriter.write
         fault = self

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from onebit.errors import OneBitInputError
-from onebit.preflight import check_command_line, check_no_secrets, per_device_batch
+from onebit.train.preflight import check_command_line, check_no_secrets, per_device_batch
 
 from ..app.conftest import TINY, compose_train
 from ..conftest import REPO, shared_path

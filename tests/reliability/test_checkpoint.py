@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from onebit import checkpoint as ck
+from onebit.checkpoint import single
 from onebit.errors import OneBitInputError, OneBitRunError
+from onebit.train.checkpoint_io import AtomicCheckpointIO
 
 
 def _state(step: int) -> dict:
@@ -32,7 +34,7 @@ def _write(directory: Path, step: int, name: str | None = None) -> Path:
 
 def test_write_leaves_the_file_and_a_matching_sidecar(tmp_path: Path) -> None:
     path = _write(tmp_path, 4)
-    meta = ck._read_sidecar(path)
+    meta = single._read_sidecar(path)
     assert meta["size"] == path.stat().st_size and meta["global_step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".meta.json"]
     result = ck.check_checkpoint(path)
@@ -97,7 +99,7 @@ def test_auto_without_checkpoints_starts_a_new_run(tmp_path: Path) -> None:
 def test_disk_full_mid_write_replaces_nothing(tmp_path: Path, monkeypatch) -> None:
     path = _write(tmp_path, 2, "last.ckpt")
     before = path.read_bytes(), ck.sidecar_path(path).read_bytes()
-    original = ck._ChecksumWriter.write
+    original = single._ChecksumWriter.write
 
     def full_after_4k(self, data):
         if self.size + len(data) > 4096:
@@ -106,7 +108,7 @@ def test_disk_full_mid_write_replaces_nothing(tmp_path: Path, monkeypatch) -> No
             raise e
         return original(self, data)
 
-    monkeypatch.setattr(ck._ChecksumWriter, "write", full_after_4k)
+    monkeypatch.setattr(single._ChecksumWriter, "write", full_after_4k)
     with pytest.raises(OneBitRunError) as e:
         ck.write_checkpoint(_state(4), path)
     msg = str(e.value)
@@ -136,7 +138,7 @@ def test_loading_never_runs_pickled_code(tmp_path: Path) -> None:
     # even with a matching sidecar, and through Lightning's I/O asked for weights_only=False
     ck.write_checkpoint({"state_dict": {}, "payload": _Payload(marker)}, path)
     with pytest.raises(OneBitInputError, match="cannot be loaded safely"):
-        ck.AtomicCheckpointIO().load_checkpoint(path, weights_only=False)
+        AtomicCheckpointIO().load_checkpoint(path, weights_only=False)
     assert not marker.exists()
 
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from onebit.distill import DistillLoss, DistillLossConfig
-from onebit.guards import GuardConfig, locate_nonfinite
 from onebit.models import tiny_causal_lm
 from onebit.quant import OneBitConfig, freeze_, quantize_
+from onebit.train.guards import GuardConfig, locate_nonfinite
 
 from .conftest import FAULTS, assert_one_sentence, cli, tiny
 

@@ -138,7 +138,8 @@ def test_a_second_run_in_a_directory_in_use_is_refused_and_a_killed_holder_frees
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from onebit.rundir import RunDirLock; "
+            "import sys, time; from pathlib import Path; "
+            "from onebit.train.rundir import RunDirLock; "
             "RunDirLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)",
             str(out),
         ],
@@ -169,7 +170,7 @@ def test_a_second_run_in_a_directory_in_use_is_refused_and_a_killed_holder_frees
 
 def test_the_lock_is_held_during_the_run_and_released_after(tmp_path: Path) -> None:
     from onebit.errors import OneBitInputError
-    from onebit.rundir import RunDirLock
+    from onebit.train.rundir import RunDirLock
 
     seen = []
     cfg = tiny(tmp_path, "trainer.max_steps=2")
@@ -403,10 +404,11 @@ def test_save_onebit_refuses_a_file_as_destination(tmp_path: Path) -> None:
 
 def test_a_forked_child_of_a_killed_run_does_not_keep_its_lock(tmp_path: Path) -> None:
     """DataLoader workers are forked: they must not hold the run's lock after it is killed."""
-    from onebit.rundir import RunDirLock
+    from onebit.train.rundir import RunDirLock
 
     script = (
-        "import os, sys, time; from pathlib import Path; from onebit.rundir import RunDirLock; "
+        "import os, sys, time; from pathlib import Path; "
+        "from onebit.train.rundir import RunDirLock; "
         "RunDirLock(Path(sys.argv[1])).acquire(); child = os.fork(); "
         "time.sleep(120) if child == 0 else None; print(child, flush=True); time.sleep(120)"
     )

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from onebit.errors import OneBitInputError
+from onebit.errors import OneBitInputError, first_line
+from onebit.models import context_length
 
 # a config key that holds a credential: api_key, token, hf_token, secret, password, ...
 SECRET_KEY = re.compile(r"(^|_)(api_key|apikey|token|secret|password)$", re.IGNORECASE)
@@ -181,58 +182,6 @@ def check_no_secrets(config: Mapping[str, Any]) -> None:
 
 
 # -- the model ------------------------------------------------------------------------------------
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def model_config(spec):
-    """The Hugging Face config of the model ``spec`` names, without loading any weight.
-
-    Raises:
-        OneBitInputError: the model is missing, offline and not cached, not a model, or ships its
-            own code while ``model.trust_remote_code`` is off.
-    """
-    from transformers import AutoConfig
-
-    from onebit.models import _from_hub, _local_dir, _package_file, tiny_config
-
-    if spec.source == "tiny":
-        return tiny_config(spec.arch, **spec.tiny_overrides)
-    try:
-        if spec.source == "hub":
-            return _from_hub(AutoConfig, spec, "model")
-        if spec.source == "local":
-            path = _local_dir(spec)
-            kw = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-            return AutoConfig.from_pretrained(
-                path, local_files_only=True, trust_remote_code=spec.trust_remote_code, **kw
-            )
-        f = _package_file(spec)
-        return AutoConfig.from_pretrained(f.parent, gguf_file=f.name, local_files_only=True)
-    except OneBitInputError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        where = spec.path or spec.package or spec.name
-        if "trust_remote_code" in str(e) or "custom code" in str(e):
-            raise OneBitInputError(
-                f"model {where} ships its own modelling code, which is not run unless you set "
-                "model.trust_remote_code=true (only for code you trust)."
-            ) from e
-        raise OneBitInputError(
-            f"the config of model {where} cannot be read: {_first_line(e)}"
-        ) from e
-
-
-def context_length(config) -> int | None:
-    """The most positions the model takes (``max_position_embeddings``, GPT-2's ``n_positions``)."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_seq_len(seq_len: int | None, model_name: str, config) -> None:
     """Refuse training sequences longer than the model's context."""
     ctx = context_length(config)
@@ -294,8 +243,8 @@ def check_checkpoint_fits(path: Path, spec, config, quant) -> None:
     """
     import torch
 
-    from onebit.module import state_mismatch
-    from onebit.strategies import sharded_hyper_parameters, sharded_shapes
+    from onebit.checkpoint import sharded_hyper_parameters, sharded_shapes
+    from onebit.train.module import state_mismatch
 
     try:
         if Path(path).is_dir():  # sharded (FSDP2): its metadata, no tensor is read
@@ -304,7 +253,7 @@ def check_checkpoint_fits(path: Path, spec, config, quant) -> None:
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise OneBitInputError(f"ckpt_path={path} cannot be read: {_first_line(e)}") from e
+        raise OneBitInputError(f"ckpt_path={path} cannot be read: {first_line(e)}") from e
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "quant" not in hp or "model" not in hp or "state_dict" not in ckpt:
         raise OneBitInputError(f"ckpt_path={path} is not a checkpoint written by train.py.")

@@ -6,8 +6,8 @@ so no second copy of embeddings, norms or ``lm_head`` is held), idempotently: Li
 the hook more than once. The teacher is held beside the student, not as a child module, so it
 never reaches the optimizer or a checkpoint; it stays in eval mode with gradients off.
 
-Under ``trainer.strategy=fsdp2`` (:mod:`onebit.strategies`) the same hook then shards student and
-teacher with FSDP2's ``fully_shard``, one unit per decoder block, with the mixed precision of
+Under ``trainer.strategy=fsdp2`` (:mod:`onebit.train.parallel`) the same hook then shards student
+and teacher with FSDP2's ``fully_shard``, one unit per decoder block, with the mixed precision of
 :class:`ParallelConfig` (bf16 compute, fp32 master weights and gradient reduction by default).
 """
 
@@ -31,14 +31,7 @@ from onebit.config_utils import from_mapping
 from onebit.distill import BlockwiseConfig, DistillLoss, DistillLossConfig, blockwise_reconstruct_
 from onebit.distill.recipe import OptimConfig, cosine_with_warmup, make_optimizer  # noqa: F401
 from onebit.errors import OneBitInputError
-from onebit.guards import (
-    GuardConfig,
-    NonFiniteError,
-    first_nonfinite,
-    format_terms,
-    is_finite,
-    locate_nonfinite,
-)
+from onebit.export import student_from_state
 from onebit.models import ModelSpec, load_causal_lm
 from onebit.quant import (
     OneBitConfig,
@@ -50,6 +43,14 @@ from onebit.quant import (
 )
 from onebit.quant.convert import find_decoder_blocks
 from onebit.quant.svid_cache import SvidCache, svid_cache_key
+from onebit.train.guards import (
+    GuardConfig,
+    NonFiniteError,
+    first_nonfinite,
+    format_terms,
+    is_finite,
+    locate_nonfinite,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,33 +92,6 @@ class ParallelConfig:
 def _full(t: Tensor) -> Tensor:
     """A DTensor's value as an ordinary tensor (a collective); other tensors as they are."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def student_from_state(
-    config, quant: OneBitConfig, state: dict[str, Tensor], dtype: torch.dtype
-) -> nn.Module:
-    """A plain CPU student of architecture ``config`` holding ``state`` (a full student state
-    dict, keys without the ``student.`` prefix), built without weights of its own: parameters
-    are created empty (``meta``) and ``state``'s tensors assigned; no SVID runs."""
-
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(config)
-    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    quantize_(model, quant.without_calibration())
-    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if empty or unexpected:
-        raise OneBitInputError(
-            f"the student state does not fit the {type(model).__name__} architecture: "
-            f"{len(empty)} parameter(s) missing (e.g. {empty[:1]}), {len(unexpected)} "
-            f"unexpected (e.g. {unexpected[:1]})."
-        )
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model.requires_grad_(False).eval()
 
 
 def _as(cls, value):
@@ -444,7 +418,7 @@ class OneBitDistillation(L.LightningModule):
                 self.log(f"train/loss_{key}", terms[key], batch_size=bs)
         return terms["loss"]
 
-    # -- numerical guards (onebit.guards) -------------------------------------------------------
+    # -- numerical guards (onebit.train.guards) ---------------------------------------------------
     def _finite_on_every_rank(self, loss: Tensor) -> bool:
         bad = (~torch.isfinite(loss.detach())).float()
         trainer = self._trainer

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from onebit.errors import OneBitInputError
 
-log = logging.getLogger("onebit.callbacks")
+log = logging.getLogger("onebit.train.callbacks")
 
 
 class OneBitCheckpoint(ModelCheckpoint):

@@ -3,7 +3,7 @@ strategy, with atomic, checksummed sharded checkpoints.
 
 ``trainer.strategy=fsdp2`` (registered here, see ``conf/trainer/fsdp.yaml``) selects
 :class:`FSDP2Strategy`. It builds a one-dimensional device mesh over every rank of every node, so
-that :meth:`onebit.module.OneBitDistillation.configure_model` can ``fully_shard`` each decoder
+that :meth:`onebit.train.module.OneBitDistillation.configure_model` can ``fully_shard`` each decoder
 block of student and teacher over it. Unlike Lightning's ``fsdp`` strategy it runs on CPU (gloo),
 so the tests exercise the same code path as a GPU cluster.
 
@@ -11,121 +11,23 @@ A sharded checkpoint ``step00000040.ckpt`` is a directory: one ``.distcp`` file 
 by ``torch.distributed.checkpoint``, Lightning's ``meta.pt`` and our ``onebit-manifest.json``
 (size and CRC-32 of every file, the step). It is written under a temporary name and renamed into
 place by rank 0 once every rank has finished, so a run killed mid-write leaves the previous
-checkpoint intact. :func:`consolidate` turns one into an ordinary single-file state dict (no
-process group needed), from which ``onebit.export`` writes the 1-bit model.
+checkpoint intact. The file format is :mod:`onebit.checkpoint.sharded`;
+:func:`onebit.checkpoint.consolidate` turns one into an ordinary single-file state dict (no process
+group needed), from which ``onebit.export`` writes the 1-bit model.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
-from onebit.checkpoint import check_checkpoint, file_crc32
+from onebit.checkpoint import check_checkpoint
+from onebit.checkpoint.sharded import write_manifest
 from onebit.errors import OneBitInputError
-
-MANIFEST = "onebit-manifest.json"
-FORMAT = "onebit-sharded-checkpoint-v1"
-
-
-def write_manifest(directory: Path, global_step: int | None) -> dict[str, Any]:
-    """Record size and CRC-32 of every file of sharded checkpoint ``directory``."""
-    files = {
-        p.name: {"size": p.stat().st_size, "crc32": f"{file_crc32(p):08x}"}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
-    meta = {
-        "format": FORMAT,
-        "global_step": global_step,
-        "files": files,
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    tmp = directory / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST)
-    return meta
-
-
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    try:
-        meta = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
-
-
-def check_sharded(directory: Path) -> tuple[bool, str | None, int | None]:
-    """(ok, why not, global step) of sharded checkpoint ``directory``; reads every file once."""
-    meta = read_manifest(directory)
-    if meta is None:
-        return False, f"is a directory without a readable {MANIFEST} (an incomplete write)", None
-    step = meta.get("global_step")
-    for name, want in meta["files"].items():
-        p = directory / name
-        if not p.is_file():
-            return False, f"lacks its shard file {name}", step
-        size = p.stat().st_size
-        if size != want["size"]:
-            return False, f"has {name} of {size:,} bytes, {want['size']:,} written", step
-        if f"{file_crc32(p):08x}" != want["crc32"]:
-            return False, f"has a corrupt {name} (its CRC-32 differs from when written)", step
-    return True, None, step
-
-
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
-
-
-def sharded_hyper_parameters(directory: Path) -> dict[str, Any]:
-    """Lightning's non-tensor checkpoint content (``meta.pt``: hyper-parameters, loops, step)."""
-    from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
-
-    return torch.load(directory / _METADATA_FILENAME, map_location="cpu", weights_only=True)
-
-
-def sharded_shapes(directory: Path, prefix: str = "state_dict.") -> dict[str, tuple]:
-    """``{key: shape}`` of the model state in sharded checkpoint ``directory`` (metadata only)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    md = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-    return {
-        k[len(prefix) :]: tuple(v.size)
-        for k, v in md.items()
-        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
-    }
-
-
-def consolidate(directory: str | os.PathLike) -> dict[str, Any]:
-    """The full checkpoint of sharded ``directory`` as one ordinary dict (``state_dict`` holds
-    full tensors), in this process, without a process group. Verified against its manifest first.
-
-    Raises:
-        OneBitInputError: the checkpoint is incomplete or corrupt, naming the file.
-    """
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    directory = Path(directory)
-    result = check_checkpoint(directory)  # cached: free when the caller checked it already
-    if not result.ok:
-        raise OneBitInputError(f"checkpoint {directory} {result.reason}.")
-    tmp = directory.parent / f".{directory.name}.consolidated.tmp{os.getpid()}"
-    try:
-        dcp_to_torch_save(str(directory), str(tmp))
-        state = torch.load(tmp, map_location="cpu", weights_only=True)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {**sharded_hyper_parameters(directory), **state}
 
 
 class FSDP2Strategy(ModelParallelStrategy):
