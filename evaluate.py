@@ -29,60 +29,30 @@ TABLE_HEAD = ["Model", "Wiki2", "C4", *PAPER_COLUMNS.values(), "Avg."]
 
 
 def load_for_eval(cfg: DictConfig):
-    """(model, tokenizer, row name) for ``cfg.source``: hf, checkpoint or export."""
+    """(model, tokenizer, row name) for ``cfg.source``: hf, checkpoint or export
+    (``onebit.loading.load_model``)."""
     import torch
 
     from onebit.errors import OneBitInputError
-    from onebit.models import ModelSpec, load_causal_lm, load_tokenizer
+    from onebit.loading import SOURCES, load_model
 
-    dtype = getattr(torch, cfg.dtype)
-    if cfg.source == "hf":
-        spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-        return load_causal_lm(spec).to(dtype), load_tokenizer(spec), f"{spec.name} (full precision)"
-    chosen = [o for o in _overrides() if o.lstrip("+~").split("=")[0].split(".")[0] == "model"]
-    if chosen:
-        raise OneBitInputError(
-            f"{chosen[0]} is not used with source={cfg.source}: the {cfg.source} names its own "
-            "model; drop the override (or use source=hf to evaluate that model)."
-        )
-    if not cfg.path or not Path(cfg.path).exists():
-        raise OneBitInputError(f"path={cfg.path} does not exist (source={cfg.source} needs it).")
-    if cfg.source == "export":
-        from transformers import AutoTokenizer
-
-        from onebit.export import load_onebit
-        from onebit.quant.packed_linear import set_prefill_mode_
-
-        model = load_onebit(cfg.path, dtype=dtype)  # packed layers: the C++ kernel on CPU
-        set_prefill_mode_(model, cfg.get("prefill", "fp32"))
-        info = model.config.onebit
-        try:
-            tok = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
-        except (OSError, ValueError):
-            tok = load_tokenizer(ModelSpec.from_dict(info["model"]))
-        return model, tok, f"{info.get('model', {}).get('name', Path(cfg.path).name)} (OneBit)"
-    if cfg.source == "checkpoint":
-        from onebit.checkpoint import load_checkpoint_file
-        from onebit.quant import OneBitConfig
-        from onebit.train.module import OneBitDistillation
-
-        ckpt = load_checkpoint_file(cfg.path)  # checksum verified, weights_only: no code runs
-        hp = ckpt.get("hyper_parameters") or {}
-        if "model" not in hp or "quant" not in hp:
-            raise OneBitInputError(f"path={cfg.path} is not a checkpoint written by train.py.")
-        # the student's architecture without its SVID (the checkpoint holds the trained values)
-        module = OneBitDistillation(
-            hp["model"], OneBitConfig.from_dict(hp["quant"]).without_calibration(), hp.get("loss")
-        )
-        module.configure_model()
-        module.check_state_dict(ckpt["state_dict"], f"checkpoint {cfg.path}")
-        module.load_state_dict(ckpt["state_dict"])
-        spec = ModelSpec.from_dict(hp["model"])
-        student = module.student.eval().to(dtype)
-        # what it was made from, as an export's config carries it (diagnostics need the teacher)
-        student.config.onebit = {"model": hp["model"], "quant": hp["quant"]}
-        return student, load_tokenizer(spec), f"{spec.name} (OneBit ckpt)"
-    raise OneBitInputError(f"source={cfg.source} is not one of hf, checkpoint, export.")
+    if cfg.source not in SOURCES:
+        raise OneBitInputError(f"source={cfg.source} is not one of {', '.join(SOURCES)}.")
+    if cfg.source != "hf":
+        chosen = [o for o in _overrides() if o.lstrip("+~").split("=")[0].split(".")[0] == "model"]
+        if chosen:
+            raise OneBitInputError(
+                f"{chosen[0]} is not used with source={cfg.source}: the {cfg.source} names its "
+                "own model; drop the override (or use source=hf to evaluate that model)."
+            )
+    loaded = load_model(
+        cfg.source,
+        path=cfg.path,
+        model=OmegaConf.to_container(cfg.model, resolve=True) if cfg.source == "hf" else None,
+        dtype=getattr(torch, cfg.dtype),
+        prefill=cfg.get("prefill", "fp32"),
+    )
+    return loaded.model, loaded.tokenizer, loaded.name
 
 
 def _overrides() -> list[str]:

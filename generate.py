@@ -20,34 +20,22 @@ log = logging.getLogger("onebit.generate")
 
 
 def load_for_generation(cfg: DictConfig):
-    """(model, tokenizer) for ``cfg.source``: export or hf."""
+    """(model, tokenizer) for ``cfg.source``: export or hf (``onebit.loading.load_model``)."""
     import torch
 
     from onebit.errors import OneBitInputError
-    from onebit.models import ModelSpec, load_causal_lm, load_tokenizer
+    from onebit.loading import load_model
 
-    dtype = getattr(torch, cfg.dtype)
-    if cfg.source == "hf":
-        spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-        return load_causal_lm(spec).to(dtype), load_tokenizer(spec)
-    if cfg.source != "export":
+    if cfg.source not in ("export", "hf"):
         raise OneBitInputError(f"source={cfg.source} is not one of export, hf.")
-    if not cfg.path or not Path(cfg.path).is_dir():
-        raise OneBitInputError(f"path={cfg.path} is not a directory (source=export needs one).")
-    from transformers import AutoTokenizer
-
-    from onebit.export import load_onebit
-    from onebit.quant.packed_linear import set_prefill_mode_
-
-    model = set_prefill_mode_(load_onebit(cfg.path, dtype=dtype), cfg.prefill)
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
-    except (OSError, ValueError):
-        info = model.config.onebit.get("model")
-        if not info:
-            raise OneBitInputError(f"{cfg.path} holds no tokenizer and names no model.") from None
-        tok = load_tokenizer(ModelSpec.from_dict(info))
-    return model, tok
+    loaded = load_model(
+        cfg.source,
+        path=cfg.path,
+        model=OmegaConf.to_container(cfg.model, resolve=True) if cfg.source == "hf" else None,
+        dtype=getattr(torch, cfg.dtype),
+        prefill=cfg.prefill,
+    )
+    return loaded.model, loaded.tokenizer
 
 
 def run(cfg: DictConfig) -> dict:

@@ -25,22 +25,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "flo
     Raises:
         OneBitInputError: the checkpoint is missing, corrupt or not written by ``train.py``.
     """
-    from onebit.checkpoint import load_checkpoint_file
-    from onebit.errors import OneBitInputError
-    from onebit.export import check_export_destination, save_onebit, student_from_state
-    from onebit.models import ModelSpec, load_tokenizer, model_config
-    from onebit.quant import OneBitConfig
+    from onebit.export import check_export_destination, save_onebit
+    from onebit.loading import student_from_checkpoint
+    from onebit.models import load_tokenizer
 
     check_export_destination(out)  # before reading gigabytes
-    ckpt = load_checkpoint_file(checkpoint)
-    hp = ckpt.get("hyper_parameters") or {}
-    if "model" not in hp or "quant" not in hp or "state_dict" not in ckpt:
-        raise OneBitInputError(f"{checkpoint} is not a checkpoint written by train.py.")
-    spec = ModelSpec.from_dict(hp["model"])
-    quant = OneBitConfig.from_dict(hp["quant"])
-    prefix = "student."
-    state = {k[len(prefix) :]: v for k, v in ckpt.pop("state_dict").items() if k.startswith(prefix)}
-    student = student_from_state(model_config(spec), quant, state, spec.torch_dtype)
+    student, spec, quant, _ = student_from_checkpoint(checkpoint)
     try:
         tokenizer = load_tokenizer(spec)
     except Exception:  # the export is usable without it

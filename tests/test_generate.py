@@ -77,5 +77,5 @@ def test_generate_cli_refuses_a_missing_export(tmp_path) -> None:
     out = _cli(tmp_path, f"path={tmp_path}/nothing")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
-        f"error: path={tmp_path}/nothing is not a directory (source=export needs one)."
+        f"error: path={tmp_path}/nothing does not exist (source=export needs it)."
     )
