@@ -30,21 +30,19 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def _build_group(cfg: DictConfig, group: str) -> list:
+    """The objects of config group ``group``, one per entry with a ``_target_`` (``logger``:
+    wandb, csv, tensorboard or none; ``callbacks``: checkpoints, resume, diagnostics and
+    evaluation)."""
+    node = cfg.get(group) or {}
+    return [
+        _instantiate(spec, _convert_="all") for spec in node.values() if spec and "_target_" in spec
+    ]
+
+
 def build_loggers(cfg: DictConfig) -> list:
-    """Lightning loggers from the ``logger`` group (wandb, csv, tensorboard, or none)."""
-    from lightning.pytorch import loggers as pl_loggers
-
-    from onebit.train.loggers import make_wandb_logger
-
-    out = []
-    node = _container(cfg.get("logger")) or {}
-    if "wandb" in node:
-        out.append(make_wandb_logger(**node["wandb"]))
-    if "csv" in node:
-        out.append(pl_loggers.CSVLogger(**node["csv"], name="csv"))
-    if "tensorboard" in node:
-        out.append(pl_loggers.TensorBoardLogger(**node["tensorboard"], name="tensorboard"))
-    return out
+    """Lightning loggers from the ``logger`` group."""
+    return _build_group(cfg, "logger")
 
 
 def _instantiate(node: Any, **kwargs: Any) -> Any:
@@ -65,16 +63,8 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    from onebit.train.callbacks import OneBitCheckpoint
-
-    node = _container(cfg.get("callbacks")) or {}
-    out = []
-    if "checkpoint" in node:
-        out.append(OneBitCheckpoint(**node["checkpoint"]))
-    for key, spec in node.items():
-        if key != "checkpoint" and isinstance(spec, dict) and "_target_" in spec:
-            out.append(_instantiate(spec))
-    return out
+    """Lightning callbacks from the ``callbacks`` group."""
+    return _build_group(cfg, "callbacks")
 
 
 def preflight(cfg: DictConfig, module, datamodule, world_size: int) -> Path | None:
