@@ -23,7 +23,7 @@ SKIP = {  # the command as written (comments dropped) -> why this test does not 
     "python train.py experiment=onebit_llama7b": "8 GPUs and LLaMA-7B from the Hub",
     "python evaluate.py model=llama7b": "LLaMA-7B from the Hub",
     "python benchmarks/results.py experiment=results_smollm2_135m": (
-        "an hour of CPU; the same script runs above as results_stories260k"
+        "about 2 hours of CPU; the same script runs above as results_stories260k"
     ),
 }
 
