@@ -123,7 +123,7 @@ def plan(cfg: DictConfig) -> dict[str, Any]:
             world_size=int(world),
             batch_size=int(cfg.data.batch_size),
             seq_len=int(cfg.data.seq_len),
-            activation_checkpointing=bool(p.activation_checkpointing),
+            activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
             recipe=p.recipe,
             hidden_loss=float(cfg.loss.get("alpha", 1.0)) > 0,
             gpu_gib=float(p.gpu_gib),

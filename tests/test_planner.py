@@ -82,10 +82,11 @@ def _plan_cli(tmp_path, *overrides: str):
 def test_train_py_prints_the_plan_offline(tmp_path) -> None:
     out = _plan_cli(
         tmp_path, "plan.strategy=zero3", "plan.recipe=official", "plan.world_size=3",
-        "data.batch_size=4", "data.seq_len=2048",
+        "data.batch_size=4", "data.seq_len=2048", "activation_checkpointing=true",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "memory plan: llama7b, zero3 on 3 GPU(s) of 80 GiB" in out.stdout
+    assert "activation checkpointing on" in out.stdout
     assert "does NOT fit in 80 GiB" in out.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained or loaded
 
@@ -96,3 +97,17 @@ def test_train_py_refuses_an_unknown_plan_strategy(tmp_path) -> None:
     assert out.stderr.strip().splitlines()[-1] == (
         "error: plan: strategy='zero2' is not one of ddp, fsdp, zero3."
     )
+
+
+def test_the_plan_assumes_what_the_run_does(tmp_path) -> None:
+    """One activation_checkpointing key for the run and its plan: the paper's experiments turn it
+    on (they fit 8 x 80 GB only with it), a plain run leaves it off."""
+    paper = _plan_cli(tmp_path, "experiment=onebit_llama7b", "plan.world_size=8")
+    assert paper.returncode == 0, paper.stderr[-2000:]
+    assert "activation checkpointing on" in paper.stdout and "does NOT fit" not in paper.stdout
+    plain = _plan_cli(
+        tmp_path, "plan.world_size=8", "plan.strategy=fsdp", "data.batch_size=4",
+        "data.seq_len=2048",
+    )  # fmt: skip
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert "activation checkpointing off" in plain.stdout and "does NOT fit" in plain.stdout
