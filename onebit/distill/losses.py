@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onebit.config_utils import check_choice, check_number, from_mapping
+from onebit.errors import OneBitInputError
 
 KD_REDUCTIONS = ("token_mean", "batchmean")
 HIDDEN_LAYERS = ("blocks", "official")
@@ -49,6 +50,8 @@ class DistillLossConfig:
         hidden_layers: ``blocks`` (every block output) or ``official`` (the embedding output and
             not the last block).
         hidden_layer_reduction: ``mean`` or ``sum`` (official) over layers.
+        hidden_mask: the hidden-state MSE averages over real tokens only (``True``) or over every
+            position, padding included (``False``: the official code).
     """
 
     kd_scale: float = 1.0
@@ -58,6 +61,7 @@ class DistillLossConfig:
     kd_reduction: Literal["token_mean", "batchmean"] = "token_mean"
     hidden_layers: Literal["blocks", "official"] = "blocks"
     hidden_layer_reduction: Literal["mean", "sum"] = "mean"
+    hidden_mask: bool = True
 
     def __post_init__(self) -> None:
         for key in ("kd_scale", "alpha", "lm_weight"):
@@ -69,6 +73,8 @@ class DistillLossConfig:
             ("hidden_layer_reduction", LAYER_REDUCTIONS),
         ):
             check_choice("loss", key, getattr(self, key), choices)
+        if not isinstance(self.hidden_mask, bool):
+            raise OneBitInputError(f"loss.hidden_mask={self.hidden_mask!r} must be true or false.")
 
     @classmethod
     def official(cls, **overrides: Any) -> DistillLossConfig:
@@ -80,6 +86,7 @@ class DistillLossConfig:
             kd_reduction="batchmean",
             hidden_layers="official",
             hidden_layer_reduction="sum",
+            hidden_mask=False,
         )
         return cls(**{**base, **overrides})
 
@@ -133,15 +140,17 @@ def hidden_mse(
     attention_mask: Tensor | None = None,
     layers: str = "blocks",
     layer_reduction: str = "mean",
+    masked: bool = True,
 ) -> Tensor:
     """Squared distance of per-token L2-normalised hidden states, over tokens and layers.
 
     Args:
         student_hidden, teacher_hidden: Hugging Face ``hidden_states`` tuples (the embedding
             output first, then one entry per block).
-        attention_mask: 1 for real tokens; padding is excluded from the mean.
+        attention_mask: 1 for real tokens; with ``masked``, padding is excluded from the mean.
         layers: ``blocks`` → entries ``1..n``; ``official`` → entries ``0..n-1``.
         layer_reduction: ``mean`` or ``sum`` over the selected layers.
+        masked: average over real tokens only; ``False``: over every position (official).
 
     Shapes: each hidden state (batch, seq, dim) → scalar.
     """
@@ -156,7 +165,7 @@ def hidden_mse(
         s = F.normalize(student_hidden[i].float(), dim=-1)
         t = F.normalize(teacher_hidden[i].float(), dim=-1)
         d = (s - t).pow(2).sum(-1)  # (batch, seq)
-        if layers == "official":  # official: plain mean
+        if not masked:  # official: plain mean, padding included
             terms.append(d.mean())
         else:
             mask = _token_mask(attention_mask, d.shape, d.device)
@@ -217,6 +226,7 @@ class DistillLoss(nn.Module):
                 attention_mask,
                 c.hidden_layers,
                 c.hidden_layer_reduction,
+                c.hidden_mask,
             )
             total = total + c.alpha * terms["hidden"]
         if c.lm_weight > 0:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from onebit.distill import DistillLoss, DistillLossConfig, hidden_mse, lm_cross_entropy, logit_kd
+from onebit.errors import OneBitInputError
 from onebit.models import tiny_causal_lm
 from onebit.quant import OneBitConfig, quantize_
 
@@ -105,6 +106,26 @@ def test_hidden_layer_indexing_blocks_vs_official() -> None:
         hidden_mse(s, t, layers="official", layer_reduction="sum"),
         hidden_mse(s, t, layers="blocks", layer_reduction="sum"),
     )
+
+
+def test_hidden_mask_is_its_own_key_whatever_the_layers() -> None:
+    """loss.hidden_mask: padding left out of the hidden MSE (default) or counted (official), for
+    either layer indexing; hidden_layers only picks the layers."""
+    torch.manual_seed(2)
+    t = [torch.randn(2, 4, 8) for _ in range(3)]
+    s = [torch.randn(2, 4, 8) for _ in range(3)]
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    d = [(F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).pow(2).sum(-1) for a, b in zip(s, t)]
+    real = mask.bool()
+    for layers, idx in (("blocks", [1, 2]), ("official", [0, 1])):
+        masked = hidden_mse(s, t, mask, layers=layers, layer_reduction="sum")
+        plain = hidden_mse(s, t, mask, layers=layers, layer_reduction="sum", masked=False)
+        torch.testing.assert_close(masked, sum(d[i][real].mean() for i in idx))
+        torch.testing.assert_close(plain, sum(d[i].mean() for i in idx))
+    assert DistillLossConfig.official().hidden_mask is False
+    assert DistillLossConfig().hidden_mask is True
+    with pytest.raises(OneBitInputError, match=r"loss\.hidden_mask='yes' must be true or false"):
+        DistillLossConfig(hidden_mask="yes")
 
 
 def test_hidden_mse_is_scale_invariant_per_token() -> None:
