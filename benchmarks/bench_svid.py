@@ -9,7 +9,6 @@ where ``a bᵀ`` is a rank-1 non-negative approximation of ``|W|``. This script 
     nmf_torch    the same, with the kernels disabled: the pure-PyTorch path (blocked GEMVs)
     nmf_bf16     the same as nmf on the bfloat16 copy of W, i.e. W as a bf16 checkpoint stores it
                  (half the bytes to read); only where that copy holds exactly the same values
-    power        the same iteration as nmf under its other name
     svd          exact rank-1 SVD of |W| (torch.linalg.svd); its error is the rank-1 optimum
     nmf_sklearn  the official code's scikit-learn NMF (the reference for speed-up)
     xnor         the XNOR-Net baseline sign(W)·mean|W| per output row (no SVID, for contrast)
@@ -99,7 +98,7 @@ from torch import Tensor
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_MODEL = REPO_ROOT.parent / "shared" / "models" / "stories260K-hf"
-METHODS = ("nmf", "nmf_torch", "nmf_bf16", "power", "svd", "nmf_sklearn", "xnor", "read")
+METHODS = ("nmf", "nmf_torch", "nmf_bf16", "svd", "nmf_sklearn", "xnor", "read")
 SMOLLM2_SPEC = REPO_ROOT / "conf" / "model" / "smollm2_135m.yaml"
 FULL_SHAPES = {
     "q/k/v/o_proj": (4096, 4096),
@@ -528,7 +527,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a timed run repeats a fast method until it lasts this long and takes the mean",
     )
     p.add_argument("--max-iter", type=int, default=200, help="svid max_iter")
-    p.add_argument("--tol", type=float, default=1e-6, help="svid tol (nmf, power)")
+    p.add_argument("--tol", type=float, default=1e-6, help="svid tol (nmf)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random matrices")
     p.add_argument(
         "--cpu-time",
@@ -547,7 +546,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--device",
         default="cpu",
-        help="where nmf, nmf_torch, nmf_bf16, power, svd and xnor run, e.g. cuda (default cpu); "
+        help="where nmf, nmf_torch, nmf_bf16, svd and xnor run, e.g. cuda (default cpu); "
         "nmf_sklearn always runs on the CPU, as in the official code. On a GPU, nmf is the "
         "PyTorch path (the C++ op is CPU-only), so nmf and nmf_torch are the same computation",
     )

@@ -13,14 +13,14 @@ from typing import Any, Literal
 from onebit.config_utils import check_choice, check_number, from_mapping
 from onebit.errors import OneBitInputError
 
-SvidMethod = Literal["nmf", "svd", "power", "nmf_sklearn", "none"]
+SvidMethod = Literal["nmf", "svd", "nmf_sklearn", "none"]
 LatentInit = Literal["sign", "weight"]
 SteKind = Literal["identity", "clipped", "tanh"]
 SignOfZero = Literal["plus", "zero"]
 GainInit = Literal["ones", "rms", "ls"]
 SignInit = Literal["sign", "gptq"]
 
-SVID_METHODS = ("nmf", "svd", "power", "nmf_sklearn", "none")
+SVID_METHODS = ("nmf", "svd", "nmf_sklearn", "none")
 LATENT_INITS = ("sign", "weight")
 STE_KINDS = ("identity", "clipped", "tanh")
 SIGNS_OF_ZERO = ("plus", "zero")
@@ -34,11 +34,11 @@ class OneBitConfig:
 
     Attributes:
         svid_method: rank-1 decomposition of ``|W|`` that initialises the value vectors
-            (``nmf``: the paper's recommendation, in torch; ``svd``: exact ``torch.linalg.svd``;
-            ``power``: power iteration, which for rank 1 on a non-negative matrix performs the
-            same updates as ``nmf``; ``nmf_sklearn``: the official code's scikit-learn NMF;
+            (``nmf``: the paper's recommendation, which for rank 1 on a non-negative matrix is
+            power iteration and reaches the optimum; ``svd``: exact ``torch.linalg.svd``;
+            ``nmf_sklearn``: the official code's scikit-learn NMF;
             ``none``: ``g = h = 1``, i.e. a plain copy of ``W``).
-        svid_max_iter: iteration cap of the iterative methods (``nmf``, ``power``, ``nmf_sklearn``).
+        svid_max_iter: iteration cap of the iterative methods (``nmf``, ``nmf_sklearn``).
         svid_tol: the iterative torch methods stop after a round that moves the unit vector
             ``b/||b||`` by at most this much (``onebit.quant.svid``).
         latent_init: the latent full-precision weight starts as ``sign(W) * latent_init_scale``

@@ -14,7 +14,6 @@ Methods:
           so each round is one power iteration on AᵀA and the fixed point is the top singular pair
           (Perron–Frobenius): the NMF optimum *is* the SVD optimum for rank 1. It stops when a
           round moves the direction of b by at most ``tol`` or after ``max_iter`` rounds.
-    power: the same iteration; kept as a name because that is what it is.
     nmf_sklearn: the official code's scikit-learn ``NMF(n_components=1, init="random",
           random_state=0)`` (200 iterations of coordinate descent, tol 1e-4), for reproduction.
     none: a = b = 1 (no value vectors: the "plain copy of W" ablation).
@@ -176,9 +175,9 @@ def svid(
 
     Args:
         weight: the full-precision weight ``W``.
-        method: ``nmf``, ``svd``, ``power``, ``nmf_sklearn`` or ``none`` (see the module docstring).
-        max_iter: iteration cap for ``nmf``, ``power`` and ``nmf_sklearn``.
-        tol: ``nmf`` and ``power`` stop after a round that moves the unit vector ``b/‖b‖`` by at
+        method: ``nmf``, ``svd``, ``nmf_sklearn`` or ``none`` (see the module docstring).
+        max_iter: iteration cap for ``nmf`` and ``nmf_sklearn``.
+        tol: ``nmf`` stops after a round that moves the unit vector ``b/‖b‖`` by at
             most ``tol`` (see ``_rank1_als``).
 
     Returns:
@@ -200,14 +199,12 @@ def svid(
             u, v = -u, -v
         s = S[0].sqrt()
         a, b = (u * s).clamp_min(0), (v * s).clamp_min(0)
-    elif method in ("nmf", "power"):
+    elif method == "nmf":
         a, b, _ = _rank1_als(weight.detach(), max_iter, tol)
     elif method == "nmf_sklearn":
         a, b = _svid_sklearn(weight.detach().abs().float(), max_iter)
     else:
-        raise ValueError(
-            f"svid method={method!r} is not one of nmf, svd, power, nmf_sklearn, none."
-        )
+        raise ValueError(f"svid method={method!r} is not one of nmf, svd, nmf_sklearn, none.")
     return _balance(a, b)
 
 

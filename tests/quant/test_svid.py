@@ -27,7 +27,7 @@ def _llm_like(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
     return 0.02 * torch.randn(out_f, in_f, generator=g) * rows * cols
 
 
-@pytest.mark.parametrize("method", ["nmf", "svd", "power", "nmf_sklearn"])
+@pytest.mark.parametrize("method", ["nmf", "svd", "nmf_sklearn"])
 def test_factors_are_nonnegative_with_the_right_shapes(method: str) -> None:
     a, b = svid(_llm_like(48, 80), method)
     assert a.shape == (48,) and b.shape == (80,)
@@ -139,10 +139,15 @@ def test_optimum_by_power_iteration_equals_the_one_from_all_singular_values() ->
         rank1_optimal_error(W, "eig")
 
 
-def test_power_and_nmf_are_the_same_iteration() -> None:
-    W = _llm_like(40, 70)
-    for x, y in zip(svid(W, "nmf"), svid(W, "power"), strict=True):
-        torch.testing.assert_close(x, y, atol=0, rtol=0)
+def test_power_is_no_second_name_for_nmf() -> None:
+    """``power`` ran the same iteration as ``nmf``; one name per computation now."""
+    from onebit.errors import OneBitInputError
+    from onebit.quant import OneBitConfig
+
+    with pytest.raises(OneBitInputError, match=r"svid_method.*'power'.*nmf, svd, nmf_sklearn"):
+        OneBitConfig(svid_method="power")
+    with pytest.raises(ValueError, match="is not one of nmf, svd, nmf_sklearn, none"):
+        svid(_llm_like(4, 6), "power")
 
 
 def test_svid_beats_xnor_on_llm_like_weights() -> None:
