@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from onebit.config_utils import register_resolvers
+from onebit.config_utils import register_resolvers, torch_dtype
 from onebit.eval.zeroshot import PAPER_COLUMNS
 
 log = logging.getLogger("onebit.evaluate")
@@ -31,7 +31,6 @@ TABLE_HEAD = ["Model", "Wiki2", "C4", *PAPER_COLUMNS.values(), "Avg."]
 def load_for_eval(cfg: DictConfig):
     """(model, tokenizer, row name) for ``cfg.source``: hf, checkpoint or export
     (``onebit.loading.load_model``)."""
-    import torch
 
     from onebit.errors import OneBitInputError
     from onebit.loading import SOURCES, load_model
@@ -49,7 +48,7 @@ def load_for_eval(cfg: DictConfig):
         cfg.source,
         path=cfg.path,
         model=OmegaConf.to_container(cfg.model, resolve=True) if cfg.source == "hf" else None,
-        dtype=getattr(torch, cfg.dtype),
+        dtype=torch_dtype("dtype", cfg.dtype),
         prefill=cfg.get("prefill", "fp32"),
     )
     return loaded.model, loaded.tokenizer, loaded.name

@@ -14,14 +14,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from onebit.config_utils import register_resolvers
+from onebit.config_utils import register_resolvers, torch_dtype
 
 log = logging.getLogger("onebit.generate")
 
 
 def load_for_generation(cfg: DictConfig):
     """(model, tokenizer) for ``cfg.source``: export or hf (``onebit.loading.load_model``)."""
-    import torch
 
     from onebit.errors import OneBitInputError
     from onebit.loading import load_model
@@ -32,7 +31,7 @@ def load_for_generation(cfg: DictConfig):
         cfg.source,
         path=cfg.path,
         model=OmegaConf.to_container(cfg.model, resolve=True) if cfg.source == "hf" else None,
-        dtype=getattr(torch, cfg.dtype),
+        dtype=torch_dtype("dtype", cfg.dtype),
         prefill=cfg.prefill,
     )
     return loaded.model, loaded.tokenizer

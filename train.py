@@ -21,7 +21,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from onebit.config_utils import register_resolvers
+from onebit.config_utils import register_resolvers, torch_dtype
 
 log = logging.getLogger("onebit.train")
 
@@ -94,6 +94,7 @@ def preflight(cfg: DictConfig, module, datamodule, world_size: int) -> Path | No
     elif launch_rank() == 0:  # a new run never overwrites a finished or interrupted one
         check_fresh_run_dir(out_dir)
     if cfg.get("export"):  # the end-of-run export may replace an earlier export, nothing else
+        torch_dtype("export_dtype", cfg.export_dtype)
         check_export_destination(out_dir / "onebit_model")
     return ckpt
 
@@ -390,14 +391,13 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
 
 def _export(cfg: DictConfig, module, spec, path: Path, student=None) -> Path:
     """The packed 1-bit student, written beside ``path`` and renamed into place."""
-    import torch
 
     from onebit.checkpoint import write_failure_reason
     from onebit.errors import OneBitRunError
     from onebit.export import save_onebit
     from onebit.models import load_tokenizer
 
-    dtype = getattr(torch, cfg.export_dtype)
+    dtype = torch_dtype("export_dtype", cfg.export_dtype)
     tokenizer = None
     try:
         tokenizer = load_tokenizer(spec)

@@ -26,6 +26,19 @@ def check_number(section: str, key: str, value: Any, *, allow_zero: bool = True)
         raise OneBitInputError(f"{section}.{key}={value!r} must be a finite number {bound}.")
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(key: str, value: Any):
+    """The torch dtype that ``value`` names (``float32``, ``bfloat16``, ``float16``); one
+    sentence naming ``key`` for anything else."""
+    import torch
+
+    if value not in DTYPE_NAMES:
+        raise OneBitInputError(f"{key}={value!r} is not one of {', '.join(DTYPE_NAMES)}.")
+    return getattr(torch, value)
+
+
 def from_mapping(cls: type[T], values: dict[str, Any], section: str) -> T:
     """Build dataclass ``cls`` from a plain mapping (e.g. a Hydra node), naming any unknown key."""
     known = {f.name for f in dataclasses.fields(cls)}

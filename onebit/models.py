@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from onebit.config_utils import check_choice, from_mapping
+from onebit.config_utils import DTYPE_NAMES, check_choice, from_mapping
 from onebit.errors import OneBitInputError, first_line
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
 SOURCES = ("hub", "local", "pypi_gguf", "tiny")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass

@@ -32,7 +32,7 @@ from onebit.distill import BlockwiseConfig, DistillLoss, DistillLossConfig, bloc
 from onebit.distill.recipe import OptimConfig, cosine_with_warmup, make_optimizer  # noqa: F401
 from onebit.errors import OneBitInputError
 from onebit.export import student_from_state
-from onebit.models import ModelSpec, load_causal_lm
+from onebit.models import DTYPES, ModelSpec, load_causal_lm
 from onebit.quant import (
     OneBitConfig,
     OneBitLinear,
@@ -52,7 +52,7 @@ from onebit.train.guards import (
     locate_nonfinite,
 )
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = DTYPES  # fsdp.param_dtype, fsdp.reduce_dtype: the same names as model.dtype
 
 
 @dataclass

@@ -282,6 +282,32 @@ def test_negative_or_nan_loss_weights(tmp_path: Path, override: str, expected: s
     assert _fails(tiny(tmp_path, override)) == expected
 
 
+def test_a_bad_export_dtype_is_refused_before_training(tmp_path: Path) -> None:
+    """export_dtype is read at the end of the run: a typo must not cost the training first."""
+    assert _fails(tiny(tmp_path, "export_dtype=fp16")) == (
+        "export_dtype='fp16' is not one of float32, bfloat16, float16."
+    )
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "generate.py"])
+def test_a_bad_dtype_of_evaluate_and_generate_is_one_sentence(tmp_path: Path, script: str) -> None:
+    import subprocess
+    import sys
+
+    from ..conftest import REPO
+
+    logger = ["logger=none"] if script == "evaluate.py" else []
+    out = subprocess.run(
+        [sys.executable, script, "source=hf", "model=tiny_llama", "dtype=float8", *logger,
+         f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: dtype='float8' is not one of float32, bfloat16, float16."
+    )
+
+
 def test_all_loss_weights_zero(tmp_path: Path) -> None:
     assert _fails(tiny(tmp_path, "loss.kd_scale=0", "loss.alpha=0")).startswith(
         "loss.kd_scale, loss.alpha and loss.lm_weight are all 0"
