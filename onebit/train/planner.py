@@ -40,6 +40,7 @@ An estimate of the dominant terms, not an allocator trace.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 STRATEGIES = ("ddp", "fsdp", "zero3")
 GIB = 1024**3
@@ -211,3 +212,43 @@ KNOWN_ARCHITECTURES = {  # planned offline when the Hub is unreachable (LLaMA-2 
     "llama13b": lambda: llama_config("13b"),
     "llama2_13b": lambda: llama_config("13b"),
 }
+
+
+def plan_run(cfg) -> dict[str, Any]:
+    """Print the per-GPU memory plan of ``train.py``'s config ``cfg`` (``plan.enabled=true``):
+    the model's architecture from its config alone (offline: the published LLaMA shapes), the
+    run's batch, sequence length, strategy and activation checkpointing; returns the total."""
+    from omegaconf import OmegaConf
+
+    from onebit.errors import OneBitInputError
+    from onebit.models import ModelSpec, model_config
+
+    spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    try:
+        config = model_config(spec)
+    except OneBitInputError:
+        if spec.name not in KNOWN_ARCHITECTURES:
+            raise
+        config = KNOWN_ARCHITECTURES[spec.name]()  # offline: the published architecture
+    p, t = cfg.plan, cfg.trainer
+    world = p.world_size
+    if world is None:
+        devices, nodes = t.get("devices", 1), t.get("num_nodes", 1) or 1
+        world = devices * nodes if isinstance(devices, int) else 8
+    strategy = p.strategy or ("fsdp" if "fsdp" in str(t.get("strategy", "")) else "ddp")
+    try:
+        settings = PlanSettings(
+            strategy=strategy,
+            world_size=int(world),
+            batch_size=int(cfg.data.batch_size),
+            seq_len=int(cfg.data.seq_len),
+            activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
+            recipe=p.recipe,
+            hidden_loss=float(cfg.loss.get("alpha", 1.0)) > 0,
+            gpu_gib=float(p.gpu_gib),
+        )
+    except ValueError as e:
+        raise OneBitInputError(f"plan: {e}") from None
+    result = plan_memory(count_model(config), settings)
+    print(result.format(spec.name))
+    return {"plan_gib": result.total / 2**30, "fits": result.fits}

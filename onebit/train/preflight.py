@@ -279,3 +279,33 @@ def check_checkpoint_fits(path: Path, spec, config, quant) -> None:
 
 def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, tuple | list) else value
+
+
+# -- the run: every check before anything is loaded or written ---------------------------------
+def preflight_run(cfg, module, datamodule, world_size: int) -> Path | None:
+    """Every check that needs no weights, before anything is loaded or written; returns the
+    checkpoint to resume from (``ckpt_path``: none, ``auto``, a directory or a file)."""
+    from omegaconf import OmegaConf
+
+    from onebit.checkpoint import resolve_ckpt_path
+    from onebit.config_utils import torch_dtype
+    from onebit.export import check_export_destination
+    from onebit.models import model_config
+    from onebit.train.rundir import check_fresh_run_dir, launch_rank
+
+    check_no_secrets(OmegaConf.to_container(cfg, resolve=True))
+    check_loss_weights(module.loss_config)
+    hf_config = model_config(module.spec)  # a missing, offline or remote-code model fails here
+    if hasattr(datamodule, "preflight"):  # offline, missing, empty or too short data
+        datamodule.preflight(world_size)
+    check_seq_len(getattr(datamodule, "seq_len", None), module.spec.name, hf_config)
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir / "checkpoints")
+    if ckpt is not None:
+        check_checkpoint_fits(ckpt, module.spec, hf_config, module.quant)
+    elif launch_rank() == 0:  # a new run never overwrites a finished or interrupted one
+        check_fresh_run_dir(out_dir)
+    if cfg.get("export"):  # the end-of-run export may replace an earlier export, nothing else
+        torch_dtype("export_dtype", cfg.export_dtype)
+        check_export_destination(out_dir / "onebit_model")
+    return ckpt
