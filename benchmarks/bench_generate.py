@@ -41,19 +41,9 @@ SMOLLM2 = REPO_ROOT / "conf" / "model" / "smollm2_135m.yaml"
 
 
 def llama7b_config():
-    from transformers import LlamaConfig
+    from onebit.models import llama_config
 
-    return LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    )
+    return llama_config("7b")
 
 
 def build_llama7b_export(path: Path, seed: int = 0) -> Path:

@@ -41,9 +41,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from onebit.models import llama_linear_shapes
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-SHAPES = {"q/k/v/o_proj": (4096, 4096), "gate/up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+_LLAMA7B = llama_linear_shapes("7b")
+SHAPES = {
+    "q/k/v/o_proj": _LLAMA7B["q_proj"],
+    "gate/up_proj": _LLAMA7B["gate_proj"],
+    "down_proj": _LLAMA7B["down_proj"],
+}
 
 
 def cpu_model() -> str:

@@ -95,15 +95,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from onebit.models import llama_linear_shapes
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_MODEL = REPO_ROOT.parent / "shared" / "models" / "stories260K-hf"
 METHODS = ("nmf", "nmf_torch", "nmf_bf16", "svd", "nmf_sklearn", "xnor", "read")
 SMOLLM2_SPEC = REPO_ROOT / "conf" / "model" / "smollm2_135m.yaml"
+_LLAMA7B = llama_linear_shapes("7b")
 FULL_SHAPES = {
-    "q/k/v/o_proj": (4096, 4096),
-    "gate/up_proj": (11008, 4096),
-    "down_proj": (4096, 11008),
+    "q/k/v/o_proj": _LLAMA7B["q_proj"],
+    "gate/up_proj": _LLAMA7B["gate_proj"],
+    "down_proj": _LLAMA7B["down_proj"],
 }
 QUICK_SHAPES = {
     "q/k/v/o_proj /4": (1024, 1024),

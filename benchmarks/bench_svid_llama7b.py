@@ -22,17 +22,11 @@ from pathlib import Path
 
 import torch
 
+from onebit.models import llama_linear_shapes
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-SHAPES = {  # (out, in) of LLaMA-7B's linears, per decoder block
-    "q_proj": (4096, 4096),
-    "k_proj": (4096, 4096),
-    "v_proj": (4096, 4096),
-    "o_proj": (4096, 4096),
-    "gate_proj": (11008, 4096),
-    "up_proj": (11008, 4096),
-    "down_proj": (4096, 11008),
-}
+SHAPES = llama_linear_shapes("7b")  # (out, in) of LLaMA-7B's linears, per decoder block
 
 
 def draw(out_f: int, in_f: int, seed: int) -> torch.Tensor:

@@ -9,30 +9,16 @@ from __future__ import annotations
 
 import torch
 
+from onebit.models import llama_config
 from onebit.quant import footprint
-
-SHAPES = {  # hidden, intermediate, layers, heads (vocab 32000, untied lm_head)
-    "LLaMA-7B": (4096, 11008, 32, 32),
-    "LLaMA-13B": (5120, 13824, 40, 40),
-}
 
 
 def main() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    for name, (hidden, inter, layers, heads) in SHAPES.items():
-        cfg = LlamaConfig(
-            vocab_size=32000,
-            hidden_size=hidden,
-            intermediate_size=inter,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            max_position_embeddings=2048,
-            tie_word_embeddings=False,
-        )
+    for name, size in (("LLaMA-7B", "7b"), ("LLaMA-13B", "13b")):
         with torch.device("meta"):
-            model = LlamaForCausalLM(cfg)
+            model = LlamaForCausalLM(llama_config(size))
         print(f"## {name}\n```\n{footprint(model).format()}\n```")
 
 

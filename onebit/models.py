@@ -301,3 +301,36 @@ def context_length(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# -- LLaMA's published shapes (no weights): the planner, the footprint and the benchmarks --------
+LLAMA_SIZES = {
+    "7b": (4096, 11008, 32, 32),
+    "13b": (5120, 13824, 40, 40),
+}  # hidden, MLP, blocks, heads
+
+
+def llama_config(size: str = "7b"):
+    """The Hugging Face config of LLaMA-7B or LLaMA-13B (vocabulary 32,000, 2,048 positions,
+    untied ``lm_head``; LLaMA-2 has the same shapes), for building it without weights."""
+    from transformers import LlamaConfig
+
+    hidden, inter, layers, heads = LLAMA_SIZES[size]
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+
+
+def llama_linear_shapes(size: str = "7b") -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of each linear of one LLaMA decoder block, by module name."""
+    h, i, _, _ = LLAMA_SIZES[size]
+    attn = {name: (h, h) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    return {**attn, "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}

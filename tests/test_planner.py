@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from onebit.train.planner import GIB, PlanSettings, count_model, llama_config, plan_memory
+from onebit.models import llama_config
+from onebit.train.planner import GIB, PlanSettings, count_model, plan_memory
 
 
 @pytest.fixture(scope="module")

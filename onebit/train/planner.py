@@ -42,6 +42,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from onebit.models import llama_config
+
 STRATEGIES = ("ddp", "fsdp", "zero3")
 GIB = 1024**3
 
@@ -187,23 +189,6 @@ def plan_memory(counts: ModelCounts, settings: PlanSettings) -> MemoryPlan:
         rows["attention"] = s.batch_size * c.heads * s.seq_len**2 * 14 * blocks_alive
     rows["overhead"] = s.overhead_gb * GIB
     return MemoryPlan(settings, counts, rows)
-
-
-def llama_config(size: str):
-    """The Hugging Face config of LLaMA-7B or LLaMA-13B (for planning; no weights)."""
-    from transformers import LlamaConfig
-
-    hidden, inter, layers, heads = {"7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40)}[size]
-    return LlamaConfig(
-        vocab_size=32000,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
 
 
 KNOWN_ARCHITECTURES = {  # planned offline when the Hub is unreachable (LLaMA-2 has the same shapes)
