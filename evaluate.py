@@ -100,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         for task, s in scores.items():
             row[task] = {**s, "paper_metric": PAPER_METRIC.get(task, "acc")}
-    from onebit.checkpoint import atomic_write_text
+    from onebit.fileio import atomic_write_text
 
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,10 +120,10 @@ def run_diagnose(cfg: DictConfig, model, tok, device) -> dict[str, Any]:
     scales and the layers a LayerNorm'd 1-bit layer could not write."""
     import torch
 
-    from onebit.checkpoint import atomic_write_text
     from onebit.diagnostics import diagnose, massive_layers
     from onebit.errors import OneBitInputError
     from onebit.eval.perplexity import c4_ids, wikitext2_ids
+    from onebit.fileio import atomic_write_text
     from onebit.models import ModelSpec, load_causal_lm
 
     d = cfg.diagnose

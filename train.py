@@ -71,8 +71,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     import onebit.train.parallel  # noqa: F401  (registers trainer.strategy=fsdp2)
-    from onebit.checkpoint import atomic_write_text
     from onebit.errors import Preempted
+    from onebit.fileio import atomic_write_text
     from onebit.models import ModelSpec, load_tokenizer
     from onebit.train.checkpoint_io import AtomicCheckpointIO
     from onebit.train.module import OneBitDistillation

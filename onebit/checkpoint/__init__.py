@@ -13,7 +13,6 @@ from onebit.checkpoint.sharded import (
 )
 from onebit.checkpoint.single import (
     SIDECAR_SUFFIX,
-    atomic_write_text,
     file_crc32,
     remove_stale_temporaries,
     sidecar_path,
@@ -33,7 +32,6 @@ __all__ = [
     "MANIFEST",
     "SIDECAR_SUFFIX",
     "CheckResult",
-    "atomic_write_text",
     "check_checkpoint",
     "check_sharded",
     "consolidate",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from onebit.checkpoint.single import file_crc32
+from onebit.fileio import atomic_write_text
 
 LIGHTNING_META = "meta.pt"  # lightning.fabric.strategies.model_parallel._METADATA_FILENAME
 MANIFEST = "onebit-manifest.json"
@@ -34,12 +35,7 @@ def write_manifest(directory: Path, global_step: int | None) -> dict[str, Any]:
         "files": files,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    tmp = directory / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST)
+    atomic_write_text(directory / MANIFEST, json.dumps(meta), durable=True)
     return meta
 
 

@@ -172,18 +172,6 @@ def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
     return crc
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file by writing a temporary file and renaming it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     """Delete temporary files left by writes that a killed process never finished."""
     directory = Path(directory)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from onebit.data.sampler import EpochSampler, ResumableDataLoader
 from onebit.errors import OneBitInputError, first_line
+from onebit.fileio import atomic_path
 from onebit.models import ModelSpec, load_causal_lm
 
 
@@ -237,10 +237,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
             exclude,
         )
         del teacher
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"blocks": blocks, "key": self.cache_key}, tmp)
-        os.replace(tmp, self.cache_path)  # atomic: a killed run never leaves half a cache
+        with atomic_path(self.cache_path) as tmp:  # a killed run never leaves half a cache
+            torch.save({"blocks": blocks, "key": self.cache_key}, tmp)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_blocks is not None:

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from onebit.config_utils import check_choice, check_number, from_mapping
 from onebit.distill.recipe import SCALE_SUFFIXES, cosine_with_warmup
 from onebit.errors import OneBitInputError, OneBitRunError
+from onebit.fileio import atomic_path
 from onebit.quant.convert import find_decoder_blocks
 from onebit.quant.linear import OneBitLinear
 
@@ -214,14 +214,8 @@ def _fingerprint(n_blocks, hidden, ids, mask, config, seed) -> dict[str, Any]:
 
 
 def _save(path: str, state: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _read(path: str, device: torch.device) -> Any:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from torch import Tensor
+
+from onebit.fileio import atomic_path
 
 # Bumped whenever the iterative methods' arithmetic or stopping rule changes, so that a cache
 # written by an older version is not read as this version's result. 2: z summed in float64, stop
@@ -69,15 +70,8 @@ class SvidCache:
             return
         from safetensors.torch import save_file
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(self.path) as tmp:
             save_file(self._data, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         self.dirty = False
 
 

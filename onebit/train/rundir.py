@@ -145,7 +145,7 @@ def save_run_config(run_dir: Path, config: Any, hydra_config: Any, overrides: li
     directory already has one (a resume), under ``.hydra/resumed-<time>/``; returns the folder."""
     from omegaconf import OmegaConf
 
-    from onebit.checkpoint import atomic_write_text
+    from onebit.fileio import atomic_write_text
 
     base = run_dir / ".hydra"
     out = base
