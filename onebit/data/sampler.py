@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from onebit.dist import dist_rank_world
 from onebit.errors import OneBitInputError
 
 
@@ -47,13 +48,6 @@ def check_data_shape(state: dict[str, Any], loader: DataLoader) -> None:
                 f"the checkpoint's data position was saved with data.{key}={int(saved)}; resume "
                 f"with the same value (now {now}), or start a new run to change it."
             )
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """This process's rank and the world size (0, 1 without torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class EpochSampler(Sampler[int]):

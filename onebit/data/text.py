@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from onebit.data.sampler import dist_rank_world
 from onebit.data.sources import (
     SAMPLE_BY,
     HubDocuments,
@@ -38,6 +37,7 @@ from onebit.data.sources import (
     resolve_local_files,
 )
 from onebit.data.stream import ResumableStreamLoader, collate_blocks
+from onebit.dist import dist_rank_world
 from onebit.errors import OneBitInputError
 
 if TYPE_CHECKING:

@@ -174,6 +174,23 @@ def hidden_mse(
     return stacked.sum() if layer_reduction == "sum" else stacked.mean()
 
 
+def next_token_nll(
+    logits: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The negative log-likelihood of every next token, in float32, and which of them count:
+    the one NLL of the training loss, validation and perplexity.
+
+    Shapes: logits (batch, seq, vocab); input_ids, attention_mask (batch, seq) →
+    (nll (batch, seq − 1), weight (batch, seq − 1): 1 for a real target token, 0 for padding).
+    """
+    labels = input_ids[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+    ).view_as(labels)
+    weight = torch.ones_like(nll) if attention_mask is None else attention_mask[:, 1:].to(nll.dtype)
+    return nll * weight, weight
+
+
 def lm_cross_entropy(
     logits: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
 ) -> Tensor:
@@ -181,12 +198,8 @@ def lm_cross_entropy(
 
     Shapes: logits (batch, seq, vocab); input_ids, attention_mask (batch, seq) → scalar.
     """
-    labels = input_ids[:, 1:].clone()
-    if attention_mask is not None:
-        labels[attention_mask[:, 1:] == 0] = -100
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-    )
+    nll, weight = next_token_nll(logits, input_ids, attention_mask)
+    return nll.sum() / weight.sum().clamp_min(1)
 
 
 class DistillLoss(nn.Module):

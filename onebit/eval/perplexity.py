@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from onebit.data.sampler import dist_rank_world
+from onebit.dist import dist_rank_world
+from onebit.distill.losses import next_token_nll
 from onebit.errors import OneBitInputError
 
 
@@ -109,10 +110,7 @@ def perplexity(
         window = ids[begin:end].unsqueeze(0).to(device)  # (1, T)
         out = model(window)
         logits = out.logits if hasattr(out, "logits") else out  # (1, T, V)
-        targets = window[0, 1:]
-        losses = nn.functional.cross_entropy(
-            logits[0, :-1].float(), targets, reduction="none"
-        )  # losses[k] is the NLL of token begin + k + 1
+        losses = next_token_nll(logits, window)[0][0]  # [k]: the NLL of token begin + k + 1
         scored = losses[first - begin - 1 :]
         nll += scored.double().sum()
         count += scored.numel()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from onebit.config_utils import from_mapping
 from onebit.distill import BlockwiseConfig, DistillLoss, DistillLossConfig, blockwise_reconstruct_
+from onebit.distill.losses import next_token_nll
 from onebit.distill.recipe import OptimConfig, cosine_with_warmup, make_optimizer  # noqa: F401
 from onebit.errors import OneBitInputError
 from onebit.export import student_from_state
@@ -546,14 +547,8 @@ class OneBitDistillation(L.LightningModule):
     @staticmethod
     def _nll_sum(logits: Tensor, ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Summed next-token NLL and the number of predicted tokens. Shapes: (B, T, V), (B, T)."""
-        labels = ids[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            reduction="none",
-        ).view_as(labels)
-        keep = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)
-        return (nll * keep).sum(), keep.sum()
+        nll, weight = next_token_nll(logits, ids, mask)
+        return nll.sum(), weight.sum()
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = {}
