@@ -9,7 +9,7 @@ import onebit.models
 from onebit.errors import OneBitInputError
 from onebit.loading import load_model
 
-from .app.conftest import TINY, compose_train
+from .train.conftest import TINY, compose_train
 
 TINY_SPEC = {"name": "tiny_llama", "source": "tiny", "arch": "llama"}
 

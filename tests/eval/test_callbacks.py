@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ..app.conftest import compose_train
+from ..train.conftest import compose_train
 from ..conftest import shared_path
 
 
@@ -50,7 +50,7 @@ def test_diagnostics_are_logged_at_every_validation(tmp_path) -> None:
     first point is the SVID-initialised student (quant.sign_init=sign: no sign flipped yet)."""
     import train
 
-    from ..app.conftest import TINY
+    from ..train.conftest import TINY
 
     cfg = compose_train([*TINY, "export=false", "optim.lr=5e-2", "quant.sign_init=sign"], tmp_path)
     result = train.run(cfg)

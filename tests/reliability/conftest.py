@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..app.conftest import TINY, compose_train
+from ..train.conftest import TINY, compose_train
 from ..conftest import REPO
 
 FAULTS = "tests.reliability.faults"

@@ -15,7 +15,7 @@ import torch
 from onebit.errors import OneBitInputError
 from onebit.train.preflight import check_command_line, check_no_secrets, per_device_batch
 
-from ..app.conftest import TINY, compose_train
+from ..train.conftest import TINY, compose_train
 from ..conftest import REPO, shared_path
 from .conftest import assert_one_sentence, cli, tiny
 

@@ -17,7 +17,7 @@ import pytest
 
 from onebit.checkpoint import check_checkpoint
 
-from ..app.conftest import TINY
+from ..train.conftest import TINY
 from ..conftest import shared_path
 from .conftest import FAULTS, assert_one_sentence, assert_same_training_state, cli, tiny, train_proc
 

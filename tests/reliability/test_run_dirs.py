@@ -202,7 +202,7 @@ def test_the_lock_is_held_during_the_run_and_released_after(tmp_path: Path) -> N
 def test_the_readme_sweep_command_runs_from_any_directory(tmp_path: Path) -> None:
     """``python train.py -m optim.lr=1e-4,4e-4`` with no ``hydra.sweep.dir``: the sweep directory
     resolves (it read ``hydra:runtime.cwd`` before Hydra had set it), under the launch folder."""
-    from ..app.conftest import TINY
+    from ..train.conftest import TINY
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     tiny_args = [a for a in TINY if not a.startswith("optim.lr=")]  # the sweep sets it

@@ -69,7 +69,7 @@ def _run(tmp: Path, name: str, *overrides: str, common: list[str] = COMMON):
 def _loss_log(path: Path) -> list[str]:
     """Overrides that make every rank record its loss per step in ``path`` (``_losses``)."""
     return [
-        "+callbacks.losslog._target_=tests.app.recorders.LossLog",
+        "+callbacks.losslog._target_=tests.train.recorders.LossLog",
         f"+callbacks.losslog.path={path}",
     ]
 

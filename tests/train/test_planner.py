@@ -71,7 +71,7 @@ def _plan_cli(tmp_path, *overrides: str):
     import subprocess
     import sys
 
-    from .conftest import REPO
+    from ..conftest import REPO
 
     return subprocess.run(
         [sys.executable, "train.py", "model=llama7b", "plan.enabled=true", "logger=none",
