@@ -311,6 +311,8 @@ def test_slurm_script_under_a_stand_in_srun_follows_the_single_process_curve(
         "RUN_DIR": str(run_dir),
         "OMP_NUM_THREADS": "1",
     }
+    runs = REPO / "outputs" / "train" / "runs"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
     done = subprocess.run(
         ["bash", "docs/launch/slurm_fsdp.sbatch", *_launched_fsdp2(tmp_path, log)],
         cwd=REPO,
@@ -323,3 +325,5 @@ def test_slurm_script_under_a_stand_in_srun_follows_the_single_process_curve(
     assert "per GPU" in done.stdout or "GiB" in done.stdout  # the plan step printed its table
     _assert_follows(log, single, run_dir)
     assert (run_dir / "train_rank1.log").is_file()  # rank 1 logs beside rank 0
+    assert (run_dir / "plan" / "train.log").is_file()  # the plan step logs into the run too
+    assert (set(runs.iterdir()) if runs.is_dir() else set()) == before  # no stray run directory
