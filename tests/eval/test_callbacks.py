@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ..train.conftest import compose_train
 from ..conftest import shared_path
+from ..train.conftest import compose_train
 
 
 def test_perplexity_and_zero_shot_are_logged(tmp_path, stories_path) -> None:

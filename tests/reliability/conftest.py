@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..train.conftest import TINY, compose_train
 from ..conftest import REPO
+from ..train.conftest import TINY, compose_train
 
 FAULTS = "tests.reliability.faults"
 

@@ -15,8 +15,8 @@ import torch
 from onebit.errors import OneBitInputError
 from onebit.train.preflight import check_command_line, check_no_secrets, per_device_batch
 
-from ..train.conftest import TINY, compose_train
 from ..conftest import REPO, shared_path
+from ..train.conftest import TINY, compose_train
 from .conftest import assert_one_sentence, cli, tiny
 
 SECONDS = 10  # an in-process run's budget for failing (the model and data checks take ms)

@@ -17,8 +17,8 @@ import pytest
 
 from onebit.checkpoint import check_checkpoint
 
-from ..train.conftest import TINY
 from ..conftest import shared_path
+from ..train.conftest import TINY
 from .conftest import FAULTS, assert_one_sentence, assert_same_training_state, cli, tiny, train_proc
 
 STEPS = 8
