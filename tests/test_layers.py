@@ -57,3 +57,65 @@ def test_the_sharded_checkpoint_meta_file_is_lightnings() -> None:
     from onebit.checkpoint.sharded import LIGHTNING_META
 
     assert LIGHTNING_META == _METADATA_FILENAME
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module of ``onebit`` -> the ``onebit`` modules it imports anywhere in its code (top level
+    or inside functions), read from the source with ``ast``."""
+    import ast
+
+    root = REPO / "onebit"
+    names = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, base]) if base else ".".join(up)
+                targets = [base, *(f"{base}.{a.name}" for a in node.names)]
+            for t in targets:
+                while t and t not in names:
+                    t = t.rpartition(".")[0]
+                if t and t != name and t.startswith("onebit"):
+                    found.add(t)
+        graph[name] = found
+    return graph
+
+
+def test_the_import_graph_has_no_circle_and_no_arrow_into_the_app() -> None:
+    """No module of onebit imports one that imports it back (through any chain), and nothing
+    outside onebit.train imports onebit.train: the layers the README and issue describe."""
+    graph = _import_graph()
+    assert "onebit.train.module" in graph and "onebit.quant.linear" in graph  # the walk found them
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if nxt.startswith(node + ".") or node.startswith(nxt + "."):
+                continue  # a package and its own modules (re-exports) are one unit
+            assert state.get(nxt) != 1, " -> ".join([*path, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    upward = sorted(
+        f"{m} -> {t}"
+        for m, ts in graph.items()
+        for t in ts
+        if t.startswith("onebit.train") and not m.startswith("onebit.train")
+    )
+    assert upward == []
