@@ -33,11 +33,9 @@ def load_for_eval(cfg: DictConfig):
     (``onebit.loading.load_model``)."""
 
     from onebit.errors import OneBitInputError
-    from onebit.loading import SOURCES, load_model
+    from onebit.loading import load_model
 
-    if cfg.source not in SOURCES:
-        raise OneBitInputError(f"source={cfg.source} is not one of {', '.join(SOURCES)}.")
-    if cfg.source != "hf":
+    if cfg.source != "hf":  # load_model names a source that is none of hf, export, checkpoint
         chosen = [o for o in _overrides() if o.lstrip("+~").split("=")[0].split(".")[0] == "model"]
         if chosen:
             raise OneBitInputError(
