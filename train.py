@@ -70,7 +70,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    import onebit.train.parallel  # noqa: F401  (registers trainer.strategy=fsdp2)
+    import onebit.train.parallel  # noqa: F401  (also registers the name trainer.strategy=fsdp2)
     from onebit.errors import Preempted
     from onebit.fileio import atomic_write_text
     from onebit.models import ModelSpec, load_tokenizer

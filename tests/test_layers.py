@@ -17,9 +17,12 @@ APP_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning", "hydra", "
 @pytest.mark.parametrize(
     "module",
     [
+        "onebit",
         "onebit.quant",
         "onebit.distill",
         "onebit.export",
+        "onebit.loading",
+        "onebit.generation",
         "onebit.models",
         "onebit.checkpoint",
         "onebit.export_checkpoint",

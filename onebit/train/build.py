@@ -51,6 +51,22 @@ def build_callbacks(cfg: DictConfig) -> list:
     return build_group(cfg, "callbacks")
 
 
+def strategy_name(strategy: Any) -> str:
+    """The name of ``trainer.strategy``: the text itself (``ddp``, ``auto``), or for a strategy
+    built by ``_target_`` its class's ``strategy_name`` (``fsdp2`` for
+    :class:`onebit.train.parallel.FSDP2Strategy`)."""
+    if strategy is None:
+        return "auto"
+    target = strategy.get("_target_") if hasattr(strategy, "get") else None
+    if target is None:
+        return str(strategy)
+    from hydra.utils import get_class
+
+    cls = get_class(str(target))
+    name = getattr(cls, "strategy_name", None)
+    return name if isinstance(name, str) else cls.__name__.lower()
+
+
 def check_launcher(cfg: DictConfig) -> None:
     """Refuse a multi-process strategy inside Hydra's basic launcher.
 
@@ -67,7 +83,7 @@ def check_launcher(cfg: DictConfig) -> None:
         return
     launcher = str(HydraConfig.get().launcher.get("_target_", ""))
     t = cfg.trainer
-    strategy = str(t.get("strategy", "auto"))
+    strategy = strategy_name(t.get("strategy", "auto"))
     devices, nodes = t.get("devices", 1), t.get("num_nodes", 1) or 1
     many = (isinstance(devices, int) and devices > 1) or nodes > 1 or devices in ("auto", -1)
     distributed = strategy.startswith(("ddp", "fsdp", "model_parallel", "deepspeed"))
@@ -141,6 +157,9 @@ def make_trainer(trainer_cfg: dict[str, Any], **kwargs: Any):
             "trainer.devices=<processes>, over gloo) or use trainer=default."
         )
     check_trainer_types(trainer_cfg)
+    strategy = trainer_cfg.get("strategy")
+    if isinstance(strategy, dict) and "_target_" in strategy:  # conf/trainer/fsdp.yaml
+        trainer_cfg = {**trainer_cfg, "strategy": instantiate(strategy, _convert_="all")}
     try:
         return L.Trainer(**trainer_cfg, **kwargs)
     except (MisconfigurationException, ValueError, TypeError) as e:

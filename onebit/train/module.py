@@ -6,7 +6,7 @@ so no second copy of embeddings, norms or ``lm_head`` is held), idempotently: Li
 the hook more than once. The teacher is held beside the student, not as a child module, so it
 never reaches the optimizer or a checkpoint; it stays in eval mode with gradients off.
 
-Under ``trainer.strategy=fsdp2`` (:mod:`onebit.train.parallel`) the same hook then shards student
+Under ``trainer=fsdp`` (:class:`onebit.train.parallel.FSDP2Strategy`) the same hook then shards student
 and teacher with FSDP2's ``fully_shard``, one unit per decoder block, with the mixed precision of
 :class:`ParallelConfig` (bf16 compute, fp32 master weights and gradient reduction by default).
 """
@@ -58,7 +58,7 @@ _DTYPES = DTYPES  # fsdp.param_dtype, fsdp.reduce_dtype: the same names as model
 
 @dataclass
 class ParallelConfig:
-    """Memory options for large runs; the ``fsdp`` keys apply under ``trainer.strategy=fsdp2``.
+    """Memory options for large runs; the ``fsdp`` keys apply under ``trainer=fsdp``.
 
     Attributes:
         activation_checkpointing: recompute each decoder block's activations of the student in
@@ -266,7 +266,7 @@ class OneBitDistillation(L.LightningModule):
 
     @property
     def sharded(self) -> bool:
-        """The student is sharded with FSDP2 (``trainer.strategy=fsdp2``)."""
+        """The student is sharded with FSDP2 (``trainer=fsdp``)."""
         return getattr(self, "_device_mesh", None) is not None and self.student is not None
 
     def _fully_shard(self, mesh):

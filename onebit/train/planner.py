@@ -220,7 +220,9 @@ def plan_run(cfg) -> dict[str, Any]:
     if world is None:
         devices, nodes = t.get("devices", 1), t.get("num_nodes", 1) or 1
         world = devices * nodes if isinstance(devices, int) else 8
-    strategy = p.strategy or ("fsdp" if "fsdp" in str(t.get("strategy", "")) else "ddp")
+    from onebit.train.build import strategy_name
+
+    strategy = p.strategy or ("fsdp" if "fsdp" in strategy_name(t.get("strategy")) else "ddp")
     try:
         settings = PlanSettings(
             strategy=strategy,
