@@ -56,8 +56,8 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     assert ab["svd_init"].quant == OneBitConfig(svid_method="svd")
     assert ab["copy_init"].quant == OneBitConfig(svid_method="none")
     assert ab["no_ln"].quant == OneBitConfig(output_norm=False)
-    assert ab["alpha_0"].loss == DistillLossConfig(alpha=0.0)
-    assert ab["alpha_10"].loss == DistillLossConfig(alpha=10.0)
+    assert ab["alpha_0"].loss == DistillLossConfig(hidden_weight=0.0)
+    assert ab["alpha_10"].loss == DistillLossConfig(hidden_weight=10.0)
     assert ab["official_loss"].loss == DistillLossConfig.official()
     for key in ("alpha_0", "alpha_10", "official_loss"):
         assert ab[key].quant == base_q

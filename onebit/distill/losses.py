@@ -1,6 +1,6 @@
 """Quantization-aware knowledge distillation losses of OneBit.
 
-    L = kd_scale · L_KD + alpha · L_MSE + lm_weight · L_LM
+    L = kd_weight · L_KD + hidden_weight · L_MSE + lm_weight · L_LM
 
 L_KD is KL(teacher ‖ student) on the logits at temperature τ (multiplied by τ², as usual), computed
 in float32 so that fp16/bf16 logits cannot overflow. Default reduction: the mean over the real
@@ -42,8 +42,8 @@ class DistillLossConfig:
     """Weights and reductions of the distillation loss (see the module docstring).
 
     Attributes:
-        kd_scale: weight of the logit KD term (official: kd_alpha 1.0 × kd_loss_scale 0.01).
-        alpha: weight of the hidden-state MSE term (the paper's α; official kd_beta 1).
+        kd_weight: weight of the logit KD term (official: kd_alpha 1.0 × kd_loss_scale 0.01).
+        hidden_weight: weight of the hidden-state MSE term (the paper's α; official kd_beta 1).
         lm_weight: weight of the student's own LM cross-entropy (official: 1 − kd_alpha = 0).
         temperature: KD temperature τ.
         kd_reduction: ``token_mean`` (masked per-token mean) or ``batchmean`` (official).
@@ -54,8 +54,8 @@ class DistillLossConfig:
             position, padding included (``False``: the official code).
     """
 
-    kd_scale: float = 1.0
-    alpha: float = 1.0
+    kd_weight: float = 1.0
+    hidden_weight: float = 1.0
     lm_weight: float = 0.0
     temperature: float = 1.0
     kd_reduction: Literal["token_mean", "batchmean"] = "token_mean"
@@ -64,7 +64,7 @@ class DistillLossConfig:
     hidden_mask: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("kd_scale", "alpha", "lm_weight"):
+        for key in ("kd_weight", "hidden_weight", "lm_weight"):
             check_number("loss", key, getattr(self, key))
         check_number("loss", "temperature", self.temperature, allow_zero=False)
         for key, choices in (
@@ -80,8 +80,8 @@ class DistillLossConfig:
     def official(cls, **overrides: Any) -> DistillLossConfig:
         """The official run: ``0.01 · KL(batchmean) + 1 · Σ_layers MSE`` with its layer indexing."""
         base = dict(
-            kd_scale=0.01,
-            alpha=1.0,
+            kd_weight=0.01,
+            hidden_weight=1.0,
             lm_weight=0.0,
             kd_reduction="batchmean",
             hidden_layers="official",
@@ -96,7 +96,7 @@ class DistillLossConfig:
 
     @property
     def needs_hidden_states(self) -> bool:
-        return self.alpha > 0
+        return self.hidden_weight > 0
 
 
 def _token_mask(attention_mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
@@ -225,14 +225,16 @@ class DistillLoss(nn.Module):
         c = self.config
         terms: dict[str, Tensor] = {}
         total = student_logits.new_zeros((), dtype=torch.float32)
-        if c.kd_scale > 0:
+        if c.kd_weight > 0:
             terms["kd"] = logit_kd(
                 student_logits, teacher_logits, attention_mask, c.temperature, c.kd_reduction
             )
-            total = total + c.kd_scale * terms["kd"]
-        if c.alpha > 0:
+            total = total + c.kd_weight * terms["kd"]
+        if c.hidden_weight > 0:
             if student_hidden is None or teacher_hidden is None:
-                raise ValueError("loss.alpha > 0 needs the hidden states of student and teacher.")
+                raise ValueError(
+                    "loss.hidden_weight > 0 needs the hidden states of student and teacher."
+                )
             terms["hidden"] = hidden_mse(
                 student_hidden,
                 teacher_hidden,
@@ -241,7 +243,7 @@ class DistillLoss(nn.Module):
                 c.hidden_layer_reduction,
                 c.hidden_mask,
             )
-            total = total + c.alpha * terms["hidden"]
+            total = total + c.hidden_weight * terms["hidden"]
         if c.lm_weight > 0:
             if input_ids is None:
                 raise ValueError("loss.lm_weight > 0 needs the input ids.")

@@ -231,7 +231,7 @@ def plan_run(cfg) -> dict[str, Any]:
             seq_len=int(cfg.data.seq_len),
             activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
             recipe=p.recipe,
-            hidden_loss=float(cfg.loss.get("alpha", 1.0)) > 0,
+            hidden_loss=float(cfg.loss.get("hidden_weight", 1.0)) > 0,
             gpu_gib=float(p.gpu_gib),
         )
     except ValueError as e:

@@ -95,6 +95,9 @@ def _missing_keys(node: Any, prefix: str = "") -> list[str]:
     return [k for key, v in items for k in _missing_keys(v, f"{prefix}.{key}" if prefix else key)]
 
 
+RENAMED = {"loss.alpha": "loss.hidden_weight", "loss.kd_scale": "loss.kd_weight"}
+
+
 def check_composes(argv: Sequence[str], conf_dir: Path, config_name: str) -> None:
     """Compose the config as Hydra will, and say in one sentence what stops it: a key that is not
     in the config (a typo: ``optim.lrr=1``), a value of the wrong type, or a required value left
@@ -122,6 +125,8 @@ def check_composes(argv: Sequence[str], conf_dir: Path, config_name: str) -> Non
         m = re.search(r"Could not override '([^']+)'", text)
         if m and "not in struct" in text:
             key = m.group(1)
+            if key in RENAMED:
+                raise OneBitInputError(f"{key} is now called {RENAMED[key]}.") from None
             raise OneBitInputError(
                 f"{key} is not a key of the config; check its spelling (python "
                 f"{config_name}.py --cfg job lists every key), or add a new key with +{key}=..."
@@ -194,10 +199,10 @@ def check_seq_len(seq_len: int | None, model_name: str, config) -> None:
 
 def check_loss_weights(loss) -> None:
     """Refuse a loss whose every term has weight 0 (negative and NaN weights: the config does)."""
-    if loss.kd_scale == 0 and loss.alpha == 0 and loss.lm_weight == 0:
+    if loss.kd_weight == 0 and loss.hidden_weight == 0 and loss.lm_weight == 0:
         raise OneBitInputError(
-            "loss.kd_scale, loss.alpha and loss.lm_weight are all 0, so the loss is constant; "
-            "set at least one above 0."
+            "loss.kd_weight, loss.hidden_weight and loss.lm_weight are all 0, so the loss is "
+            "constant; set at least one above 0."
         )
 
 

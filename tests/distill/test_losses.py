@@ -40,7 +40,7 @@ def test_student_differs_and_total_is_the_weighted_sum(pair) -> None:
     teacher, student = pair
     ids = torch.randint(0, 128, (2, 10))
     t, s = _outputs(teacher, ids), _outputs(student, ids)
-    cfg = DistillLossConfig(kd_scale=0.5, alpha=3.0, lm_weight=0.25)
+    cfg = DistillLossConfig(kd_weight=0.5, hidden_weight=3.0, lm_weight=0.25)
     terms = DistillLoss(cfg)(s.logits, t.logits, s.hidden_states, t.hidden_states, input_ids=ids)
     assert terms["kd"] > 0 and terms["hidden"] > 0 and terms["lm"] > 0
     expected = 0.5 * terms["kd"] + 3.0 * terms["hidden"] + 0.25 * terms["lm"]
@@ -151,7 +151,7 @@ def test_lm_cross_entropy_matches_hf_loss() -> None:
     torch.testing.assert_close(lm_cross_entropy(out.logits, ids), out.loss)
 
 
-@pytest.mark.parametrize("key", ["kd_scale", "alpha", "lm_weight"])
+@pytest.mark.parametrize("key", ["kd_weight", "hidden_weight", "lm_weight"])
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
 def test_bad_weights_are_refused_naming_the_key(key: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"loss.{key}="):
@@ -160,8 +160,8 @@ def test_bad_weights_are_refused_naming_the_key(key: str, value: float) -> None:
 
 def test_missing_hidden_states_is_a_clear_error() -> None:
     x = torch.randn(1, 2, 5)
-    with pytest.raises(ValueError, match="alpha > 0 needs the hidden states"):
+    with pytest.raises(ValueError, match="hidden_weight > 0 needs the hidden states"):
         DistillLoss()(x, x)
-    assert DistillLoss(DistillLossConfig(alpha=0))(x, x)["loss"].item() == pytest.approx(
+    assert DistillLoss(DistillLossConfig(hidden_weight=0))(x, x)["loss"].item() == pytest.approx(
         0, abs=1e-6
     )

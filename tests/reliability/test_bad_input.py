@@ -273,8 +273,8 @@ def test_a_trainer_this_machine_cannot_run_is_one_sentence(
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("loss.alpha=-1", "loss.alpha=-1 must be a finite number >= 0."),
-        ("loss.kd_scale=nan", "loss.kd_scale=nan must be a finite number >= 0."),
+        ("loss.hidden_weight=-1", "loss.hidden_weight=-1 must be a finite number >= 0."),
+        ("loss.kd_weight=nan", "loss.kd_weight=nan must be a finite number >= 0."),
         ("loss.lm_weight=inf", "loss.lm_weight=inf must be a finite number >= 0."),
     ],
 )
@@ -309,8 +309,8 @@ def test_a_bad_dtype_of_evaluate_and_generate_is_one_sentence(tmp_path: Path, sc
 
 
 def test_all_loss_weights_zero(tmp_path: Path) -> None:
-    assert _fails(tiny(tmp_path, "loss.kd_scale=0", "loss.alpha=0")).startswith(
-        "loss.kd_scale, loss.alpha and loss.lm_weight are all 0"
+    assert _fails(tiny(tmp_path, "loss.kd_weight=0", "loss.hidden_weight=0")).startswith(
+        "loss.kd_weight, loss.hidden_weight and loss.lm_weight are all 0"
     )
 
 

@@ -69,6 +69,8 @@ def stories_path_module() -> Path:
             "error: model.path must be set (it has no default here): add model.path=... to the "
             "command line.",
         ),
+        (["loss.alpha=0.5"], "error: loss.alpha is now called loss.hidden_weight."),
+        (["loss.kd_scale=0.01"], "error: loss.kd_scale is now called loss.kd_weight."),
     ],
 )
 def test_train_refuses_a_command_that_does_not_compose(

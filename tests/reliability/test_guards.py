@@ -166,7 +166,7 @@ def test_kd_on_fp16_logits_is_fp32_and_does_not_overflow() -> None:
     official_fp16 = F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
     assert official_fp16.dtype == torch.float16 and torch.isinf(official_fp16)
 
-    terms = DistillLoss(DistillLossConfig.official(alpha=0.0))(s, t)
+    terms = DistillLoss(DistillLossConfig.official(hidden_weight=0.0))(s, t)
     s64, t64 = s.double(), t.double()
     kl = (F.softmax(t64, -1) * (F.log_softmax(t64, -1) - F.log_softmax(s64, -1))).sum(-1)
     assert terms["kd"].dtype == torch.float32 and terms["loss"].dtype == torch.float32

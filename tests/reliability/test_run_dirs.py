@@ -318,9 +318,9 @@ def test_a_rejected_command_leaves_the_run_directory_as_it_was(tmp_path: Path) -
     assert p.returncode == 0, p.stderr[-2000:]
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     before = _snapshot(run_dir)
-    p = train_proc(run_dir, "trainer.max_steps=4", "ckpt_path=auto", "loss.alpha=-1")
+    p = train_proc(run_dir, "trainer.max_steps=4", "ckpt_path=auto", "loss.hidden_weight=-1")
     assert p.returncode == 2, p.stderr[-2000:]
-    assert "loss.alpha=-1" in p.stderr.strip().splitlines()[-1]
+    assert "loss.hidden_weight=-1" in p.stderr.strip().splitlines()[-1]
     after = _snapshot(run_dir)
     assert after == before
 
