@@ -21,11 +21,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from onebit.config_utils import register_resolvers, torch_dtype
-from onebit.eval.zeroshot import PAPER_COLUMNS
+from onebit.eval.table import markdown_table, table_notes
 
 log = logging.getLogger("onebit.evaluate")
-
-TABLE_HEAD = ["Model", "Wiki2", "C4", *PAPER_COLUMNS.values(), "Avg."]
 
 
 def load_for_eval(cfg: DictConfig):
@@ -63,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from onebit.errors import OneBitInputError
-    from onebit.eval.perplexity import c4_ids, perplexity, wikitext2_ids
+    from onebit.eval.perplexity import eval_ids, perplexity
 
     model, tok, name = load_for_eval(cfg)
     if tok is None:
@@ -82,12 +80,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seqlen = min(int(e.seqlen), int(ctx))
     row: dict[str, Any] = {"model": cfg.name or name, "seqlen": seqlen}
     for ds in e.datasets:
-        if ds == "wikitext2":
-            ids = wikitext2_ids(tok, e.wikitext2_path)
-        elif ds == "c4":
-            ids = c4_ids(tok, e.c4_path, seqlen=seqlen, n_samples=e.c4_samples)
-        else:
-            raise OneBitInputError(f"eval.datasets has {ds!r}; valid: wikitext2, c4.")
+        ids = eval_ids(
+            ds, tok, seqlen, wikitext2_path=e.wikitext2_path, c4_path=e.c4_path,
+            c4_samples=e.c4_samples,
+        )  # fmt: skip
         res = perplexity(model, ids, seqlen, e.stride, e.max_windows, device, progress=True)
         row[ds] = res.to_dict()
     if e.tasks:
@@ -106,9 +102,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_text(out_dir / "eval.json", json.dumps(row, indent=2))
     atomic_write_text(out_dir / "eval.md", table + "\n")
     print("\n" + table + "\n", flush=True)
-    print(_notes(row), flush=True)
+    print(table_notes(row), flush=True)
     print(f"results: {out_dir / 'eval.json'} and {out_dir / 'eval.md'}", flush=True)
-    _log_wandb(cfg, row)
+    wandb_node = (OmegaConf.to_container(cfg.get("logger"), resolve=True) or {}).get("wandb")
+    if wandb_node:
+        from onebit.train.loggers import log_eval_table
+
+        log_eval_table(wandb_node, OmegaConf.to_container(cfg, resolve=True), row)
     return row
 
 
@@ -118,9 +118,9 @@ def run_diagnose(cfg: DictConfig, model, tok, device) -> dict[str, Any]:
     scales and the layers a LayerNorm'd 1-bit layer could not write."""
     import torch
 
-    from onebit.diagnostics import diagnose, massive_layers
+    from onebit.diagnostics import diagnose, keep_advice
     from onebit.errors import OneBitInputError
-    from onebit.eval.perplexity import c4_ids, wikitext2_ids
+    from onebit.eval.perplexity import eval_ids
     from onebit.fileio import atomic_write_text
     from onebit.models import ModelSpec, load_causal_lm
 
@@ -128,12 +128,8 @@ def run_diagnose(cfg: DictConfig, model, tok, device) -> dict[str, Any]:
     n, seq = int(d.tokens), int(d.seq_len)
     if n < seq or seq < 2:
         raise OneBitInputError(f"diagnose.tokens={n} must be at least diagnose.seq_len={seq} >= 2.")
-    if d.text == "wikitext2":
-        ids = wikitext2_ids(tok, cfg.eval.wikitext2_path)
-    elif d.text == "c4":
-        ids = c4_ids(tok, cfg.eval.c4_path, seqlen=seq, n_samples=-(-n // seq))
-    else:
-        raise OneBitInputError(f"diagnose.text={d.text!r} is not wikitext2 or c4.")
+    paths = {"wikitext2_path": cfg.eval.wikitext2_path, "c4_path": cfg.eval.c4_path}
+    ids = eval_ids(d.text, tok, seq, **paths, c4_samples=-(-n // seq), key="diagnose.text")
     if ids.numel() < seq:
         raise OneBitInputError(f"the diagnose.text={d.text} text has fewer than {seq} tokens.")
     ids = ids[: (min(n, ids.numel()) // seq) * seq].view(-1, seq).to(device)  # (batch, seq)
@@ -145,20 +141,8 @@ def run_diagnose(cfg: DictConfig, model, tok, device) -> dict[str, Any]:
         student = model
     with torch.no_grad():
         report = diagnose(teacher, student, ids)
-    over = massive_layers(report)
-    text = report.format(top=int(d.top))
-    text += (
-        f"\n\n{len(over)} of {len(report.layers)} layers write entries above sqrt(out - 1), "
-        "the most a OneBit layer with its output LayerNorm can"
-    )
-    ranked = sorted(over, key=lambda n: -_excess(report, n))[: int(d.keep)]
-    if ranked:
-        text += (
-            f"; the {len(ranked)} furthest above it (max |y| / sqrt(out - 1)), to keep in full "
-            f"precision:\n  quant.skip_modules=[{','.join(ranked)}]\n(or, at a fraction of the "
-            "bits, keep only the weights that write them: quant.outliers=256, the default of "
-            "quant=onebit)"
-        )
+    over, ranked, advice = keep_advice(report, int(d.keep))
+    text = report.format(top=int(d.top)) + "\n\n" + advice
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {**report.to_dict(), "massive_layers": over, "keep": ranked, "text": d.text}
@@ -167,71 +151,6 @@ def run_diagnose(cfg: DictConfig, model, tok, device) -> dict[str, Any]:
     print("\n" + text + "\n", flush=True)
     print(f"diagnostics: {out_dir / 'diagnostics.json'}", flush=True)
     return result
-
-
-def _excess(report, name: str) -> float:
-    r = next(layer for layer in report.layers if layer.name == name)
-    return r.teacher.absmax / max(r.out_features - 1, 1) ** 0.5
-
-
-def _cells(row: dict[str, Any]) -> list[str]:
-    cells = [str(row["model"])]
-    for ds in ("wikitext2", "c4"):
-        cells.append(f"{row[ds]['ppl']:.2f}" if ds in row else "-")
-    accs = []
-    for task in PAPER_COLUMNS:
-        s = row.get(task)
-        value = s.get(s.get("paper_metric", "acc")) if s else None
-        if value is None:
-            cells.append("-")
-        else:
-            accs.append(100 * value)
-            cells.append(f"{100 * value:.2f}")
-    cells.append(f"{sum(accs) / len(accs):.2f}" if len(accs) == len(PAPER_COLUMNS) else "-")
-    return cells
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The paper's layout: perplexity (lower is better), then zero-shot accuracy in %, average."""
-    lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" + "---:|" * (len(TABLE_HEAD) - 1)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _notes(row: dict[str, Any]) -> str:
-    parts = [f"perplexity: seqlen {row['seqlen']}"]
-    for ds in ("wikitext2", "c4"):
-        if ds in row:
-            parts.append(f"{ds} {row[ds]['n_windows']} windows / {row[ds]['n_tokens']:,} tokens")
-    ns = {t: row[t]["n"] for t in PAPER_COLUMNS if t in row}
-    if ns:
-        metric = {t: row[t]["paper_metric"] for t in ns}
-        parts.append(
-            "zero-shot items: " + ", ".join(f"{t} {n} ({metric[t]})" for t, n in ns.items())
-        )
-    return "; ".join(parts)
-
-
-def _log_wandb(cfg: DictConfig, row: dict[str, Any]) -> None:
-    node = OmegaConf.to_container(cfg.get("logger"), resolve=True) or {}
-    if "wandb" not in node:
-        return
-    import wandb
-
-    from onebit.train.loggers import resolve_wandb_mode
-
-    w = node["wandb"]
-    run = wandb.init(
-        project=w.get("project", "onebit"),
-        name=w.get("name"),
-        dir=w.get("save_dir"),
-        mode=resolve_wandb_mode(w.get("mode", "auto")),
-        job_type="evaluate",
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-    run.log({"eval/table": wandb.Table(columns=TABLE_HEAD, data=[_cells(row)])})
-    run.summary.update({"eval": row})
-    run.finish()
 
 
 register_resolvers()  # ${onebit.cwd:} in conf/paths, before Hydra composes

@@ -23,16 +23,9 @@ import time
 from pathlib import Path
 
 import lightning as L
+from harness import proc_status
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _vmhwm() -> int:
-    """This process's peak resident set size in bytes (Linux ``/proc/self/status``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 class PeakMemory(L.Callback):
@@ -43,7 +36,7 @@ class PeakMemory(L.Callback):
 
     def _write(self, trainer: L.Trainer, when: str) -> None:
         with open(self.path, "a") as f:
-            line = {"rank": trainer.global_rank, "when": when, "vmhwm": _vmhwm()}
+            line = {"rank": trainer.global_rank, "when": when, "vmhwm": proc_status("VmHWM")}
             f.write(json.dumps(line) + "\n")
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from harness import header, proc_status, read_bandwidth
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,25 +76,6 @@ def build_llama7b_export(path: Path, seed: int = 0) -> Path:
     return save_onebit(
         model, path, quant, dtype=torch.float16, extra={"note": "random weights (benchmark)"}
     )
-
-
-def read_bandwidth() -> float:
-    t = torch.ones(256 * 1024 * 1024)
-    t.sum()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        t.sum()
-        times.append(time.perf_counter() - t0)
-    return t.numel() * 4 / statistics.median(times) / 1e9
-
-
-def proc_status(key: str) -> int:
-    """A memory figure of this process from /proc/self/status, in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def weight_bytes_per_token(model) -> int:
@@ -203,7 +181,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.child_kind:
         child(args)
         return
-    from onebit import kernels
     from onebit.quant.footprint import human_bytes
 
     t_start = time.perf_counter()
@@ -221,11 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(("smollm2_135m (OneBit)", args.smollm2_dir, "export"))
     rows.append(("smollm2_135m (FP, fp32)", None, "hf"))
     lines = [
-        "# Load and generate: 1-bit exports vs full precision",
-        "",
-        f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
-        f"- python {platform.python_version()}, torch {torch.__version__}, torch threads "
-        f"{torch.get_num_threads()}, {os.cpu_count()} cores; {kernels.status()}",
+        *header("Load and generate: 1-bit exports vs full precision"),
         f"- read bandwidth measured now: {bw:.1f} GB/s; prompt {args.prompt_tokens} random "
         f"tokens, {args.new_tokens} greedy new tokens, after a 2-token warm-up",
         "",

@@ -28,9 +28,6 @@ tensor, same threads). Run:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -40,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import header, read_bandwidth
 
 from onebit.models import llama_linear_shapes
 
@@ -51,28 +49,6 @@ SHAPES = {
     "gate/up_proj": _LLAMA7B["gate_proj"],
     "down_proj": _LLAMA7B["down_proj"],
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def read_bandwidth(rounds: int) -> float:
-    """GB/s of ``t.sum()`` over a 1 GiB fp32 tensor (median of ``rounds``)."""
-    t = torch.ones(256 * 1024 * 1024)
-    t.sum()
-    times = []
-    for _ in range(max(3, rounds)):
-        t0 = time.perf_counter()
-        t.sum()
-        times.append(time.perf_counter() - t0)
-    return t.numel() * 4 / statistics.median(times) / 1e9
 
 
 def make_layer(out_f: int, in_f: int, seed: int):
@@ -127,7 +103,7 @@ def run(args: argparse.Namespace) -> list[str]:
         torch.set_num_threads(args.threads)
     if not kernels.available():
         raise SystemExit(f"the C++ kernels are needed for this benchmark: {kernels.status()}")
-    bw = read_bandwidth(args.rounds)
+    bw = read_bandwidth(max(3, args.rounds))
     rows = []
     for name, (out_f, in_f) in SHAPES.items():
         layer, W = make_layer(out_f, in_f, seed=out_f + in_f)
@@ -182,12 +158,7 @@ def run(args: argparse.Namespace) -> list[str]:
                 )
         del dense32, dense16, packed
     head = [
-        "# Packed 1-bit layer vs dense layers",
-        "",
-        f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
-        f"- python {platform.python_version()}, torch {torch.__version__}, "
-        f"torch threads {torch.get_num_threads()}, CPU: {cpu_model()} ({os.cpu_count()} cores)",
-        f"- {kernels.status()}",
+        *header("Packed 1-bit layer vs dense layers"),
         f"- read bandwidth measured now (sum of 1 GiB fp32): {bw:.1f} GB/s",
         f"- median over {args.rounds} rounds (round-robin, after one warm-up round); decode "
         f"calls of the fast methods are repeated {args.decode_reps}× per round and averaged",

@@ -12,12 +12,12 @@ The same windows and the same model are used for every mode, in one process; the
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+from harness import header
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     ref_t = rows[0][2]
     fp32_t = rows[1][2]
     lines = [
-        "# Prefill modes of the packed layer: WikiText-2 perplexity and time",
-        "",
-        f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
-        f"- export: `{args.export}`; {rows[0][1].n_tokens:,} tokens in {args.windows} windows of "
-        f"{seqlen}; torch threads {torch.get_num_threads()}; {kernels.status()}",
+        *header(
+            "Prefill modes of the packed layer: WikiText-2 perplexity and time",
+            f"export: `{args.export}`; {rows[0][1].n_tokens:,} tokens in {args.windows} windows "
+            f"of {seqlen}",
+        ),
         "",
         "| prefill | Wiki2 ppl | vs reference | time (s) | speed-up vs reference "
         "| vs fp32 kernel |",

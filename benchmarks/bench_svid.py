@@ -83,8 +83,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -92,7 +90,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import harness
 import torch
+from harness import busy_cpu_seconds, load_average, own_cpu_seconds
 from torch import Tensor
 
 from onebit.models import llama_linear_shapes
@@ -150,16 +150,6 @@ class Row:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def random_llm_like(out_f: int, in_f: int, seed: int) -> Tensor:
@@ -327,29 +317,6 @@ def fmt(x: float | None, spec: str) -> str:
     return "—" if x is None or math.isnan(x) else format(x, spec)
 
 
-def load_average() -> str:
-    """The 1-minute load average (other processes on the CPUs make the timings noisy)."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:  # pragma: no cover - not on every platform
-        return "n/a"
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), else None."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
@@ -381,24 +348,9 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
-def kernels_status() -> str:
-    from onebit import kernels
-
-    return kernels.status()
-
-
 def header(args: argparse.Namespace, model_path: Path, load_start: str, heap: str) -> list[str]:
     return [
-        "# SVID benchmark",
-        "",
-        f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
-        (
-            f"- python {platform.python_version()}, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()}, "
-            f"os.cpu_count() {os.cpu_count()}"
-        ),
-        f"- CPU: {cpu_model()}; 1-min load average at start {load_start}",
-        f"- {kernels_status()}",
+        *harness.header("SVID benchmark", f"1-min load average at start {load_start}"),
         f"- device: {device_name(args.device)} for every method but nmf_sklearn (numpy, CPU)",
         f"- {heap}",
         (

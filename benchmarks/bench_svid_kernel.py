@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from harness import header
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,10 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     if not kernels.available():
         sys.exit(f"bench_svid_kernel: {kernels.status()}")
     op = torch.ops.onebit.svid_rank1_als
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds per "
-        f"call, median of {args.repeats} runs × {args.calls} calls\n"
-    )
+    note = f"{args.rounds} rounds per call, median of {args.repeats} runs × {args.calls} calls"
+    print("\n".join([*header("The SVID kernel's row schedules", note), ""]))
     print("| matrix | dtype | kernel | ms per round | GB/s | vs 1 row |")
     print("|---|---|---|---:|---:|---:|")
     for i, (name, shape) in enumerate(FULL_SHAPES.items()):

@@ -13,14 +13,13 @@ official scikit-learn NMF is timed on one matrix of each shape and extrapolated 
 from __future__ import annotations
 
 import argparse
-import platform
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from harness import header
 
 from onebit.models import llama_linear_shapes
 
@@ -43,7 +42,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-sklearn", action="store_true", help="skip the scikit-learn estimate")
     args = p.parse_args(argv)
 
-    from onebit import kernels
     from onebit.quant.svid import factors_error, svid
 
     t_start = time.perf_counter()
@@ -77,11 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             sk_rows.append((shape, dt))
             sk_total += dt * len(times)
     lines = [
-        "# SVID of every LLaMA-7B-shaped matrix",
-        "",
-        f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`",
-        f"- python {platform.python_version()}, torch {torch.__version__}, torch threads "
-        f"{torch.get_num_threads()}; {kernels.status()}",
+        *header("SVID of every LLaMA-7B-shaped matrix"),
         "",
         "| shape (out×in) | matrices | median s / matrix | total s |",
         "|---|---:|---:|---:|",

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from harness import header
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,8 +103,6 @@ def main() -> None:
         _child(args)
         return
 
-    import torch
-
     variants = args.variants.split(",")
     times: dict[str, list[float]] = {v: [] for v in variants}
     peak: dict[str, float] = {v: 0.0 for v in variants}
@@ -145,13 +144,12 @@ def main() -> None:
 
     tokens = args.batch * args.seq_len
     base = statistics.median(times["fp_student"]) if "fp_student" in times else None
-    print(f"\n`{' '.join(['python', *sys.argv])}`\n")
-    print(
+    title = "Training step: OneBit student vs full-precision student"
+    note = (
         f"model {args.model}, batch {args.batch} x {args.seq_len} tokens, "
-        f"{args.rounds} rounds x {args.steps} steps per variant (medians), torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or ''} "
-        f"{os.cpu_count()} CPUs\n"
+        f"{args.rounds} rounds x {args.steps} steps per variant (medians)"
     )
+    print("\n".join(["", *header(title, note), ""]))
     print("| student | step (s) | tokens/s | vs full-precision student | peak RSS (MB) |")
     print("|---|---:|---:|---:|---:|")
     for v in variants:

@@ -39,12 +39,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from harness import header
+from omegaconf import DictConfig
+
+from onebit.config_utils import register_resolvers
+from onebit.eval.zeroshot import PAPER_COLUMNS
+from onebit.train.build import container
 
 ROOT = Path(__file__).resolve().parent.parent
-
-from onebit.config_utils import register_resolvers  # noqa: E402
-from onebit.eval.zeroshot import PAPER_COLUMNS  # noqa: E402
 
 log = logging.getLogger("onebit.results")
 
@@ -61,10 +63,6 @@ def ppl_column(name: str) -> str:
     """A perplexity column's heading: ``wikitext2`` → Wiki2, ``c4@128`` → C4@128."""
     base, at, length = name.partition("@")
     return PPL_COLUMNS.get(base, base) + at + length
-
-
-def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 # -- students -------------------------------------------------------------------------------------
@@ -128,13 +126,13 @@ def base_arm(cfg: DictConfig, label: str = "OneBit") -> Arm:
 
     return Arm(
         label,
-        OneBitConfig.from_dict(_container(cfg.quant)),
-        DistillLossConfig.from_dict(_container(cfg.loss)),
-        OptimConfig.from_dict(_container(cfg.optim)),
+        OneBitConfig.from_dict(container(cfg.quant)),
+        DistillLossConfig.from_dict(container(cfg.loss)),
+        OptimConfig.from_dict(container(cfg.optim)),
         int(cfg.data.seq_len),
         int(cfg.train.batch_size),
         _count(cfg.train.get("keep_massive", 0), "train.keep_massive"),
-        BlockwiseConfig.from_dict(_container(cfg.get("blockwise")) or {}),
+        BlockwiseConfig.from_dict(container(cfg.get("blockwise")) or {}),
     )
 
 
@@ -187,8 +185,8 @@ def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) ->
     return Arm(
         spec.get("label", base.label),
         OneBitConfig.from_dict({**base.quant.to_dict(), **(spec.get("quant") or {})}),
-        DistillLossConfig.from_dict({**_container(cfg.loss), **(spec.get("loss") or {})}),
-        OptimConfig.from_dict({**_container(cfg.optim), **(spec.get("optim") or {})}),
+        DistillLossConfig.from_dict({**container(cfg.loss), **(spec.get("loss") or {})}),
+        OptimConfig.from_dict({**container(cfg.optim), **(spec.get("optim") or {})}),
         int((spec.get("data") or {}).get("seq_len", base.seq_len)),
         int((spec.get("train") or {}).get("batch_size", base.batch_size)),
         _count(spec.get("keep_massive", base.keep_massive), f"{where}.keep_massive"),
@@ -217,7 +215,7 @@ def _source(value: Any, key: str) -> str | None:
 def main_arm(cfg: DictConfig) -> Arm:
     """The main OneBit row: the base recipe with ``main``'s overrides (the recommended recipe;
     the ablations and levers stay relative to the base, the paper's layer)."""
-    arm = apply_overrides(cfg, _container(cfg.get("main")), "main")
+    arm = apply_overrides(cfg, container(cfg.get("main")), "main")
     label = arm.label if (cfg.get("main") or {}).get("label") else "OneBit"
     return arm._replace(label=f"{label}, {arm.steps or int(cfg.train.steps)} steps")
 
@@ -228,7 +226,7 @@ def ablation_configs(cfg: DictConfig) -> dict[str, Arm]:
     from onebit.errors import OneBitInputError
 
     out = {}
-    for key, spec in (_container(cfg.ablations) or {}).items():
+    for key, spec in (container(cfg.ablations) or {}).items():
         if key in BASELINE_LABELS or key == "onebit":
             raise OneBitInputError(f"ablations.{key}: the name is taken by a row; rename it.")
         out[key] = apply_overrides(cfg, {"label": key, **(spec or {})}, f"ablations.{key}")
@@ -659,7 +657,7 @@ class WandbLog:
     """One W&B run for the whole table: each row's curve on its own token axis, then the table."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        node = _container(cfg.get("logger")) or {}
+        node = container(cfg.get("logger")) or {}
         self.run = None
         if "wandb" not in node:
             return
@@ -676,7 +674,7 @@ class WandbLog:
             dir=w.get("save_dir"),
             mode=resolve_wandb_mode(w.get("mode", "auto")),
             job_type="results",
-            config=_container(cfg),
+            config=container(cfg),
         )
 
     def curve(self, key: str, curve: list[dict[str, float]]) -> None:
@@ -721,8 +719,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
-    spec = ModelSpec.from_dict(_container(cfg.model))
-    quant = OneBitConfig.from_dict(_container(cfg.quant))
+    spec = ModelSpec.from_dict(container(cfg.model))
+    quant = OneBitConfig.from_dict(container(cfg.quant))
     ablations = ablation_configs(cfg)  # validates quant, loss and optim of every arm
     main_arm(cfg)
     tr, e = cfg.train, cfg.eval
@@ -752,7 +750,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "train_blocks": list(blocks.shape),
         "data_source": cfg.data.source,
         "threads": torch.get_num_threads(),
-        "config": _container(cfg),
+        "config": container(cfg),
     }
     log.info("training data: %d blocks of %d tokens", *blocks.shape)
     wb = WandbLog(cfg)
@@ -874,7 +872,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     table = markdown_table(rows, settings["datasets"], settings["tasks"])
     budget = budget_table(rows, settings["datasets"])
     notes = _notes(result, streams)
-    write_files(out_dir, result, f"{table}\n\n{budget}\n\n{notes}")
+    head = "\n".join(header("OneBit results: the teacher, untrained 1-bit rows, trained students"))
+    write_files(out_dir, result, f"{head}\n\n{table}\n\n{budget}\n\n{notes}")
     plot = plot_curves(result, cfg.plot) if cfg.plot else None
     result["wandb_dir"] = wb.finish(result, plot)
     print(f"\n{table}\n\n{budget}\n\n{notes}\n", flush=True)

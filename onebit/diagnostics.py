@@ -299,3 +299,23 @@ def massive_layers(report: Diagnostics, factor: float = 1.0) -> list[str]:
     from the largest ``max |y|``."""
     big = sorted(report.layers, key=lambda r: -r.teacher.absmax)
     return [r.name for r in big if r.teacher.absmax > factor * math.sqrt(r.out_features - 1)]
+
+
+def keep_advice(report: Diagnostics, keep: int) -> tuple[list[str], list[str], str]:
+    """The massive layers of ``report``, the ``keep`` furthest above ``sqrt(out − 1)`` (ranked by
+    ``max |y| / sqrt(out − 1)``) and a paragraph telling the user how to keep them."""
+    over = massive_layers(report)
+    excess = {r.name: r.teacher.absmax / max(r.out_features - 1, 1) ** 0.5 for r in report.layers}
+    ranked = sorted(over, key=lambda n: -excess[n])[:keep]
+    text = (
+        f"{len(over)} of {len(report.layers)} layers write entries above sqrt(out - 1), "
+        "the most a OneBit layer with its output LayerNorm can"
+    )
+    if ranked:
+        text += (
+            f"; the {len(ranked)} furthest above it (max |y| / sqrt(out - 1)), to keep in full "
+            f"precision:\n  quant.skip_modules=[{','.join(ranked)}]\n(or, at a fraction of the "
+            "bits, keep only the weights that write them: quant.outliers=256, the default of "
+            "quant=onebit)"
+        )
+    return over, ranked, text

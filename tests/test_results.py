@@ -245,7 +245,8 @@ def test_benchmark_rows_files_and_reproducibility(tiny_run: DictConfig, tmp_path
     assert (d / "results.csv").read_text().count("\n") == 1 + len(keys)
     assert (d / "curves.csv").read_text().count("\n") == 1 + 3 + 2 + 2
     md = (d / "results.md").read_text()
-    assert md.startswith("| Method | Gen. |")
+    assert md.startswith("# OneBit results") and "\n- machine: " in md and "\n- date: " in md
+    assert "\n\n| Method | Gen. |" in md
     assert "XNOR sign(W)·mean\\|W\\|" in md
     printed = capsys.readouterr().out
     assert f"| {gen['onebit']['ppl']:.2f} |" in printed

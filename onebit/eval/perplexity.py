@@ -189,6 +189,29 @@ def c4_ids(
     return torch.cat(out)
 
 
+EVAL_DATASETS = ("wikitext2", "c4")
+
+
+def eval_ids(
+    name: str,
+    tokenizer,
+    seqlen: int,
+    *,
+    wikitext2_path: str | Path | None = None,
+    c4_path: str | Path | None = None,
+    c4_samples: int = 256,
+    key: str = "eval.datasets",
+) -> Tensor:
+    """The token stream of evaluation set ``name`` (:data:`EVAL_DATASETS`) under the GPTQ
+    protocol: WikiText-2's whole test text, or C4's ``c4_samples`` random windows of ``seqlen``.
+    An unknown name is one sentence naming ``key``. Shapes: → (n_tokens,)."""
+    if name == "wikitext2":
+        return wikitext2_ids(tokenizer, wikitext2_path)
+    if name == "c4":
+        return c4_ids(tokenizer, c4_path, seqlen=seqlen, n_samples=c4_samples)
+    raise OneBitInputError(f"{key} has {name!r}; valid: {', '.join(EVAL_DATASETS)}.")
+
+
 def _encode(tokenizer, text: str) -> Tensor:
     return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
 

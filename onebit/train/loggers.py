@@ -52,3 +52,23 @@ def make_wandb_logger(
         offline=resolved == "offline",
         **kwargs,
     )
+
+
+def log_eval_table(wandb_node: dict[str, Any], config: dict[str, Any], row: dict[str, Any]) -> None:
+    """``evaluate.py``'s row to W&B (``logger=wandb``): the paper's table and the whole row as the
+    run summary, in a run of job type ``evaluate``."""
+    import wandb
+
+    from onebit.eval.table import TABLE_HEAD, row_cells
+
+    run = wandb.init(
+        project=wandb_node.get("project", "onebit"),
+        name=wandb_node.get("name"),
+        dir=wandb_node.get("save_dir"),
+        mode=resolve_wandb_mode(wandb_node.get("mode", "auto")),
+        job_type="evaluate",
+        config=config,
+    )
+    run.log({"eval/table": wandb.Table(columns=TABLE_HEAD, data=[row_cells(row)])})
+    run.summary.update({"eval": row})
+    run.finish()

@@ -6,9 +6,10 @@ so no second copy of embeddings, norms or ``lm_head`` is held), idempotently: Li
 the hook more than once. The teacher is held beside the student, not as a child module, so it
 never reaches the optimizer or a checkpoint; it stays in eval mode with gradients off.
 
-Under ``trainer=fsdp`` (:class:`onebit.train.parallel.FSDP2Strategy`) the same hook then shards student
-and teacher with FSDP2's ``fully_shard``, one unit per decoder block, with the mixed precision of
-:class:`ParallelConfig` (bf16 compute, fp32 master weights and gradient reduction by default).
+Under ``trainer=fsdp`` (:class:`onebit.train.parallel.FSDP2Strategy`) the same hook then shards
+student and teacher with FSDP2's ``fully_shard``, one unit per decoder block, with the mixed
+precision of :class:`ParallelConfig` (bf16 compute, fp32 master weights and gradient reduction by
+default).
 """
 
 from __future__ import annotations

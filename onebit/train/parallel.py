@@ -1,12 +1,12 @@
 """FSDP2 for OneBit: Lightning's ``ModelParallelStrategy`` as a pure data-parallel sharding
 strategy, with atomic, checksummed sharded checkpoints.
 
-``trainer=fsdp`` builds :class:`FSDP2Strategy` from its ``_target_`` (``conf/trainer/fsdp.yaml``;
-``trainer.strategy.save_distributed_checkpoint=false`` and the other arguments are keys there); it is
-also registered as ``trainer.strategy=fsdp2``. It builds a one-dimensional device mesh over every rank of every node, so
-that :meth:`onebit.train.module.OneBitDistillation.configure_model` can ``fully_shard`` each decoder
-block of student and teacher over it. Unlike Lightning's ``fsdp`` strategy it runs on CPU (gloo),
-so the tests exercise the same code path as a GPU cluster.
+``trainer=fsdp`` builds :class:`FSDP2Strategy` from its ``_target_`` (``conf/trainer/fsdp.yaml``,
+where its arguments are keys: ``trainer.strategy.save_distributed_checkpoint=false``); it is also
+registered as ``trainer.strategy=fsdp2``. It builds a one-dimensional device mesh over every rank of
+every node, so that :meth:`onebit.train.module.OneBitDistillation.configure_model` can
+``fully_shard`` each decoder block of student and teacher over it. Unlike Lightning's ``fsdp``
+strategy it runs on CPU (gloo), so the tests exercise the same code path as a GPU cluster.
 
 A sharded checkpoint ``step00000040.ckpt`` is a directory: one ``.distcp`` file per rank written
 by ``torch.distributed.checkpoint``, Lightning's ``meta.pt`` and our ``onebit-manifest.json``

@@ -101,3 +101,12 @@ def test_local_wikitext_and_c4_streams(stories_path) -> None:
     b = c4_ids(tok, c4, seqlen=128, n_samples=8, seed=0)
     assert a.shape == (8 * 128,) and torch.equal(a, b)  # GPTQ's seeded sampling: reproducible
     assert not torch.equal(a, c4_ids(tok, c4, seqlen=128, n_samples=8, seed=1))
+
+
+def test_eval_ids_names_an_unknown_data_set_by_its_key() -> None:
+    from onebit.errors import OneBitInputError
+    from onebit.eval.perplexity import eval_ids
+
+    with pytest.raises(OneBitInputError) as e:
+        eval_ids("ptb", None, 128, key="diagnose.text")
+    assert str(e.value) == "diagnose.text has 'ptb'; valid: wikitext2, c4."

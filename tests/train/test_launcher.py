@@ -31,8 +31,10 @@ def test_an_fsdp_sweep_names_the_strategy_built_by_its_target(tmp_path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1].startswith(
-        "error: trainer.strategy=fsdp2 under Hydra's basic launcher"
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: trainer.strategy=fsdp2 under Hydra's basic launcher")
     )
 
 
@@ -47,7 +49,8 @@ def test_trainer_fsdp_builds_fsdp2_by_its_target() -> None:
     register_resolvers()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose(
-            "train", overrides=["trainer=fsdp", "trainer.strategy.save_distributed_checkpoint=false"]
+            "train",
+            overrides=["trainer=fsdp", "trainer.strategy.save_distributed_checkpoint=false"],
         )
     t = container(cfg.trainer)
     assert t["strategy"]["_target_"] == "onebit.train.parallel.FSDP2Strategy"
