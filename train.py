@@ -170,7 +170,9 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     if diag is not None and diag.last is not None:
         result["diagnostics"] = {"first": diag.first.summary(), "last": diag.last.summary()}
     if cfg.get("export") and trainer.is_global_zero:
-        result["export"] = str(export_student(cfg, module, spec, out_dir / "onebit_model", student))
+        result["export"] = str(
+            export_student(cfg, module, spec, out_dir / "onebit_model", student, final)
+        )
     for lg in loggers:
         summary = getattr(getattr(lg, "experiment", None), "summary", None)
         if summary is not None and trainer.is_global_zero:

@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from onebit.hf import register as _register_with_transformers
+
+_register_with_transformers()  # AutoModelForCausalLM.from_pretrained(<export>) builds packed layers
+
 
 def load_pretrained(path, dtype=None):
     """Load a 1-bit export directory as a model with packed layers (``onebit.export.load_onebit``).

@@ -33,11 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from onebit.errors import OneBitInputError, first_line
+from onebit.hf import SIGN_CONVENTION, base_model_type, quantization_config, register_model_type
 from onebit.quant import OneBitConfig, OneBitLinear, PackedOneBitLinear, quantize_
 from onebit.quant.convert import _set_submodule
-from onebit.quant.packing import BIT_ORDER
+from onebit.quant.packing import BIT_ORDER, FORMAT_VERSION
 
-FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 
 
@@ -123,6 +123,80 @@ def _apply_umask(root: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
+def model_card(
+    model: nn.Module, quant: OneBitConfig, names: list[str], card: dict[str, Any] | None = None
+) -> str:
+    """The export's README.md: what the model is, its size, the recipe, the evaluation when one
+    was run (``card["metrics"]``), the command that made it (``card["command"]``) and how to load,
+    evaluate and share it."""
+    from onebit.quant.footprint import footprint, human_bytes
+
+    card = card or {}
+    config = getattr(model, "config", None)
+    base = card.get("base") or getattr(config, "_name_or_path", "") or type(model).__name__
+    arch = base_model_type(str(getattr(config, "model_type", "?")))
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [onebit, 1-bit, quantization, knowledge-distillation]",
+        "---",
+        "",
+        f"# {Path(str(base)).name or base}: OneBit 1-bit student",
+        "",
+        f"The {len(names)} linear layers of the decoder blocks of `{base}` ({arch}) hold 1-bit "
+        "weights (OneBit, Xu et al., NeurIPS 2024, arXiv 2402.11295): "
+        "`Y = [(X ⊙ g) · sign(W)ᵀ] ⊙ h` with the layer options below, the signs packed 8 per "
+        "byte; embeddings, norms and `lm_head` are full precision.",
+        "",
+    ]
+    try:
+        report = footprint(model)
+    except Exception:  # a model footprint cannot read: the card goes without the size table
+        report = None
+    if report is not None and report.quantized_weights:
+        lines += [
+            "## Size",
+            "",
+            "| | |",
+            "|---|---:|",
+            f"| bits per quantized weight | {report.bits_per_weight:.4f} |",
+            f"| bits per weight, whole model | {report.model_bits_per_weight:.4f} |",
+            f"| FP16 size | {human_bytes(report.fp16_bytes)} |",
+            f"| 1-bit size | {human_bytes(report.onebit_bytes)} |",
+            "",
+        ]
+    options = ", ".join(f"`{k}={v}`" for k, v in sorted(quant.to_dict().items()))
+    lines += ["## Recipe", "", f"Layer options: {options}.", ""]
+    if card.get("command"):
+        lines += ["Made by:", "", "```bash", str(card["command"]), "```", ""]
+    metrics = card.get("metrics") or {}
+    if metrics:
+        lines += ["## Evaluation", "", "| metric | value |", "|---|---:|"]
+        lines += [f"| `{k}` | {float(v):.4g} |" for k, v in sorted(metrics.items())]
+        lines.append("")
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "import onebit  # the onebit package: registers the 1-bit layers with transformers",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
+        "```",
+        "",
+        "```bash",
+        "python -m onebit.lm_eval run --model hf --model_args "
+        "pretrained=<this folder or repo>,backend=causal --tasks piqa",
+        "```",
+        "",
+        "`model.push_to_hub(...)` shares it in the same format. Without `onebit`, transformers "
+        f"refuses it (model type `onebit_{arch}` is not one it knows) rather than building dense "
+        "layers with random weights.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def save_onebit(
     model: nn.Module,
     path: str | os.PathLike,
@@ -130,6 +204,7 @@ def save_onebit(
     dtype: torch.dtype = torch.float16,
     tokenizer: Any = None,
     extra: dict[str, Any] | None = None,
+    card: dict[str, Any] | None = None,
 ) -> Path:
     """Export a OneBit student (OneBitLinear or already packed layers) as a 1-bit model directory.
 
@@ -141,6 +216,8 @@ def save_onebit(
         dtype: dtype of the value vectors and the full-precision parts.
         tokenizer: saved alongside when given.
         extra: more metadata for the ``onebit`` block of config.json.
+        card: for the model card (README.md): ``base`` (the teacher's name), ``command`` (what
+            made the model), ``metrics`` (name → value, the evaluation table).
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -162,19 +239,29 @@ def save_onebit(
         model.config.save_pretrained(tmp)
         cfg_file = tmp / "config.json"
         cfg = json.loads(cfg_file.read_text())
+        value_dtype = str(dtype).removeprefix("torch.")
         cfg["onebit"] = {
             "format_version": FORMAT_VERSION,
             "quant": quant.to_dict(),
             "modules": names,
-            "sign_convention": "bit 1 = +1 (w >= 0), bit 0 = -1",
+            "sign_convention": SIGN_CONVENTION,
             "bit_order": BIT_ORDER,
-            "value_dtype": str(dtype).removeprefix("torch."),
+            "value_dtype": value_dtype,
             "weights_sha256": file_sha256(tmp / WEIGHTS),
             **(extra or {}),
         }
+        # transformers: a model type of its own (refused where onebit is not installed) and a
+        # standard quantization_config (onebit.hf's quantizer builds the packed layers)
+        cfg["model_type"] = register_model_type(base_model_type(cfg["model_type"]))
+        cfg["architectures"] = [
+            "OneBit" + a.removeprefix("OneBit") for a in cfg.get("architectures") or []
+        ] or [f"OneBit{type(model).__name__}".replace("OneBitOneBit", "OneBit")]
+        cfg["quantization_config"] = quantization_config(names, quant.to_dict(), value_dtype)
+        cfg["dtype"] = value_dtype  # from_pretrained without dtype= keeps the saved precision
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(model, quant, names, card))
         _apply_umask(tmp)
         check_export_destination(path)  # again: nothing else may have appeared there meanwhile
         old = None
@@ -230,6 +317,9 @@ def load_onebit(
             f"{path}/{WEIGHTS} does not match the checksum in its config.json (the file changed "
             "or was damaged after the export); export the model again."
         )
+    model_type = raw.get("model_type")
+    if isinstance(model_type, str) and model_type != base_model_type(model_type):
+        register_model_type(base_model_type(model_type))  # onebit_<base> of any architecture
     try:  # trust_remote_code stays off: an export never runs code shipped beside it
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:

@@ -11,6 +11,7 @@ checkpoint's tensors, so memory holds the checkpoint once.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -35,8 +36,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "flo
         tokenizer = load_tokenizer(spec)
     except Exception:  # the export is usable without it
         tokenizer = None
+    base = spec.path if spec.source == "hub" else spec.name
+    command = shlex.join(["python", "-m", "onebit.export_checkpoint", str(checkpoint), str(out)])
     return save_onebit(
-        student, Path(out), quant, getattr(torch, dtype), tokenizer, extra={"model": spec.to_dict()}
+        student,
+        Path(out),
+        quant,
+        getattr(torch, dtype),
+        tokenizer,
+        extra={"model": spec.to_dict()},
+        card={"base": base, "command": command},
     )
 
 

@@ -5,6 +5,7 @@ cluster, the Hub or an hour are listed in SKIP with the reason."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from onebit.eval.zeroshot import TASKS_DIR
 
 from .conftest import REPO, SHARED
 
@@ -63,6 +66,9 @@ def _keys(words: list[str]) -> set[str]:
 def _tiny(words: list[str], tmp: Path) -> list[str]:
     """The overrides appended to one command: small model, data and budget; outputs in ``tmp``."""
     script, keys = words[1], _keys(words)
+    if script == "-m" and words[2] == "onebit.lm_eval":  # the tasks from local files, 2 items
+        data = json.dumps({"data_dir": str(SHARED / "data")})
+        return ["--include_path", str(TASKS_DIR), "--metadata", data, "--limit", "2"]
     if script == "-m":  # python -m onebit.export_checkpoint CKPT OUT: OUT into tmp
         return []
     extra = [f"paths.log_dir={tmp}/logs", f"paths.cache_dir={tmp}/cache"]
@@ -121,6 +127,9 @@ def test_readme_command_runs(command: str, finished_run: Path, tmp_path: Path) -
         words = [w.replace(old, new.format(run=finished_run)) for w in words]
     if words[1] == "-m" and words[2] == "onebit.export_checkpoint":
         words[-1] = str(tmp_path / words[-1])
+    if words[1] == "-m" and words[2] == "onebit.lm_eval":  # lm-eval's tasks, as read offline
+        i = words.index("--tasks") + 1
+        words[i] = ",".join(f"onebit_{t}" for t in words[i].split(","))
     argv = [sys.executable, *words[1:], *_tiny(words, tmp_path)]
     p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"{shlex.join(argv)}\n{p.stderr[-3000:]}"

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 BIT_ORDER = "little"
+FORMAT_VERSION = 1  # of a 1-bit export (onebit.export): bump when its tensors or config change
 _WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 

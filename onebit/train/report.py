@@ -14,8 +14,9 @@ from onebit.config_utils import torch_dtype
 log = logging.getLogger("onebit.train")
 
 
-def export_student(cfg, module, spec, path: Path, student=None) -> Path:
-    """The packed 1-bit student, written beside ``path`` and renamed into place."""
+def export_student(cfg, module, spec, path: Path, student=None, metrics=None) -> Path:
+    """The packed 1-bit student, written beside ``path`` and renamed into place, with a model
+    card naming the teacher, the command and ``metrics`` (the final validation)."""
 
     from onebit.checkpoint import write_failure_reason
     from onebit.errors import OneBitRunError
@@ -36,6 +37,11 @@ def export_student(cfg, module, spec, path: Path, student=None) -> Path:
             dtype,
             tokenizer,
             extra={"model": spec.to_dict()},
+            card={
+                "base": spec.path if spec.source == "hub" else spec.name,
+                "command": train_command(),
+                "metrics": metrics or {},
+            },
         )
     except OSError as e:
         reason = write_failure_reason(e)
@@ -45,6 +51,18 @@ def export_student(cfg, module, spec, path: Path, student=None) -> Path:
             f"({kept}) and the checkpoints are complete: free space and rerun with "
             f"ckpt_path=auto hydra.run.dir={path.parent} to export again."
         ) from e
+
+
+def train_command() -> str | None:
+    """The ``train.py`` command of this run, from Hydra's record of its overrides (None when the
+    config was composed some other way, e.g. in a test)."""
+    import shlex
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return shlex.join(["python", "train.py", *HydraConfig.get().overrides.task])
 
 
 def summary(result: dict[str, Any], name: str, held_out: str) -> str:

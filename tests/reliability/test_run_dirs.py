@@ -423,3 +423,13 @@ def test_a_forked_child_of_a_killed_run_does_not_keep_its_lock(tmp_path: Path) -
         RunDirLock(tmp_path).acquire().release()
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_the_runs_export_has_a_model_card_with_its_command_and_metrics(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    p = train_proc(run_dir, "trainer.max_steps=2", "trainer.val_check_interval=2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    card = (run_dir / "onebit_model" / "README.md").read_text()
+    assert "```bash\npython train.py " in card and "trainer.max_steps=2" in card
+    result = json.loads((run_dir / "result.json").read_text())
+    assert f"| `val/ppl` | {result['metrics']['val/ppl']:.4g} |" in card
