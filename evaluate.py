@@ -57,6 +57,13 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def text_sources(e: DictConfig) -> dict[str, Any]:
+    """The ``eval.*`` keys that say where each data set's text is."""
+    defaults = {"wikitext2_path": None, "c4_path": None, "c4_samples": 256, "ptb_path": None}
+    defaults |= {"text_path": None, "text_field": "text", "text_documents": "row"}
+    return {k: e.get(k, v) for k, v in defaults.items()}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
@@ -80,10 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seqlen = min(int(e.seqlen), int(ctx))
     row: dict[str, Any] = {"model": cfg.name or name, "seqlen": seqlen}
     for ds in e.datasets:
-        ids = eval_ids(
-            ds, tok, seqlen, wikitext2_path=e.wikitext2_path, c4_path=e.c4_path,
-            c4_samples=e.c4_samples,
-        )  # fmt: skip
+        ids = eval_ids(ds, tok, seqlen, **text_sources(e))
         res = perplexity(model, ids, seqlen, e.stride, e.max_windows, device, progress=True)
         row[ds] = res.to_dict()
     if e.tasks:
@@ -128,8 +132,8 @@ def run_diagnose(cfg: DictConfig, model, tok, device) -> dict[str, Any]:
     n, seq = int(d.tokens), int(d.seq_len)
     if n < seq or seq < 2:
         raise OneBitInputError(f"diagnose.tokens={n} must be at least diagnose.seq_len={seq} >= 2.")
-    paths = {"wikitext2_path": cfg.eval.wikitext2_path, "c4_path": cfg.eval.c4_path}
-    ids = eval_ids(d.text, tok, seq, **paths, c4_samples=-(-n // seq), key="diagnose.text")
+    sources = {**text_sources(cfg.eval), "c4_samples": -(-n // seq)}
+    ids = eval_ids(d.text, tok, seq, **sources, key="diagnose.text")
     if ids.numel() < seq:
         raise OneBitInputError(f"the diagnose.text={d.text} text has fewer than {seq} tokens.")
     ids = ids[: (min(n, ids.numel()) // seq) * seq].view(-1, seq).to(device)  # (batch, seq)

@@ -35,6 +35,7 @@ PLACEHOLDERS = {
     "outputs/train/runs/<time>": "{run}",
     "outputs/train/runs/<run>": "{run}",
     "/data/c4/*.parquet": str(SHARED / "data" / "c4" / "c4_validation_2k.parquet"),
+    "my_domain.txt": str(SHARED / "data" / "wikitext2" / "wiki.test.raw"),
 }
 WIKI = "eval.wikitext2_path=${paths.shared_dir}/data/wikitext2/wiki.test.raw"
 C4 = "eval.c4_path=${paths.shared_dir}/data/c4/c4_validation_2k.parquet"

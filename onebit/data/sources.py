@@ -66,7 +66,7 @@ def file_kind(path: Path) -> str | None:
     return None
 
 
-def resolve_local_files(path: str | os.PathLike) -> list[Path]:
+def resolve_local_files(path: str | os.PathLike, key: str = "data.path") -> list[Path]:
     """The files a path names: one file, every supported file under a directory, or a glob.
 
     Several files are returned in sorted order, so the document order is deterministic.
@@ -85,7 +85,7 @@ def resolve_local_files(path: str | os.PathLike) -> list[Path]:
     else:
         files = []
     if not files:
-        raise OneBitInputError(f"data.path={os.fspath(path)!r} matches no file.")
+        raise OneBitInputError(f"{key}={os.fspath(path)!r} matches no file.")
     for f in files:
         if file_kind(f) is None:
             raise OneBitInputError(

@@ -189,7 +189,69 @@ def c4_ids(
     return torch.cat(out)
 
 
-EVAL_DATASETS = ("wikitext2", "c4")
+def ptb_text(path: str | Path | None = None) -> str:
+    """GPTQ's PTB test stream: the test sentences of Penn Treebank joined with spaces.
+
+    Args:
+        path: a local file of the sentences, one per line (``ptb.test.txt`` of Mikolov's
+            ``simple-examples``: the Hub's ``ptb_text_only`` rows), or ``None`` for the Hub's
+            ``ptb-text-only/ptb_text_only`` test split (needs internet).
+    """
+    if path is None:
+        rows = _hub_rows("ptb-text-only/ptb_text_only", "penn_treebank", "test", column="sentence")
+    else:
+        from onebit.data.sources import check_utf8
+
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise OneBitInputError(f"eval.ptb_path={path} is not a file.")
+        check_utf8(p)
+        rows = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    return " ".join(r for r in rows if r)
+
+
+TEXT_DOCUMENTS = ("row", "paragraph", "stream")
+
+
+def local_text(path: str | Path, text_field: str = "text", documents: str = "row") -> str:
+    """Your own evaluation text: the documents of local files joined with ``"\n\n"`` (the
+    WikiText join), tokenised once as one stream.
+
+    Args:
+        path: a ``.txt``/``.raw``, ``.jsonl`` or ``.parquet`` file (``.gz`` too, but parquet), a
+            folder of them or a glob (in sorted order).
+        text_field: the column of JSON lines and parquet rows.
+        documents: ``row`` (each line or row is a document; blank ones dropped), ``paragraph``
+            (lines separated by blank lines) or ``stream`` (each file is one text, as written).
+    """
+    from onebit.data.sources import (
+        check_local_files,
+        file_kind,
+        group_rows,
+        iter_file_rows,
+        resolve_local_files,
+    )
+
+    if documents not in TEXT_DOCUMENTS:
+        raise OneBitInputError(
+            f"eval.text_documents={documents!r} is not one of {', '.join(TEXT_DOCUMENTS)}."
+        )
+    files = resolve_local_files(path, key="eval.text_path")
+    check_local_files(files, text_field)  # UTF-8 and the column, naming the file and byte
+    docs: list[str] = []
+    for f in files:
+        if documents == "stream" and file_kind(f) == "text":
+            docs.append("\n".join(iter_file_rows(f, text_field)))
+        else:
+            mode = "row" if documents == "stream" else documents
+            docs.extend(group_rows(iter_file_rows(f, text_field), mode))
+    text = "\n\n".join(d for d in docs if d.strip())
+    if not text:
+        raise OneBitInputError(f"eval.text_path={path} holds no text.")
+    return text
+
+
+EVAL_DATASETS = ("wikitext2", "c4", "ptb", "text")
 
 
 def eval_ids(
@@ -200,15 +262,29 @@ def eval_ids(
     wikitext2_path: str | Path | None = None,
     c4_path: str | Path | None = None,
     c4_samples: int = 256,
+    ptb_path: str | Path | None = None,
+    text_path: str | Path | None = None,
+    text_field: str = "text",
+    text_documents: str = "row",
     key: str = "eval.datasets",
 ) -> Tensor:
     """The token stream of evaluation set ``name`` (:data:`EVAL_DATASETS`) under the GPTQ
-    protocol: WikiText-2's whole test text, or C4's ``c4_samples`` random windows of ``seqlen``.
-    An unknown name is one sentence naming ``key``. Shapes: → (n_tokens,)."""
+    protocol: WikiText-2's whole test text, C4's ``c4_samples`` random windows of ``seqlen``, PTB's
+    test sentences, or your own text (:func:`local_text`). An unknown name is one sentence naming
+    ``key``. Shapes: → (n_tokens,)."""
     if name == "wikitext2":
         return wikitext2_ids(tokenizer, wikitext2_path)
     if name == "c4":
         return c4_ids(tokenizer, c4_path, seqlen=seqlen, n_samples=c4_samples)
+    if name == "ptb":
+        return _encode(tokenizer, ptb_text(ptb_path))
+    if name == "text":
+        if text_path is None:
+            raise OneBitInputError(
+                "eval.datasets has text but eval.text_path is not set: give a file, folder or "
+                "glob of .txt/.jsonl/.parquet."
+            )
+        return _encode(tokenizer, local_text(text_path, text_field, text_documents))
     raise OneBitInputError(f"{key} has {name!r}; valid: {', '.join(EVAL_DATASETS)}.")
 
 
@@ -238,15 +314,18 @@ def _c4_docs(path: str | Path | None) -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
-def _hub_rows(name: str, config: str | None, split: str, **kwargs) -> list[str]:
+def _hub_rows(
+    name: str, config: str | None, split: str, column: str = "text", **kwargs
+) -> list[str]:
     from onebit.hub import hub_reachable
 
     if not hub_reachable():
         raise OneBitInputError(
             f"cannot download {name} for evaluation: the Hugging Face Hub is unreachable "
-            f"(offline); give a local file instead (eval.wikitext2_path= / eval.c4_path=)."
+            f"(offline); give a local file instead (eval.wikitext2_path= / eval.c4_path= / "
+            "eval.ptb_path=)."
         )
     import datasets
 
     ds = datasets.load_dataset(name, config, split=split, **kwargs)
-    return list(ds["text"])
+    return list(ds[column])

@@ -1,5 +1,6 @@
-"""The evaluation table in the OneBit paper's layout: perplexity (lower is better), then zero-shot
-accuracy in % with each task's paper metric, then the average.
+"""The evaluation table in the OneBit paper's layout: perplexity (lower is better; WikiText-2 and
+C4, then PTB and your own text when evaluated), then zero-shot accuracy in % with each task's paper
+metric, then the average.
 
 A row is the dict ``evaluate.py`` writes as ``eval.json``: ``model``, ``seqlen``, per data set
 ``{"ppl", "n_windows", "n_tokens", ...}`` and per task ``{"n", "acc", "acc_norm", ...,
@@ -12,14 +13,25 @@ from typing import Any
 
 from onebit.eval.zeroshot import PAPER_COLUMNS
 
+PPL_COLUMNS = {"wikitext2": "Wiki2", "c4": "C4", "ptb": "PTB", "text": "Text"}
 TABLE_HEAD = ["Model", "Wiki2", "C4", *PAPER_COLUMNS.values(), "Avg."]
 
 
-def row_cells(row: dict[str, Any]) -> list[str]:
-    """The cells of ``row`` under :data:`TABLE_HEAD` (``-`` where a column was not run; the
+def _datasets(rows: list[dict[str, Any]]) -> list[str]:
+    """The paper's two perplexity columns, then PTB and your own text where a row has them."""
+    return ["wikitext2", "c4"] + [d for d in ("ptb", "text") if any(d in r for r in rows)]
+
+
+def table_head(rows: list[dict[str, Any]]) -> list[str]:
+    """:data:`TABLE_HEAD`, with PTB and Text columns after C4 when ``rows`` have them."""
+    return ["Model", *(PPL_COLUMNS[d] for d in _datasets(rows)), *PAPER_COLUMNS.values(), "Avg."]
+
+
+def row_cells(row: dict[str, Any], datasets: list[str] | None = None) -> list[str]:
+    """The cells of ``row`` under :func:`table_head` (``-`` where a column was not run; the
     average only when every task was)."""
     cells = [str(row["model"])]
-    for ds in ("wikitext2", "c4"):
+    for ds in datasets or _datasets([row]):
         cells.append(f"{row[ds]['ppl']:.2f}" if ds in row else "-")
     accs = []
     for task in PAPER_COLUMNS:
@@ -35,8 +47,9 @@ def row_cells(row: dict[str, Any]) -> list[str]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" + "---:|" * (len(TABLE_HEAD) - 1)]
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
+    head, datasets = table_head(rows), _datasets(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(row_cells(r, datasets)) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -44,7 +57,7 @@ def table_notes(row: dict[str, Any]) -> str:
     """One line under the table: the window length, windows and tokens per data set, items and
     metric per task."""
     parts = [f"perplexity: seqlen {row['seqlen']}"]
-    for ds in ("wikitext2", "c4"):
+    for ds in PPL_COLUMNS:
         if ds in row:
             parts.append(f"{ds} {row[ds]['n_windows']} windows / {row[ds]['n_tokens']:,} tokens")
     ns = {t: row[t]["n"] for t in PAPER_COLUMNS if t in row}

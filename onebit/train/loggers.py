@@ -59,7 +59,7 @@ def log_eval_table(wandb_node: dict[str, Any], config: dict[str, Any], row: dict
     run summary, in a run of job type ``evaluate``."""
     import wandb
 
-    from onebit.eval.table import TABLE_HEAD, row_cells
+    from onebit.eval.table import row_cells, table_head
 
     run = wandb.init(
         project=wandb_node.get("project", "onebit"),
@@ -69,6 +69,6 @@ def log_eval_table(wandb_node: dict[str, Any], config: dict[str, Any], row: dict
         job_type="evaluate",
         config=config,
     )
-    run.log({"eval/table": wandb.Table(columns=TABLE_HEAD, data=[row_cells(row)])})
+    run.log({"eval/table": wandb.Table(columns=table_head([row]), data=[row_cells(row)])})
     run.summary.update({"eval": row})
     run.finish()

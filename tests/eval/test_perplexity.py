@@ -108,5 +108,5 @@ def test_eval_ids_names_an_unknown_data_set_by_its_key() -> None:
     from onebit.eval.perplexity import eval_ids
 
     with pytest.raises(OneBitInputError) as e:
-        eval_ids("ptb", None, 128, key="diagnose.text")
-    assert str(e.value) == "diagnose.text has 'ptb'; valid: wikitext2, c4."
+        eval_ids("lambada", None, 128, key="diagnose.text")
+    assert str(e.value) == "diagnose.text has 'lambada'; valid: wikitext2, c4, ptb, text."
