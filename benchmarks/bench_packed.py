@@ -96,6 +96,14 @@ def with_prefill(layers: list, x: torch.Tensor, mode: str, k: int) -> torch.Tens
         layer.prefill = "fp32"
 
 
+def with_isa(layers: list, x: torch.Tensor, isa: str, k: int) -> torch.Tensor:
+    """A decode call of the packed layer with the kernel on instruction set ``isa``."""
+    from onebit import kernels
+
+    with kernels.forced_isa(isa):
+        return layers[k % len(layers)](x)
+
+
 def run(args: argparse.Namespace) -> list[str]:
     from onebit import kernels
 
@@ -133,6 +141,12 @@ def run(args: argparse.Namespace) -> list[str]:
                 "official-style": (official, packed_bytes),
                 "onebit": (lambda k, x=x, ls=packed: ls[k % len(ls)](x), packed_bytes),
             }
+            if tokens == 1:  # the decode kernel on each lower instruction set this CPU has
+                for isa in kernels.ISAS[1 : kernels.ISAS.index(kernels.isa())]:
+                    methods[f"onebit {isa}"] = (
+                        partial(with_isa, packed, x, isa),
+                        packed_bytes,
+                    )
             if tokens > 1:
                 methods["onebit bf16"] = (partial(with_prefill, packed, x, "bf16"), packed_bytes)
                 methods["onebit int8"] = (partial(with_prefill, packed, x, "int8"), packed_bytes)

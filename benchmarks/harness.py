@@ -39,7 +39,7 @@ def machine() -> str:
 
     from onebit import kernels
 
-    built = "C++ kernels on" if kernels.available() else kernels.status()
+    built = f"C++ kernels on, decode {kernels.isa()}" if kernels.available() else kernels.status()
     return (
         f"{cpu_model()} ({os.cpu_count()} cores), python {platform.python_version()}, torch "
         f"{torch.__version__}, torch threads {torch.get_num_threads()}; {built}"

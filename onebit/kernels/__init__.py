@@ -54,8 +54,15 @@ def build_dir() -> Path:
         h.update(src.read_bytes())
     h.update(torch.__version__.encode())
     h.update(_cpu_flags().encode())
+    h.update(_march().encode())
     root = os.environ.get("ONEBIT_KERNEL_CACHE") or Path.home() / ".cache" / "onebit" / "kernels"
     return Path(root) / h.hexdigest()[:16]
+
+
+def _march() -> str:
+    """The compiler's target: ``native`` (this CPU), or ``ONEBIT_KERNEL_MARCH`` (e.g. ``x86-64-v3``,
+    AVX2 without AVX-512, to build and test the AVX2 path on an AVX-512 machine)."""
+    return os.environ.get("ONEBIT_KERNEL_MARCH", "native")
 
 
 def _build() -> None:
@@ -73,7 +80,7 @@ def _build() -> None:
         name="onebit_cpu",
         sources=[str(s) for s in _sources()],
         build_directory=str(path),
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
@@ -106,10 +113,35 @@ def available() -> bool:
         return bool(_state["ok"])
 
 
+ISAS = ("scalar", "avx2", "avx512")
+
+
+def isa() -> str | None:
+    """The decode kernel's instruction set in use (``avx512``, ``avx2`` or ``scalar``: the best
+    this CPU has, or ``ONEBIT_KERNEL_ISA``); None without the kernels."""
+    return ISAS[torch.ops.onebit.kernel_isa(-1)] if available() else None
+
+
+@contextmanager
+def forced_isa(name: str) -> Iterator[str]:
+    """Run the decode kernel with instruction set ``name`` (capped at what this CPU has) inside
+    the block; yields the one in use. For tests and benchmarks of each path."""
+    if name not in ISAS:
+        raise ValueError(f"isa {name!r} is not one of {', '.join(ISAS)}.")
+    if not available():
+        raise RuntimeError(f"the C++ kernels are not available: {_state['why']}")
+    before = torch.ops.onebit.kernel_isa(-1)
+    try:
+        yield ISAS[torch.ops.onebit.kernel_isa(ISAS.index(name))]
+    finally:
+        torch.ops.onebit.kernel_isa(before)
+
+
 def status() -> str:
     """One line: which path is in use and why."""
     ok = available()
-    return f"C++ kernels: {'on' if ok else 'off'} ({_state['why']})"
+    where = f", decode {isa()}" if ok else ""
+    return f"C++ kernels: {'on' if ok else 'off'}{where} ({_state['why']})"
 
 
 def use_kernel(*tensors: torch.Tensor) -> bool:

@@ -21,14 +21,21 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
-#define ONEBIT_AVX512 1
+#define ONEBIT_X86 1
+#define ONEBIT_TARGET(isa) __attribute__((target(isa)))
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define ONEBIT_AVX512 1  // the whole build may use AVX-512 (unpacking tiles for prefill)
 #endif
 
 #ifndef PREFETCH_BLOCKS
@@ -38,6 +45,33 @@
 namespace onebit {
 namespace {
 
+// The decode kernel's instruction set, chosen at run time: the best this CPU has (AVX-512 with
+// byte/word ops, else AVX2 with FMA, else portable C++), lowered by ONEBIT_KERNEL_ISA
+// (avx512 | avx2 | scalar) or the op kernel_isa (tests and benchmarks force each path).
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int64_t cpu_isa() {
+#if ONEBIT_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kScalar;
+}
+
+int64_t env_isa(int64_t best) {
+  const char* e = std::getenv("ONEBIT_KERNEL_ISA");
+  if (e == nullptr) return best;
+  const std::string v(e);
+  const int64_t want = v == "scalar" ? kScalar : v == "avx2" ? kAvx2 : kAvx512;
+  return std::min(want, best);
+}
+
+std::atomic<int64_t>& isa_state() {
+  static std::atomic<int64_t> isa{env_isa(cpu_isa())};
+  return isa;
+}
+
 // Bits [j, j+n) of a row (n ≤ 16, j a multiple of 8) as a 16-bit mask; reads only bytes it owns.
 inline uint16_t bits16(const uint8_t* row, int64_t j, int64_t n) {
   uint16_t m = 0;
@@ -45,11 +79,27 @@ inline uint16_t bits16(const uint8_t* row, int64_t j, int64_t n) {
   return n >= 16 ? m : static_cast<uint16_t>(m & ((1u << n) - 1u));
 }
 
-// z[m, r] for rows [r0, r1) and all M tokens. x (M, in) fp32, xsum[m] = Σ_j x[m, j].
-void gemv_rows(const float* x, const float* xsum, const uint8_t* P, float* z, int64_t M, int64_t in,
-               int64_t nb, int64_t out, int64_t r0, int64_t r1) {
+// The decode kernels: z[m, r] for rows [r0, r1) and all M tokens. x (M, in) fp32,
+// xsum[m] = Σ_j x[m, j]; each returns 2 Σ_{j∈P} x_j − Σ_j x_j per row.
+void gemv_rows_scalar(const float* x, const float* xsum, const uint8_t* P, float* z, int64_t M,
+                      int64_t in, int64_t nb, int64_t out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* p = P + r * nb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      float acc = 0;
+      for (int64_t j = 0; j < in; ++j)
+        if ((p[j >> 3] >> (j & 7)) & 1) acc += xm[j];
+      z[m * out + r] = 2.0f * acc - xsum[m];
+    }
+  }
+}
+
+#if ONEBIT_X86
+ONEBIT_TARGET("avx512f,avx512bw")
+void gemv_rows_avx512(const float* x, const float* xsum, const uint8_t* P, float* z, int64_t M,
+                      int64_t in, int64_t nb, int64_t out, int64_t r0, int64_t r1) {
   const int64_t full = in / 16 * 16, rem = in - full;
-#if ONEBIT_AVX512
   constexpr int R = 8;  // rows per pass over x: R independent accumulators share each x load
   constexpr int64_t kPrefetchBlocks = PREFETCH_BLOCKS;
   int64_t r = r0;
@@ -100,20 +150,100 @@ void gemv_rows(const float* x, const float* xsum, const uint8_t* P, float* z, in
       z[m * out + r] = 2.0f * _mm512_reduce_add_ps(a) - xsum[m];
     }
   }
-#else
-  (void)full;
-  (void)rem;
-  for (int64_t r = r0; r < r1; ++r) {
+}
+
+// AVX2: a byte of signs selects 8 floats of x through a 256-entry table of lane masks (8 KB, in
+// L1), one AND and one add per 8 weights and row; R rows share each load of x, as above.
+struct Mask8Table {
+  alignas(32) int32_t lanes[256][8];
+  Mask8Table() {
+    for (int b = 0; b < 256; ++b)
+      for (int i = 0; i < 8; ++i) lanes[b][i] = ((b >> i) & 1) ? -1 : 0;
+  }
+};
+const Mask8Table kMask8;
+
+ONEBIT_TARGET("avx2,fma")
+inline __m256 mask8(uint8_t b) {
+  return _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kMask8.lanes[b])));
+}
+
+ONEBIT_TARGET("avx2,fma")
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+ONEBIT_TARGET("avx2,fma")
+void gemv_rows_avx2(const float* x, const float* xsum, const uint8_t* P, float* z, int64_t M,
+                    int64_t in, int64_t nb, int64_t out, int64_t r0, int64_t r1) {
+  const int64_t full = in / 8 * 8;
+  constexpr int R = 8;
+  constexpr int64_t kPrefetchBlocks = PREFETCH_BLOCKS;
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) {
+    const uint8_t* p = P + r * nb;
+    if (r + (kPrefetchBlocks + 1) * R <= r1) {
+      const uint8_t* ahead = p + kPrefetchBlocks * R * nb;
+      for (int64_t o = 0; o < R * nb; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + o), _MM_HINT_T0);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      __m256 acc[R];
+      for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < full; j += 8) {
+        const __m256 v = _mm256_loadu_ps(xm + j);
+        for (int i = 0; i < R; ++i)
+          acc[i] = _mm256_add_ps(acc[i], _mm256_and_ps(v, mask8(p[i * nb + j / 8])));
+      }
+      float* zm = z + m * out + r;
+      for (int i = 0; i < R; ++i) {
+        float tail = 0;  // the last in % 8 weights
+        for (int64_t j = full; j < in; ++j)
+          if ((p[i * nb + (j >> 3)] >> (j & 7)) & 1) tail += xm[j];
+        zm[i] = 2.0f * (hsum256(acc[i]) + tail) - xsum[m];
+      }
+    }
+  }
+  for (; r < r1; ++r) {
     const uint8_t* p = P + r * nb;
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * in;
-      float acc = 0;
-      for (int64_t j = 0; j < in; ++j)
-        if ((p[j >> 3] >> (j & 7)) & 1) acc += xm[j];
-      z[m * out + r] = 2.0f * acc - xsum[m];
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t j = 0; j < full; j += 8)
+        a = _mm256_add_ps(a, _mm256_and_ps(_mm256_loadu_ps(xm + j), mask8(p[j / 8])));
+      float tail = 0;
+      for (int64_t j = full; j < in; ++j)
+        if ((p[j >> 3] >> (j & 7)) & 1) tail += xm[j];
+      z[m * out + r] = 2.0f * (hsum256(a) + tail) - xsum[m];
     }
   }
+}
 #endif
+
+void gemv_rows(const float* x, const float* xsum, const uint8_t* P, float* z, int64_t M, int64_t in,
+               int64_t nb, int64_t out, int64_t r0, int64_t r1) {
+#if ONEBIT_X86
+  switch (isa_state().load(std::memory_order_relaxed)) {
+    case kAvx512:
+      return gemv_rows_avx512(x, xsum, P, z, M, in, nb, out, r0, r1);
+    case kAvx2:
+      return gemv_rows_avx2(x, xsum, P, z, M, in, nb, out, r0, r1);
+    default:
+      break;
+  }
+#endif
+  gemv_rows_scalar(x, xsum, P, z, M, in, nb, out, r0, r1);
+}
+
+// The decode kernel's instruction set: 0 scalar, 1 AVX2, 2 AVX-512. force >= 0 selects it, capped
+// at what this CPU has; returns the one in use.
+int64_t kernel_isa(int64_t force) {
+  if (force >= 0) isa_state().store(std::min(force, cpu_isa()));
+  return isa_state().load();
 }
 
 // Rows [r0, r1) of S unpacked into `dst` (row stride `ld` ≥ in; columns in..ld are zero) as T
@@ -287,6 +417,7 @@ TORCH_LIBRARY_FRAGMENT(onebit, m) {
   m.def("sign_matmul_bf16(Tensor x, Tensor packed, int in_features) -> Tensor");
   m.def("sign_matmul_int8(Tensor x, Tensor packed, int in_features) -> Tensor");
   m.def("unpack_signs_f32(Tensor packed, int in_features) -> Tensor");
+  m.def("kernel_isa(int force) -> int", &kernel_isa);
 }
 TORCH_LIBRARY_IMPL(onebit, CPU, m) {
   m.impl("sign_matmul", &sign_matmul);
