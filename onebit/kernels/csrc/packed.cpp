@@ -152,21 +152,18 @@ void gemv_rows_avx512(const float* x, const float* xsum, const uint8_t* P, float
   }
 }
 
-// AVX2: a byte of signs selects 8 floats of x through a 256-entry table of lane masks (8 KB, in
-// L1), one AND and one add per 8 weights and row; R rows share each load of x, as above.
-struct Mask8Table {
-  alignas(32) int32_t lanes[256][8];
-  Mask8Table() {
+// AVX2: a byte of signs becomes 8 floats of ±1 through a 256-entry table (8 KB, in L1), and one
+// FMA (its table operand loaded in the same instruction) adds x·s for 8 weights of a row; R rows
+// share each load of x, as above. The products are exact (x·±1), so this sums the same terms as
+// the masked adds, in another order.
+struct Sign8Table {
+  alignas(32) float lanes[256][8];
+  Sign8Table() {
     for (int b = 0; b < 256; ++b)
-      for (int i = 0; i < 8; ++i) lanes[b][i] = ((b >> i) & 1) ? -1 : 0;
+      for (int i = 0; i < 8; ++i) lanes[b][i] = ((b >> i) & 1) ? 1.0f : -1.0f;
   }
 };
-const Mask8Table kMask8;
-
-ONEBIT_TARGET("avx2,fma")
-inline __m256 mask8(uint8_t b) {
-  return _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kMask8.lanes[b])));
-}
+const Sign8Table kSign8;
 
 ONEBIT_TARGET("avx2,fma")
 inline float hsum256(__m256 v) {
@@ -176,9 +173,17 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Σ_j x_j s_j over the last in % 8 weights of a row (a partial byte).
+inline float tail_dot(const float* xm, const uint8_t* p, int64_t full, int64_t in) {
+  float t = 0;
+  for (int64_t j = full; j < in; ++j) t += ((p[j >> 3] >> (j & 7)) & 1) ? xm[j] : -xm[j];
+  return t;
+}
+
 ONEBIT_TARGET("avx2,fma")
 void gemv_rows_avx2(const float* x, const float* xsum, const uint8_t* P, float* z, int64_t M,
                     int64_t in, int64_t nb, int64_t out, int64_t r0, int64_t r1) {
+  (void)xsum;  // the FMA sums x·s directly
   const int64_t full = in / 8 * 8;
   constexpr int R = 8;
   constexpr int64_t kPrefetchBlocks = PREFETCH_BLOCKS;
@@ -197,15 +202,10 @@ void gemv_rows_avx2(const float* x, const float* xsum, const uint8_t* P, float* 
       for (int64_t j = 0; j < full; j += 8) {
         const __m256 v = _mm256_loadu_ps(xm + j);
         for (int i = 0; i < R; ++i)
-          acc[i] = _mm256_add_ps(acc[i], _mm256_and_ps(v, mask8(p[i * nb + j / 8])));
+          acc[i] = _mm256_fmadd_ps(v, _mm256_load_ps(kSign8.lanes[p[i * nb + j / 8]]), acc[i]);
       }
       float* zm = z + m * out + r;
-      for (int i = 0; i < R; ++i) {
-        float tail = 0;  // the last in % 8 weights
-        for (int64_t j = full; j < in; ++j)
-          if ((p[i * nb + (j >> 3)] >> (j & 7)) & 1) tail += xm[j];
-        zm[i] = 2.0f * (hsum256(acc[i]) + tail) - xsum[m];
-      }
+      for (int i = 0; i < R; ++i) zm[i] = hsum256(acc[i]) + tail_dot(xm, p + i * nb, full, in);
     }
   }
   for (; r < r1; ++r) {
@@ -214,11 +214,8 @@ void gemv_rows_avx2(const float* x, const float* xsum, const uint8_t* P, float* 
       const float* xm = x + m * in;
       __m256 a = _mm256_setzero_ps();
       for (int64_t j = 0; j < full; j += 8)
-        a = _mm256_add_ps(a, _mm256_and_ps(_mm256_loadu_ps(xm + j), mask8(p[j / 8])));
-      float tail = 0;
-      for (int64_t j = full; j < in; ++j)
-        if ((p[j >> 3] >> (j & 7)) & 1) tail += xm[j];
-      z[m * out + r] = 2.0f * (hsum256(a) + tail) - xsum[m];
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(xm + j), _mm256_load_ps(kSign8.lanes[p[j / 8]]), a);
+      z[m * out + r] = hsum256(a) + tail_dot(xm, p, full, in);
     }
   }
 }
