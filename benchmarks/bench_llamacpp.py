@@ -54,6 +54,7 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 
 
 def child_llamacpp(args: argparse.Namespace) -> dict:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
@@ -68,16 +69,22 @@ def child_llamacpp(args: argparse.Namespace) -> dict:
     )
     load_s = time.perf_counter() - t0
     ids = prompt_ids(args.prompt_tokens, llm.n_vocab())
+    vocab = llm.n_vocab()
+
+    def greedy() -> int:  # argmax of the last evaluated token's logits
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(vocab,))))
+
     llm.eval(ids[:4])  # warm-up, as generate(warmup=True) does for ours
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
-    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    nxt = greedy()
     t1 = time.perf_counter()
     out = [nxt]
     for _ in range(args.new_tokens - 1):
         llm.eval([nxt])
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = greedy()
         out.append(nxt)
     t2 = time.perf_counter()
     return {
