@@ -8,8 +8,9 @@ and h and the bias. Two paths compute the same layer:
   reads the bits as stored (1 bit per weight) on the best instruction set of the CPU, chosen at
   run time (``onebit.kernels.isa()``): AVX-512 masked adds (``Σ x_j s_j = 2 Σ_{s_j=+1} x_j −
   Σ x_j``), AVX2 FMAs with ±1 from a byte table, or portable C++; above, it unpacks 256-row tiles
-  of ±1 and calls the BLAS GEMM. It agrees
-  with the trained layer to fp32 rounding (a different summation order), not bitwise.
+  of ±1 and calls the BLAS GEMM. The decode case runs as one C++ call for the whole layer
+  (``packed_linear_decode``: scales, LayerNorm, gain, bias and outlier weights with it, in fp32).
+  It agrees with the trained layer to fp32 rounding (a different summation order), not bitwise.
   ``prefill`` chooses the many-token arithmetic: ``fp32`` (default, exact to rounding), ``bf16``
   (``x ⊙ g`` and the products rounded to bf16, the BLAS bf16 GEMM) or ``int8`` (``x ⊙ g``
   quantized to int8 per token by its absmax, int8 tiles through ``torch._int_mm``). Decode stays
@@ -124,7 +125,14 @@ class PackedOneBitLinear(nn.Module):
         return self._forward_kernel(x)
 
     def _forward_kernel(self, x: Tensor) -> Tensor:
-        u = (x.reshape(-1, self.in_features).float() * self.in_scale.float()).contiguous()
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= GEMV_MAX_TOKENS:  # decode: the whole layer in one C++ call
+            y = torch.ops.onebit.packed_linear_decode(
+                x2, self.packed_signs, self.in_scale, self.out_scale, self.out_gain, self.bias,
+                self.outlier_index, self.outlier_value, self.output_norm, self.norm_eps,
+            )  # fmt: skip
+            return y.reshape(*x.shape[:-1], self.out_features)
+        u = (x2.float() * self.in_scale.float()).contiguous()
         tokens = u.shape[0]
         if self.prefill == "bf16" and tokens > GEMV_MAX_TOKENS:
             z = torch.ops.onebit.sign_matmul_bf16(u.bfloat16(), self.packed_signs, self.in_features)

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -333,6 +334,88 @@ at::Tensor sign_matmul(const at::Tensor& x_, const at::Tensor& packed_, int64_t 
   return zt.t().contiguous();
 }
 
+// The whole packed layer for a few tokens (decode), in one call:
+//     y = γ ⊙ LN(((x ⊙ g) Sᵀ) ⊙ h) + bias + W_K x
+// with the same fp32 arithmetic as PackedOneBitLinear's kernel path (x and every vector read in
+// fp32, the result cast back to x's dtype), but no Python-level op per step. x (M, in) any float
+// dtype; out_gain, bias, outlier_index/outlier_value optional (undefined tensors).
+at::Tensor packed_linear_decode(const at::Tensor& x_, const at::Tensor& packed_,
+                                const at::Tensor& in_scale_, const at::Tensor& out_scale_,
+                                const c10::optional<at::Tensor>& out_gain_,
+                                const c10::optional<at::Tensor>& bias_,
+                                const c10::optional<at::Tensor>& outlier_index_,
+                                const c10::optional<at::Tensor>& outlier_value_, bool output_norm,
+                                double eps) {
+  const int64_t in = in_scale_.size(0);
+  TORCH_CHECK(x_.dim() == 2, "packed_linear_decode: x must be 2-D (tokens, in)");
+  check_args(x_, packed_, in, "packed_linear_decode");
+  const at::Tensor x = x_.to(at::kFloat).contiguous(), packed = packed_.contiguous();
+  const at::Tensor g = in_scale_.to(at::kFloat).contiguous();
+  const at::Tensor h = out_scale_.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), out = packed.size(0), nb = packed.size(1);
+  TORCH_CHECK(h.size(0) == out, "packed_linear_decode: out_scale has ", h.size(0), " entries, ",
+              out, " rows");
+  const float* xp = x.const_data_ptr<float>();
+  const float* gp = g.const_data_ptr<float>();
+  at::Tensor u = at::empty({M, in}, x.options());
+  float* up = u.mutable_data_ptr<float>();
+  std::vector<float> usum(M);
+  for (int64_t m = 0; m < M; ++m) {
+    double s = 0;
+    for (int64_t j = 0; j < in; ++j) {
+      up[m * in + j] = xp[m * in + j] * gp[j];
+      s += up[m * in + j];
+    }
+    usum[m] = static_cast<float>(s);
+  }
+  at::Tensor y = at::empty({M, out}, x.options());
+  float* yp = y.mutable_data_ptr<float>();
+  const uint8_t* P = packed.const_data_ptr<uint8_t>();
+  at::parallel_for(0, (out + 7) / 8, 8, [&](int64_t b0, int64_t b1) {
+    gemv_rows(up, usum.data(), P, yp, M, in, nb, out, b0 * 8, std::min(out, b1 * 8));
+  });
+  const float* hp = h.const_data_ptr<float>();
+  at::Tensor gain, bias;
+  if (out_gain_.has_value() && out_gain_->defined()) gain = out_gain_->to(at::kFloat).contiguous();
+  if (bias_.has_value() && bias_->defined()) bias = bias_->to(at::kFloat).contiguous();
+  for (int64_t m = 0; m < M; ++m) {
+    float* ym = yp + m * out;
+    for (int64_t r = 0; r < out; ++r) ym[r] *= hp[r];
+    if (output_norm) {  // LayerNorm without parameters, biased variance, in fp32
+      double mean = 0, var = 0;
+      for (int64_t r = 0; r < out; ++r) mean += ym[r];
+      mean /= static_cast<double>(out);
+      for (int64_t r = 0; r < out; ++r) var += (ym[r] - mean) * (ym[r] - mean);
+      var /= static_cast<double>(out);
+      const float mu = static_cast<float>(mean);
+      const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+      for (int64_t r = 0; r < out; ++r) ym[r] = (ym[r] - mu) * rstd;
+    }
+    if (gain.defined()) {
+      const float* q = gain.const_data_ptr<float>();
+      for (int64_t r = 0; r < out; ++r) ym[r] *= q[r];
+    }
+    if (bias.defined()) {
+      const float* b = bias.const_data_ptr<float>();
+      for (int64_t r = 0; r < out; ++r) ym[r] += b[r];
+    }
+  }
+  if (outlier_index_.has_value() && outlier_index_->defined() && outlier_index_->numel() > 0) {
+    const at::Tensor idx = outlier_index_->to(at::kLong).contiguous();
+    const at::Tensor val = outlier_value_->to(at::kFloat).contiguous();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const float* vp = val.const_data_ptr<float>();
+    std::vector<float> extra(static_cast<size_t>(out));
+    for (int64_t m = 0; m < M; ++m) {  // W_K x accumulated apart, then added (as add_skips does)
+      std::fill(extra.begin(), extra.end(), 0.0f);
+      for (int64_t k = 0; k < idx.size(0); ++k)
+        extra[ip[k] / in] += xp[m * in + ip[k] % in] * vp[k];
+      for (int64_t r = 0; r < out; ++r) yp[m * out + r] += extra[r];
+    }
+  }
+  return y.to(x_.scalar_type());
+}
+
 // z = x Sᵀ for bf16 x (M, in): bf16 (M, out), the BLAS bf16 GEMM on exact ±1 bf16 tiles (fp32
 // accumulation inside the GEMM, one rounding of each result to bf16).
 at::Tensor sign_matmul_bf16(const at::Tensor& x_, const at::Tensor& packed_, int64_t in) {
@@ -415,12 +498,17 @@ TORCH_LIBRARY_FRAGMENT(onebit, m) {
   m.def("sign_matmul_int8(Tensor x, Tensor packed, int in_features) -> Tensor");
   m.def("unpack_signs_f32(Tensor packed, int in_features) -> Tensor");
   m.def("kernel_isa(int force) -> int", &kernel_isa);
+  m.def(
+      "packed_linear_decode(Tensor x, Tensor packed, Tensor in_scale, Tensor out_scale, "
+      "Tensor? out_gain, Tensor? bias, Tensor? outlier_index, Tensor? outlier_value, "
+      "bool output_norm, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(onebit, CPU, m) {
   m.impl("sign_matmul", &sign_matmul);
   m.impl("sign_matmul_bf16", &sign_matmul_bf16);
   m.impl("sign_matmul_int8", &sign_matmul_int8);
   m.impl("unpack_signs_f32", &unpack_signs_f32);
+  m.impl("packed_linear_decode", &packed_linear_decode);
 }
 
 }  // namespace onebit
