@@ -57,11 +57,14 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+TEXT_SOURCE_KEYS = ("wikitext2_path", "c4_path", "c4_samples", "ptb_path", "text_path")
+TEXT_SOURCE_KEYS += ("text_field", "text_documents")
+
+
 def text_sources(e: DictConfig) -> dict[str, Any]:
-    """The ``eval.*`` keys that say where each data set's text is."""
-    defaults = {"wikitext2_path": None, "c4_path": None, "c4_samples": 256, "ptb_path": None}
-    defaults |= {"text_path": None, "text_field": "text", "text_documents": "row"}
-    return {k: e.get(k, v) for k, v in defaults.items()}
+    """The ``eval.*`` keys that say where each data set's text is (``eval_ids``' own defaults for
+    any the config lacks)."""
+    return {k: e[k] for k in TEXT_SOURCE_KEYS if k in e}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

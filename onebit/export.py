@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from onebit.errors import OneBitInputError, first_line
 from onebit.hf import SIGN_CONVENTION, base_model_type, quantization_config, register_model_type
 from onebit.quant import OneBitConfig, OneBitLinear, PackedOneBitLinear, quantize_
-from onebit.quant.convert import _set_submodule
+from onebit.quant.convert import _set_submodule, linear_shape
 from onebit.quant.packing import BIT_ORDER, FORMAT_VERSION
 
 WEIGHTS = "model.safetensors"
@@ -339,11 +339,7 @@ def load_onebit(
             old = model.get_submodule(name)
         except AttributeError:
             raise OneBitInputError(f"{path}: module {name} is not in the architecture.") from None
-        out_f, in_f = (
-            (old.out_features, old.in_features)
-            if hasattr(old, "in_features")
-            else (old.nf, old.weight.shape[0])
-        )
+        out_f, in_f = linear_shape(old)
         packed = state.get(f"{name}.packed_signs")
         expected = (out_f, (in_f + 7) // 8)
         if packed is None or tuple(packed.shape) != expected:

@@ -141,7 +141,7 @@ def replace_with_packed_(model, config) -> None:
 
     from onebit.errors import OneBitInputError
     from onebit.quant import OneBitConfig, PackedOneBitLinear
-    from onebit.quant.convert import _set_submodule
+    from onebit.quant.convert import _set_submodule, linear_shape
 
     quant = OneBitConfig.from_dict(config.quant)
     for name in config.modules:
@@ -151,13 +151,11 @@ def replace_with_packed_(model, config) -> None:
             raise OneBitInputError(f"module {name} of the export is not in the model.") from None
         if isinstance(old, PackedOneBitLinear):
             continue
-        weight = getattr(old, "weight", None)
-        if weight is None:
-            raise OneBitInputError(f"module {name} of the export is not a linear layer.")
-        if hasattr(old, "in_features"):  # nn.Linear
-            in_f, out_f = old.in_features, old.out_features
-        else:  # GPT-2's Conv1D: weight (in, out)
-            in_f, out_f = weight.shape[0], old.nf
+        try:
+            out_f, in_f = linear_shape(old)
+        except TypeError:
+            raise OneBitInputError(f"module {name} of the export is not a linear layer.") from None
+        weight = old.weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         new = PackedOneBitLinear(
             in_f,

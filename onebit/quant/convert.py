@@ -27,6 +27,16 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of an ``nn.Linear``, a OneBit layer or GPT-2's ``Conv1D``
+    (whose weight is stored ``(in, out)``)."""
+    if hasattr(module, "in_features"):
+        return module.out_features, module.in_features
+    if _is_conv1d(module):
+        return module.nf, module.weight.shape[0]
+    raise TypeError(f"cannot read the shape of {type(module).__name__}")
+
+
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 

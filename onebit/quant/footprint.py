@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from onebit.quant.config import OneBitConfig
-from onebit.quant.convert import FilterFn, _is_conv1d, iter_target_linears
+from onebit.quant.convert import FilterFn, iter_target_linears, linear_shape
 from onebit.quant.linear import OneBitLinear
 from onebit.quant.packed_linear import PackedOneBitLinear
 
@@ -40,16 +40,8 @@ def _outliers(module: nn.Module, config: OneBitConfig | None) -> int:
         return 0 if module.outlier_value is None else module.outlier_value.numel()
     if config is None:
         return 0
-    out_f, in_f = _shape(module)
+    out_f, in_f = linear_shape(module)
     return min(config.outliers, out_f * in_f)
-
-
-def _shape(module: nn.Module) -> tuple[int, int]:
-    if hasattr(module, "in_features"):
-        return module.out_features, module.in_features
-    if _is_conv1d(module):
-        return module.nf, module.weight.shape[0]
-    raise TypeError(f"cannot read the shape of {type(module).__name__}")
 
 
 @dataclass(frozen=True)
@@ -179,7 +171,7 @@ def footprint(
     target_mods = {id(m) for _, m in targets}
     n_w = n_v = n_b = packed = n_o = 0
     for _, module in targets:
-        out_f, in_f = _shape(module)
+        out_f, in_f = linear_shape(module)
         n_o += _outliers(module, config)
         n_w += out_f * in_f
         n_v += out_f + in_f + (out_f if _has_gain(module, config) else 0)

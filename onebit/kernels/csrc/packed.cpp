@@ -97,22 +97,26 @@ void gemv_rows_scalar(const float* x, const float* xsum, const uint8_t* P, float
 }
 
 #if ONEBIT_X86
+// A block of R rows is R·nb contiguous bytes read as R short interleaved streams, which the
+// hardware prefetcher does not follow: fetch the block PREFETCH_BLOCKS ahead by hand (p: the block
+// of row r; nothing past row r1).
+inline void prefetch_ahead(const uint8_t* p, int64_t r, int64_t r1, int R, int64_t nb) {
+  constexpr int64_t kAhead = PREFETCH_BLOCKS;
+  if (r + (kAhead + 1) * R > r1) return;
+  const uint8_t* ahead = p + kAhead * R * nb;
+  for (int64_t o = 0; o < R * nb; o += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + o), _MM_HINT_T0);
+}
+
 ONEBIT_TARGET("avx512f,avx512bw")
 void gemv_rows_avx512(const float* x, const float* xsum, const uint8_t* P, float* z, int64_t M,
                       int64_t in, int64_t nb, int64_t out, int64_t r0, int64_t r1) {
   const int64_t full = in / 16 * 16, rem = in - full;
   constexpr int R = 8;  // rows per pass over x: R independent accumulators share each x load
-  constexpr int64_t kPrefetchBlocks = PREFETCH_BLOCKS;
   int64_t r = r0;
   for (; r + R <= r1; r += R) {
     const uint8_t* p = P + r * nb;
-    // The block's R rows are R·nb contiguous bytes read as R short interleaved streams, which
-    // the hardware prefetcher does not follow: fetch the block kPrefetchBlocks ahead by hand.
-    if (r + (kPrefetchBlocks + 1) * R <= r1) {
-      const uint8_t* ahead = p + kPrefetchBlocks * R * nb;
-      for (int64_t o = 0; o < R * nb; o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + o), _MM_HINT_T0);
-    }
+    prefetch_ahead(p, r, r1, R, nb);
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * in;
       __m512 acc[R];
@@ -187,15 +191,10 @@ void gemv_rows_avx2(const float* x, const float* xsum, const uint8_t* P, float* 
   (void)xsum;  // the FMA sums x·s directly
   const int64_t full = in / 8 * 8;
   constexpr int R = 8;
-  constexpr int64_t kPrefetchBlocks = PREFETCH_BLOCKS;
   int64_t r = r0;
   for (; r + R <= r1; r += R) {
     const uint8_t* p = P + r * nb;
-    if (r + (kPrefetchBlocks + 1) * R <= r1) {
-      const uint8_t* ahead = p + kPrefetchBlocks * R * nb;
-      for (int64_t o = 0; o < R * nb; o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + o), _MM_HINT_T0);
-    }
+    prefetch_ahead(p, r, r1, R, nb);
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * in;
       __m256 acc[R];
@@ -283,6 +282,21 @@ void unpack_rows(const uint8_t* P, int64_t nb, int64_t in, int64_t r0, int64_t r
   }
 }
 
+// z = x Sᵀ (M, out) for a few tokens x (M, in) fp32: each token's Σ_j x_j (in double), then the
+// decode kernel over blocks of 8 rows split across threads.
+void decode(const float* x, const uint8_t* P, float* z, int64_t M, int64_t in, int64_t nb,
+            int64_t out) {
+  std::vector<float> xsum(M);
+  for (int64_t m = 0; m < M; ++m) {
+    double s = 0;
+    for (int64_t j = 0; j < in; ++j) s += x[m * in + j];
+    xsum[m] = static_cast<float>(s);
+  }
+  at::parallel_for(0, (out + 7) / 8, 8, [&](int64_t b0, int64_t b1) {
+    gemv_rows(x, xsum.data(), P, z, M, in, nb, out, b0 * 8, std::min(out, b1 * 8));
+  });
+}
+
 void check_args(const at::Tensor& x, const at::Tensor& packed, int64_t in, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), op, ": x must be a 2-D CPU tensor");
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.device().is_cpu(),
@@ -306,17 +320,7 @@ at::Tensor sign_matmul(const at::Tensor& x_, const at::Tensor& packed_, int64_t 
   const uint8_t* P = packed.const_data_ptr<uint8_t>();
   if (M <= gemv_max) {
     at::Tensor z = at::empty({M, out}, x.options());
-    std::vector<float> xsum(M);
-    for (int64_t m = 0; m < M; ++m) {
-      double s = 0;
-      for (int64_t j = 0; j < in; ++j) s += xp[m * in + j];
-      xsum[m] = static_cast<float>(s);
-    }
-    float* zp = z.mutable_data_ptr<float>();
-    const int64_t blocks = (out + 7) / 8;
-    at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-      gemv_rows(xp, xsum.data(), P, zp, M, in, nb, out, b0 * 8, std::min(out, b1 * 8));
-    });
+    decode(xp, P, z.mutable_data_ptr<float>(), M, in, nb, out);
     return z;
   }
   at::Tensor zt = at::empty({out, M}, x.options());  // zᵀ: each tile fills contiguous rows
@@ -359,21 +363,11 @@ at::Tensor packed_linear_decode(const at::Tensor& x_, const at::Tensor& packed_,
   const float* gp = g.const_data_ptr<float>();
   at::Tensor u = at::empty({M, in}, x.options());
   float* up = u.mutable_data_ptr<float>();
-  std::vector<float> usum(M);
-  for (int64_t m = 0; m < M; ++m) {
-    double s = 0;
-    for (int64_t j = 0; j < in; ++j) {
-      up[m * in + j] = xp[m * in + j] * gp[j];
-      s += up[m * in + j];
-    }
-    usum[m] = static_cast<float>(s);
-  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < in; ++j) up[m * in + j] = xp[m * in + j] * gp[j];
   at::Tensor y = at::empty({M, out}, x.options());
   float* yp = y.mutable_data_ptr<float>();
-  const uint8_t* P = packed.const_data_ptr<uint8_t>();
-  at::parallel_for(0, (out + 7) / 8, 8, [&](int64_t b0, int64_t b1) {
-    gemv_rows(up, usum.data(), P, yp, M, in, nb, out, b0 * 8, std::min(out, b1 * 8));
-  });
+  decode(up, packed.const_data_ptr<uint8_t>(), yp, M, in, nb, out);
   const float* hp = h.const_data_ptr<float>();
   at::Tensor gain, bias;
   if (out_gain_.has_value() && out_gain_->defined()) gain = out_gain_->to(at::kFloat).contiguous();
