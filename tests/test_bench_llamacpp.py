@@ -1,5 +1,6 @@
-"""benchmarks/bench_llamacpp.py: its OneBit row runs anywhere (llama.cpp's needs the optional
-llama-cpp-python), and without llama-cpp-python it names the install command."""
+"""benchmarks/bench_llamacpp.py: its OneBit rows run anywhere (llama.cpp's needs the optional
+llama-cpp-python) and the step decoder's row generates the model forward's tokens; without
+llama-cpp-python it names the install command."""
 
 from __future__ import annotations
 
@@ -23,15 +24,19 @@ def test_the_onebit_row_measures_an_export(tmp_path: Path) -> None:
     src = shared_path("models", "stories260K-hf")
     student = freeze_(quantize_(AutoModelForCausalLM.from_pretrained(src), OneBitConfig()))
     export = save_onebit(student, tmp_path / "e", OneBitConfig(), dtype=torch.float16)
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_llamacpp.py", "--child", "onebit", "--threads", "1",
-         "--export", str(export), "--prompt-tokens", "8", "--new-tokens", "5"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    r = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(r["tokens"]) == 5 and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
-    assert r["peak_rss"] > 0 and 0 < r["first_token_s"] < 60
+    rows = {}
+    for child in ("onebit", "onebit_model"):
+        done = subprocess.run(
+            [sys.executable, "benchmarks/bench_llamacpp.py", "--child", child, "--threads", "1",
+             "--export", str(export), "--prompt-tokens", "8", "--new-tokens", "12"],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows[child] = r = json.loads(done.stdout.strip().splitlines()[-1])
+        assert len(r["tokens"]) == 12 and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+        assert r["peak_rss"] > 0 and 0 < r["first_token_s"] < 60
+    assert rows["onebit"]["decoder"] == "step" and rows["onebit_model"]["decoder"] == "model"
+    assert rows["onebit"]["tokens"] == rows["onebit_model"]["tokens"]
 
 
 def test_without_llama_cpp_python_it_says_how_to_install_it(tmp_path: Path) -> None:

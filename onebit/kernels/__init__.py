@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = ("svid.cpp", "packed.cpp")
+_SOURCES = ("svid.cpp", "packed.cpp", "decoder.cpp")
+_HEADERS = ("packed.h",)  # hashed with the sources, not compiled on their own
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 _off = 0  # > 0 inside ``disabled()``
@@ -50,7 +51,7 @@ def _sources() -> list[Path]:
 def build_dir() -> Path:
     """Where this machine's build lives (created on demand)."""
     h = hashlib.sha256()
-    for src in _sources():
+    for src in _sources() + [Path(__file__).parent / "csrc" / n for n in _HEADERS]:
         h.update(src.read_bytes())
     h.update(torch.__version__.encode())
     h.update(_cpu_flags().encode())

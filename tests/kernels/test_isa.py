@@ -76,10 +76,15 @@ def test_the_instruction_sets_agree_with_each_other() -> None:
 
 
 _CHILD = """
-import json, torch
+import json, pathlib, tempfile, torch
 from onebit import kernels
 from tests.kernels.test_isa import _check_exact
+from tests.test_decoder import _compare, _export
 _check_exact(kernels.isa())
+with tempfile.TemporaryDirectory() as d:  # the decode step (dense GEMV, attention) on this build
+    m = _export(pathlib.Path(d), "llama", hidden_size=128, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=64)
+    assert _compare(m, steps=8) < 1e-5
 print(json.dumps({"isa": kernels.isa(), "status": kernels.status()}))
 """
 
@@ -88,7 +93,7 @@ print(json.dumps({"isa": kernels.isa(), "status": kernels.status()}))
 @pytest.mark.parametrize(("march", "isa"), [("x86-64-v3", "avx2"), ("native", "scalar")])
 def test_a_build_for_an_avx2_target_runs_the_avx2_path(march: str, isa: str) -> None:
     """ONEBIT_KERNEL_MARCH=x86-64-v3 compiles for AVX2 without AVX-512 (its own cached build);
-    ONEBIT_KERNEL_ISA forces the path at run time."""
+    ONEBIT_KERNEL_ISA forces the path at run time. The kernel and the decode step are exact."""
     if isa not in _available_isas():
         pytest.skip(f"this CPU has no {isa}")
     env = {**os.environ, "ONEBIT_KERNEL_MARCH": march, "ONEBIT_KERNEL_ISA": isa}

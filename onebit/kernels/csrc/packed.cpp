@@ -20,6 +20,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "packed.h"
+
 #include <algorithm>
 #include <cmath>
 #include <atomic>
@@ -55,7 +57,9 @@ int64_t cpu_isa() {
 #if ONEBIT_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return kAvx2;
 #endif
   return kScalar;
 }
@@ -282,6 +286,10 @@ void unpack_rows(const uint8_t* P, int64_t nb, int64_t in, int64_t r0, int64_t r
   }
 }
 
+}  // namespace
+
+int64_t current_isa() { return isa_state().load(std::memory_order_relaxed); }
+
 // z = x Sᵀ (M, out) for a few tokens x (M, in) fp32: each token's Σ_j x_j (in double), then the
 // decode kernel over blocks of 8 rows split across threads.
 void decode(const float* x, const uint8_t* P, float* z, int64_t M, int64_t in, int64_t nb,
@@ -289,6 +297,7 @@ void decode(const float* x, const uint8_t* P, float* z, int64_t M, int64_t in, i
   std::vector<float> xsum(M);
   for (int64_t m = 0; m < M; ++m) {
     double s = 0;
+#pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < in; ++j) s += x[m * in + j];
     xsum[m] = static_cast<float>(s);
   }
@@ -296,6 +305,51 @@ void decode(const float* x, const uint8_t* P, float* z, int64_t M, int64_t in, i
     gemv_rows(x, xsum.data(), P, z, M, in, nb, out, b0 * 8, std::min(out, b1 * 8));
   });
 }
+
+// The layer's steps after x Sᵀ, on y (M, out) in place: ⊙ h, the LayerNorm, γ, bias, W_K x.
+static void finish(const PackedView& L, const float* x, int64_t M, float* y) {
+  const int64_t in = L.in, out = L.out;
+  for (int64_t m = 0; m < M; ++m) {
+    float* ym = y + m * out;
+    for (int64_t r = 0; r < out; ++r) ym[r] *= L.h[r];
+    if (L.output_norm) {  // LayerNorm without parameters, biased variance, in fp32
+      double mean = 0, var = 0;
+#pragma omp simd reduction(+ : mean)
+      for (int64_t r = 0; r < out; ++r) mean += ym[r];
+      mean /= static_cast<double>(out);
+#pragma omp simd reduction(+ : var)
+      for (int64_t r = 0; r < out; ++r) var += (ym[r] - mean) * (ym[r] - mean);
+      var /= static_cast<double>(out);
+      const float mu = static_cast<float>(mean);
+      const float rstd = static_cast<float>(1.0 / std::sqrt(var + L.eps));
+      for (int64_t r = 0; r < out; ++r) ym[r] = (ym[r] - mu) * rstd;
+    }
+    if (L.gain != nullptr)
+      for (int64_t r = 0; r < out; ++r) ym[r] *= L.gain[r];
+    if (L.bias != nullptr)
+      for (int64_t r = 0; r < out; ++r) ym[r] += L.bias[r];
+  }
+  if (L.outliers > 0) {
+    std::vector<float> extra(static_cast<size_t>(out));
+    for (int64_t m = 0; m < M; ++m) {  // W_K x accumulated apart, then added (as add_skips does)
+      std::fill(extra.begin(), extra.end(), 0.0f);
+      for (int64_t k = 0; k < L.outliers; ++k) {
+        const int64_t f = L.outlier_index[k];
+        extra[f / in] += x[m * in + f % in] * L.outlier_value[k];
+      }
+      for (int64_t r = 0; r < out; ++r) y[m * out + r] += extra[r];
+    }
+  }
+}
+
+void packed_forward(const PackedView& L, const float* x, int64_t M, float* u, float* y) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < L.in; ++j) u[m * L.in + j] = x[m * L.in + j] * L.g[j];
+  decode(u, L.signs, y, M, L.in, L.nb, L.out);
+  finish(L, x, M, y);
+}
+
+namespace {
 
 void check_args(const at::Tensor& x, const at::Tensor& packed, int64_t in, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), op, ": x must be a 2-D CPU tensor");
@@ -359,54 +413,35 @@ at::Tensor packed_linear_decode(const at::Tensor& x_, const at::Tensor& packed_,
   const int64_t M = x.size(0), out = packed.size(0), nb = packed.size(1);
   TORCH_CHECK(h.size(0) == out, "packed_linear_decode: out_scale has ", h.size(0), " entries, ",
               out, " rows");
-  const float* xp = x.const_data_ptr<float>();
-  const float* gp = g.const_data_ptr<float>();
-  at::Tensor u = at::empty({M, in}, x.options());
-  float* up = u.mutable_data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < in; ++j) up[m * in + j] = xp[m * in + j] * gp[j];
-  at::Tensor y = at::empty({M, out}, x.options());
-  float* yp = y.mutable_data_ptr<float>();
-  decode(up, packed.const_data_ptr<uint8_t>(), yp, M, in, nb, out);
-  const float* hp = h.const_data_ptr<float>();
-  at::Tensor gain, bias;
-  if (out_gain_.has_value() && out_gain_->defined()) gain = out_gain_->to(at::kFloat).contiguous();
-  if (bias_.has_value() && bias_->defined()) bias = bias_->to(at::kFloat).contiguous();
-  for (int64_t m = 0; m < M; ++m) {
-    float* ym = yp + m * out;
-    for (int64_t r = 0; r < out; ++r) ym[r] *= hp[r];
-    if (output_norm) {  // LayerNorm without parameters, biased variance, in fp32
-      double mean = 0, var = 0;
-      for (int64_t r = 0; r < out; ++r) mean += ym[r];
-      mean /= static_cast<double>(out);
-      for (int64_t r = 0; r < out; ++r) var += (ym[r] - mean) * (ym[r] - mean);
-      var /= static_cast<double>(out);
-      const float mu = static_cast<float>(mean);
-      const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
-      for (int64_t r = 0; r < out; ++r) ym[r] = (ym[r] - mu) * rstd;
-    }
-    if (gain.defined()) {
-      const float* q = gain.const_data_ptr<float>();
-      for (int64_t r = 0; r < out; ++r) ym[r] *= q[r];
-    }
-    if (bias.defined()) {
-      const float* b = bias.const_data_ptr<float>();
-      for (int64_t r = 0; r < out; ++r) ym[r] += b[r];
-    }
+  PackedView L;
+  L.signs = packed.const_data_ptr<uint8_t>();
+  L.in = in;
+  L.out = out;
+  L.nb = nb;
+  L.g = g.const_data_ptr<float>();
+  L.h = h.const_data_ptr<float>();
+  at::Tensor gain, bias, idx, val;
+  if (out_gain_.has_value() && out_gain_->defined()) {
+    gain = out_gain_->to(at::kFloat).contiguous();
+    L.gain = gain.const_data_ptr<float>();
+  }
+  if (bias_.has_value() && bias_->defined()) {
+    bias = bias_->to(at::kFloat).contiguous();
+    L.bias = bias.const_data_ptr<float>();
   }
   if (outlier_index_.has_value() && outlier_index_->defined() && outlier_index_->numel() > 0) {
-    const at::Tensor idx = outlier_index_->to(at::kLong).contiguous();
-    const at::Tensor val = outlier_value_->to(at::kFloat).contiguous();
-    const int64_t* ip = idx.const_data_ptr<int64_t>();
-    const float* vp = val.const_data_ptr<float>();
-    std::vector<float> extra(static_cast<size_t>(out));
-    for (int64_t m = 0; m < M; ++m) {  // W_K x accumulated apart, then added (as add_skips does)
-      std::fill(extra.begin(), extra.end(), 0.0f);
-      for (int64_t k = 0; k < idx.size(0); ++k)
-        extra[ip[k] / in] += xp[m * in + ip[k] % in] * vp[k];
-      for (int64_t r = 0; r < out; ++r) yp[m * out + r] += extra[r];
-    }
+    idx = outlier_index_->to(at::kLong).contiguous();
+    val = outlier_value_->to(at::kFloat).contiguous();
+    L.outlier_index = idx.const_data_ptr<int64_t>();
+    L.outlier_value = val.const_data_ptr<float>();
+    L.outliers = idx.size(0);
   }
+  L.output_norm = output_norm;
+  L.eps = eps;
+  at::Tensor u = at::empty({M, in}, x.options());
+  at::Tensor y = at::empty({M, out}, x.options());
+  packed_forward(L, x.const_data_ptr<float>(), M, u.mutable_data_ptr<float>(),
+                 y.mutable_data_ptr<float>());
   return y.to(x_.scalar_type());
 }
 
