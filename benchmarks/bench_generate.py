@@ -12,7 +12,8 @@ Rows, each measured in a fresh subprocess (so its resident memory is its own):
 For each: file size, resident memory after loading (safetensors maps the file: pages count once
 touched) and the process's peak (VmHWM, at the end), prefill tokens/s over
 --prompt-tokens random tokens and decode tokens/s over --new-tokens greedy tokens with the KV
-cache (onebit.generation.generate, the loop generate.py uses). The decode limit is the bytes a
+cache (onebit.generation.generate, the loop generate.py uses, with its default decoder: the C++
+step of onebit.decoder for these LLaMA-architecture models). The decode limit is the bytes a
 token must read (every packed or dense weight once, lm_head included, embeddings excluded) over
 the read bandwidth measured here first (sum of a 1 GiB fp32 tensor).
 
@@ -125,6 +126,7 @@ def child(args: argparse.Namespace) -> None:
                 "decode_tok_s": stats.decode_tokens_per_s,
                 "bytes_per_token": weight_bytes_per_token(model),
                 "threads": torch.get_num_threads(),
+                "decoder": stats.decoder,
             }
         )
     )
@@ -203,8 +205,9 @@ def main(argv: list[str] | None = None) -> None:
         f"tokens, {args.new_tokens} greedy new tokens, after a 2-token warm-up",
         "",
         "| model | on disk | RSS after load | peak RSS | load (s) | prefill tok/s "
-        "| decode tok/s | weight bytes / token | decode limit (bw ÷ bytes) | % of limit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| decode tok/s | decoder | weight bytes / token | decode limit (bw ÷ bytes) "
+        "| % of limit |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for name, path, kind in rows:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(
             f"| {name} | {disk} | {human_bytes(r['rss_loaded'])} | {human_bytes(r['peak_rss'])} "
             f"| {r['load_s']:.1f} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} "
-            f"| {human_bytes(r['bytes_per_token'])} | {limit:.1f} "
+            f"| {r['decoder']} | {human_bytes(r['bytes_per_token'])} | {limit:.1f} "
             f"| {r['decode_tok_s'] / limit:.0%} |"
         )
     lines += ["", f"Total wall time: {time.perf_counter() - t_start:.0f} s"]

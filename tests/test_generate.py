@@ -71,6 +71,15 @@ def test_generate_cli_on_a_stories260k_export(stories_path, tmp_path) -> None:
     out = _cli(tmp_path, f"path={path}", "max_new_tokens=8", "prompt=Once upon")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[export] prompt" in out.stdout and "decode" in out.stdout and "peak RSS" in out.stdout
+    assert "(step decoder)" in out.stdout  # a LLaMA export decodes through onebit.decoder
+    fwd = _cli(tmp_path, f"path={path}", "max_new_tokens=8", "prompt=Once upon", "decoder=model")
+    assert fwd.returncode == 0 and "(model decoder)" in fwd.stdout
+    assert fwd.stdout.split("\n[export]")[0] == out.stdout.split("\n[export]")[0]  # same text
+    bad = _cli(tmp_path, f"path={path}", "decoder=fast")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: decoder=fast is not one of auto, step, model."
+    )
 
 
 def test_generate_cli_refuses_a_missing_export(tmp_path) -> None:
