@@ -162,6 +162,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         result["blockwise"] = module.blockwise_result
     if module.sign_init_errors:
         result["sign_init_errors"] = module.sign_init_errors
+    if module.kept_massive:
+        result["kept_massive"] = module.kept_massive
     ckpt = next((c for c in callbacks if hasattr(c, "best_model_path")), None)
     if ckpt is not None:
         result["checkpoint_last"] = ckpt.last_model_path or None

@@ -788,7 +788,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     def trained(key: str, arm: Arm, steps: int, zero_shot: bool) -> None:
         import dataclasses
 
-        from onebit.quant import massive_layer_names
         from onebit.train.module import OneBitDistillation
 
         torch.manual_seed(int(cfg.seed))
@@ -801,12 +800,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if arm.calibration_seq_len and arm.calibration_seq_len != arm.seq_len:
             calib_data = blocks_of(source, arm.calibration_seq_len)  # the same text, cut anew
         calib = calib_data[-arm.quant.calibration_sequences :]  # training text, never evaluated
-        t0 = time.perf_counter()
-        q, kept = arm.quant, []
+        q = arm.quant  # quant.keep_massive: the module finds the kept layers on calib
         if arm.keep_massive:
-            kept = massive_layer_names(teacher, calib, arm.keep_massive)
-            q = dataclasses.replace(q, skip_modules=(*q.skip_modules, *kept))
-        find_s = time.perf_counter() - t0
+            q = dataclasses.replace(q, keep_massive=arm.keep_massive)
         # the LightningModule train.py runs, on the loaded teacher: SVID (cached under
         # svid_cache_dir), calibration, then the block-wise stage and the steps in fit
         module = OneBitDistillation(
@@ -836,15 +832,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 blockwise["seconds"],
             )  # fmt: skip
         # finding the kept layers, calibration and the block-wise stage are training time
-        calib_s = find_s + module.setup_seconds["calibrate"]
+        kept = module.kept_massive
+        calib_s = module.setup_seconds["keep_massive"] + module.setup_seconds["calibrate"]
         calib_s += blockwise["seconds"] if blockwise is not None else 0.0
-        calib_s = calib_s if (kept or q.needs_calibration or blockwise) else 0.0
+        calib_s = calib_s if (q.needs_calibration or blockwise) else 0.0
         train["train_s"] += calib_s + generate_s  # so are calibration and written text
         train["calibrate_s"] = calib_s
         train["generate_s"] = generate_s
         train["kept_layers"] = kept
         train["blockwise"] = blockwise
-        row_bits = footprint(student, q)
+        row_bits = footprint(student, module.quant)  # the kept layers by name
         train["bits_per_weight"] = row_bits.bits_per_weight
         train["model_bits_per_weight"] = row_bits.model_bits_per_weight
         add(key, arm.label, student, zero_shot, train)

@@ -76,6 +76,11 @@ class OneBitConfig:
         fused: use the fused autograd function, which saves only the input and the pre-scale
             output for backward (same numbers as the unfused composition).
         skip_modules: glob patterns of fully qualified module names that stay full precision.
+        keep_massive: the ``k`` decoder-block linears whose teacher outputs on the calibration
+            sequences most exceed what a OneBit layer with its LayerNorm can write (``max |y| >
+            sqrt(out − 1)``: LLaMA-class "massive activations") also stay full precision; found
+            before quantizing and added to ``skip_modules`` by name (so a trained run's config
+            lists them). 0: off (the paper). Not in the paper.
     """
 
     svid_method: SvidMethod = "nmf"
@@ -95,6 +100,7 @@ class OneBitConfig:
     norm_eps: float = 1e-5
     fused: bool = True
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
+    keep_massive: int = 0
 
     def __post_init__(self) -> None:
         check_choice("quant", "svid_method", self.svid_method, SVID_METHODS)
@@ -115,6 +121,14 @@ class OneBitConfig:
             or self.outliers < 0
         ):
             raise OneBitInputError(f"quant.outliers={self.outliers!r} must be an integer >= 0.")
+        if (
+            not isinstance(self.keep_massive, int)
+            or isinstance(self.keep_massive, bool)
+            or self.keep_massive < 0
+        ):
+            raise OneBitInputError(
+                f"quant.keep_massive={self.keep_massive!r} must be an integer >= 0."
+            )
         if not isinstance(self.svid_max_iter, int) or self.svid_max_iter < 1:
             raise OneBitInputError(
                 f"quant.svid_max_iter={self.svid_max_iter!r} must be an integer >= 1."
@@ -134,13 +148,30 @@ class OneBitConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Initialisation reads the teacher on training text (``sign_init``, ``gain_init``)."""
-        return self.sign_init != "sign" or (self.output_gain and self.gain_init != "ones")
+        """Initialisation reads the teacher on training text (``sign_init``, ``gain_init``,
+        ``keep_massive``)."""
+        return (
+            self.sign_init != "sign"
+            or (self.output_gain and self.gain_init != "ones")
+            or self.keep_massive > 0
+        )
+
+    def with_kept(self, names: list[str]) -> OneBitConfig:
+        """This config with ``names`` (the layers ``keep_massive`` found) in ``skip_modules`` and
+        ``keep_massive`` resolved to 0."""
+        return dataclasses.replace(
+            self, skip_modules=(*self.skip_modules, *names), keep_massive=0
+        )
 
     def without_calibration(self) -> OneBitConfig:
         """This config for rebuilding a trained student (its values come from a state dict):
         no SVID, no calibration."""
         extra = {"gain_init": "ones"} if self.output_gain else {}
+        if self.keep_massive:
+            raise ValueError(
+                f"quant.keep_massive={self.keep_massive} is unresolved: the kept layers are "
+                "found on the teacher (OneBitConfig.with_kept) before a student is rebuilt."
+            )
         return dataclasses.replace(self, svid_method="none", sign_init="sign", **extra)
 
     @classmethod

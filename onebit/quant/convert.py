@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 from torch import nn
 
+from onebit.errors import OneBitInputError
 from onebit.quant.config import OneBitConfig
 from onebit.quant.linear import OneBitLinear
 from onebit.quant.packed_linear import PackedOneBitLinear
@@ -140,6 +141,13 @@ def quantize_(
         alone.
     """
     config = config or OneBitConfig()
+    if config.keep_massive:
+        raise OneBitInputError(
+            f"quant.keep_massive={config.keep_massive} chooses layers from the teacher's outputs "
+            "on calibration text, which quantize_ does not have: resolve it first "
+            "(config.with_kept(onebit.quant.massive_layer_names(teacher, ids, k))), as "
+            "OneBitDistillation does."
+        )
     targets = [(n, m) for n, m in iter_target_linears(model, config, filter_fn) if _is_linear(m)]
     prefix, blocks = find_decoder_blocks(model)
     handed_over = 0  # blocks already passed to after_block

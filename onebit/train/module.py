@@ -41,6 +41,7 @@ from onebit.quant import (
     footprint,
     freeze_,
     init_from_calibration_,
+    massive_layer_names,
     quantize_,
 )
 from onebit.quant.convert import find_decoder_blocks
@@ -195,9 +196,10 @@ class OneBitDistillation(L.LightningModule):
         self.blockwise_state_path: str | None = None  # where a killed block-wise stage resumes
         self.blockwise_seed = 0
         self.blockwise_result: dict[str, Any] | None = None  # per-block errors, once it ran
-        # configure_model's wall time: quantize (SVID or its cache) and calibrate (sign_init,
-        # gain_init; 0 without them)
+        # configure_model's wall time: find the kept layers (quant.keep_massive), quantize (SVID
+        # or its cache) and calibrate (sign_init, gain_init; 0 without them)
         self.setup_seconds: dict[str, float] = {}
+        self.kept_massive: list[str] = []  # quant.keep_massive's layers, once configure_model ran
 
     # -- model set-up --------------------------------------------------------------------------
     @property
@@ -227,6 +229,13 @@ class OneBitDistillation(L.LightningModule):
         # rank never holds the whole fp32 student, only the teacher and one student block.
         # Calibration (quant.sign_init, quant.gain_init) runs the whole student first, so then
         # every block is sharded after it (each rank calibrates on the same sequences)
+        t_find = time.perf_counter()
+        if self.quant.keep_massive:  # found on the teacher, then kept by name (also in hparams)
+            self.kept_massive = massive_layer_names(
+                teacher, self._calibration_ids(), self.quant.keep_massive
+            )
+            self.quant = self.quant.with_kept(self.kept_massive)
+            self.hparams["quant"] = self.quant.to_dict()
         calibrate = self.quant.needs_calibration
         t0 = time.perf_counter()
         self._quantize(student, after_block=None if calibrate else shard)
@@ -234,7 +243,11 @@ class OneBitDistillation(L.LightningModule):
         self.sign_init_errors = init_from_calibration_(
             teacher, student, self.quant, self._calibration_ids(), progress=True
         )
-        self.setup_seconds = {"quantize": t1 - t0, "calibrate": time.perf_counter() - t1}
+        self.setup_seconds = {
+            "keep_massive": t0 - t_find,
+            "quantize": t1 - t0,
+            "calibrate": time.perf_counter() - t1,
+        }
         student = freeze_(student).train()  # embeddings, norms, lm_head: full precision
         if shard is not None:
             if calibrate:

@@ -76,6 +76,9 @@ def summary(result: dict[str, Any], name: str, held_out: str) -> str:
             + f", teacher {m['val/ppl_teacher']:.2f}"
             + f", ratio {m['val/ppl'] / m['val/ppl_teacher']:.2f}"
         )
+    kept = result.get("kept_massive")
+    if kept:
+        lines.append(f"quant.keep_massive: {len(kept)} layers kept full precision: {', '.join(kept)}")
     errors = result.get("sign_init_errors")
     if errors:
         svid_err = statistics.median(e["svid"] for e in errors.values())

@@ -142,3 +142,43 @@ def test_footprint_counts_gains_and_kept_layers() -> None:
     assert kept.quantized_weights == plain.quantized_weights - w.numel()
     assert kept.other_params == plain.other_params + w.numel()
     assert "of which kept linears" in kept.format()
+
+
+def test_massive_layer_names_ranks_the_layers_beyond_the_layers_range() -> None:
+    """A layer is "massive" when max |y| > sqrt(out - 1) on the text; the k furthest above come
+    first, and layers within the range are never named."""
+    from onebit.quant import massive_layer_names
+
+    teacher = tiny_causal_lm("llama")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # in the last block, so that no later layer sees it
+        teacher.get_submodule("model.layers.1.mlp.down_proj").weight.mul_(1e4)
+        teacher.get_submodule("model.layers.1.mlp.up_proj").weight.mul_(1e3)
+    ratios = {}
+    for name, m in teacher.named_modules():
+        if name.startswith("model.layers.") and isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(
+                lambda _m, _i, y, name=name: ratios.__setitem__(
+                    name, float(y.abs().max()) / (y.shape[-1] - 1) ** 0.5
+                )
+            )
+    with torch.no_grad():
+        teacher(input_ids=ids)
+    for m in teacher.modules():
+        m._forward_hooks.clear()
+    over = sorted((r, n) for n, r in ratios.items() if r > 1)[::-1]
+    assert over[0][1] == "model.layers.1.mlp.down_proj" and len(over) >= 2
+    assert massive_layer_names(teacher, ids, 2) == [n for _, n in over[:2]]
+    assert massive_layer_names(teacher, ids, 100) == [n for _, n in over]  # only those over 1
+    assert len(over) < len(ratios)
+
+
+def test_quantize_refuses_an_unresolved_keep_massive() -> None:
+    from onebit.errors import OneBitInputError
+
+    with pytest.raises(OneBitInputError, match=r"quant.keep_massive=2 chooses layers"):
+        quantize_(tiny_causal_lm("llama"), OneBitConfig(keep_massive=2))
+    with pytest.raises(OneBitInputError, match=r"quant.keep_massive=-1 must be an integer >= 0"):
+        OneBitConfig(keep_massive=-1)
+    q = OneBitConfig(keep_massive=2).with_kept(["a.b"])
+    assert (q.keep_massive, q.skip_modules, q.needs_calibration) == (0, ("a.b",), False)

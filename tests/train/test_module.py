@@ -364,3 +364,61 @@ def test_blockwise_stage_resumes_after_a_kill_and_is_skipped_on_checkpoint_resum
     with open_dict(again):
         again.ckpt_path = "auto"
     assert _run(again)["global_step"] == 3 and calls == []
+
+
+def test_keep_massive_keeps_exactly_the_layers_it_finds_and_footprint_counts_them() -> None:
+    """quant.keep_massive=k: configure_model finds the k layers on the calibration text, keeps
+    them full precision by name (in the module's config and its saved hyperparameters), and a
+    rebuilt student has the same layers."""
+    from onebit.models import tiny_causal_lm
+    from onebit.quant import OneBitConfig, OneBitLinear, footprint, massive_layer_names
+
+    teacher = tiny_causal_lm("llama")
+    with torch.no_grad():
+        teacher.get_submodule("model.layers.1.mlp.down_proj").weight.mul_(1e4)
+        teacher.get_submodule("model.layers.1.mlp.up_proj").weight.mul_(1e3)
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+    expected = massive_layer_names(teacher, ids[:2], 2)  # on the first calibration_sequences
+    assert len(expected) == 2 and expected[0] == "model.layers.1.mlp.down_proj"
+    spec = {"name": "t", "source": "tiny", "arch": "llama"}
+    q = OneBitConfig(keep_massive=2, calibration_sequences=2)
+    module = OneBitDistillation(spec, quant=q, teacher=teacher)
+    module.calibration_ids = ids
+    module.configure_model()
+    assert module.kept_massive == expected
+    assert module.quant.keep_massive == 0 and module.quant.skip_modules == tuple(expected)
+    assert module.hparams["quant"]["skip_modules"] == expected
+    assert module.hparams["quant"]["keep_massive"] == 0
+    kept = {n for n, m in module.student.named_modules() if type(m) is torch.nn.Linear}
+    assert kept == {*expected, "lm_head"}
+    assert sum(isinstance(m, OneBitLinear) for m in module.student.modules()) == 14 - 2
+    report = footprint(module.student, module.quant)
+    assert report.kept_layers == 2
+    assert report.kept_params == sum(teacher.get_submodule(n).weight.numel() for n in expected)
+    rebuilt = module.student_from_state(module.student.state_dict())
+    assert {n for n, m in rebuilt.named_modules() if type(m) is torch.nn.Linear} == kept
+
+
+def test_train_py_with_keep_massive_reports_and_exports_the_kept_layers(
+    tmp_path, tiny_overrides, monkeypatch
+) -> None:
+    import onebit.train.module
+    from onebit.export import load_onebit
+
+    found = []
+
+    def spy(teacher, ids, k):  # the tiny random teacher writes nothing massive: name one layer
+        found.append((tuple(ids.shape), k))
+        return ["model.layers.0.mlp.up_proj"]
+
+    monkeypatch.setattr(onebit.train.module, "massive_layer_names", spy)
+    cfg = compose_train(
+        [*tiny_overrides, "quant.keep_massive=1", "quant.calibration_sequences=2",
+         "trainer.max_steps=2", "export_dtype=float32"],
+        tmp_path,
+    )  # fmt: skip
+    result = _run(cfg)
+    assert found == [((2, 16), 1)] and result["kept_massive"] == ["model.layers.0.mlp.up_proj"]
+    model = load_onebit(result["export"])
+    assert type(model.get_submodule("model.layers.0.mlp.up_proj")) is torch.nn.Linear
+    assert type(model.get_submodule("model.layers.1.mlp.up_proj")) is not torch.nn.Linear
