@@ -114,12 +114,13 @@ def available() -> bool:
         return bool(_state["ok"])
 
 
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "avx512_lut")
 
 
 def isa() -> str | None:
-    """The decode kernel's instruction set in use (``avx512``, ``avx2`` or ``scalar``: the best
-    this CPU has, or ``ONEBIT_KERNEL_ISA``); None without the kernels."""
+    """The decode kernel's instruction set in use, the best this CPU has or
+    ``ONEBIT_KERNEL_ISA``: ``avx512_lut`` (AVX-512; one token by table lookup, more by masked
+    adds), ``avx512`` (masked adds only), ``avx2`` or ``scalar``; None without the kernels."""
     return ISAS[torch.ops.onebit.kernel_isa(-1)] if available() else None
 
 

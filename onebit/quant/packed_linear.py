@@ -7,7 +7,9 @@ and h and the bias. Two paths compute the same layer:
   whatever the activation dtype (the result is cast back). Up to ``GEMV_MAX_TOKENS`` tokens it
   reads the bits as stored (1 bit per weight) on the best instruction set of the CPU, chosen at
   run time (``onebit.kernels.isa()``): AVX-512 masked adds (``Σ x_j s_j = 2 Σ_{s_j=+1} x_j −
-  Σ x_j``), AVX2 FMAs with ±1 from a byte table, or portable C++; above, it unpacks 256-row tiles
+  Σ x_j``; for one token, a table of the 16 signed sums of each 4 inputs indexed by 4 bits of
+  16 rows at a time), AVX2 FMAs with ±1 from a byte table, or portable C++; above, it unpacks
+  256-row tiles
   of ±1 and calls the BLAS GEMM. The decode case runs as one C++ call for the whole layer
   (``packed_linear_decode``: scales, LayerNorm, gain, bias and outlier weights with it, in fp32).
   It agrees with the trained layer to fp32 rounding (a different summation order), not bitwise.

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs the C++ k
 
 # (out, in): 1 and odd widths (a partial byte, a partial 8- or 16-lane step), fewer rows than a
 # block of 8, a block and a remainder, and one LLaMA-7B width
-SHAPES = [(1, 1), (3, 7), (9, 15), (17, 17), (8, 16), (33, 129), (23, 1000), (12, 4096)]
+SHAPES = [(1, 1), (3, 7), (9, 15), (17, 17), (8, 16), (33, 129), (23, 1000), (12, 4096), (300, 257)]
 
 
 def _available_isas() -> list[str]:

@@ -148,6 +148,7 @@ void dense_rows(const T* W, const float* x, float* y, int64_t in, int64_t r0, in
 #if ONEBIT_X86
   switch (current_isa()) {
     case 2:
+    case 3:
       return dense_rows_avx512(W, x, y, in, r0, r1);
     case 1:
       return dense_rows_avx2(W, x, y, in, r0, r1);
@@ -256,7 +257,7 @@ ONEBIT_TARGET("avx512f") void attend_head_avx512(const float* q, const float* K,
 void attend(const float* q, const float* K, const float* V, float* s, float* o, int64_t len,
             int64_t hd, float scale) {
 #if ONEBIT_X86
-  if (current_isa() == 2) {
+  if (current_isa() >= 2) {
     switch (hd) {
       case 64:
         return attend_head_avx512<4>(q, K, V, s, o, len, scale);

@@ -5,7 +5,9 @@
 //     Σ_j x_j s_j = 2 Σ_{j∈P} x_j − Σ_j x_j,
 // and 16 bits of the row are used directly as an AVX-512 lane mask: acc += x[j:j+16] where the bit
 // is set (one masked add per 16 weights). Eight rows share each load of x; threads split the rows.
-// The weights are read once, as one sequential stream per row: 1 bit per weight.
+// The weights are read once, as one sequential stream per row: 1 bit per weight. For one token
+// (the decode step) AVX-512 CPUs use a table kernel instead (gemv_rows_lut: one lookup and one
+// add per 4 weights of 16 rows), which needs half the vector ops of the masked adds.
 //
 // Prefill (many tokens): the arithmetic is M·out·in multiply-adds either way, so it is done by the
 // BLAS GEMM on ±1 tiles unpacked from the bits into a small buffer: fp32 (exact to fp32 rounding),
@@ -51,12 +53,12 @@ namespace {
 // The decode kernel's instruction set, chosen at run time: the best this CPU has (AVX-512 with
 // byte/word ops, else AVX2 with FMA, else portable C++), lowered by ONEBIT_KERNEL_ISA
 // (avx512 | avx2 | scalar) or the op kernel_isa (tests and benchmarks force each path).
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Lut = 3 };
 
 int64_t cpu_isa() {
 #if ONEBIT_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512Lut;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c"))
     return kAvx2;
@@ -68,7 +70,10 @@ int64_t env_isa(int64_t best) {
   const char* e = std::getenv("ONEBIT_KERNEL_ISA");
   if (e == nullptr) return best;
   const std::string v(e);
-  const int64_t want = v == "scalar" ? kScalar : v == "avx2" ? kAvx2 : kAvx512;
+  const int64_t want = v == "scalar" ? kScalar
+                       : v == "avx2"   ? kAvx2
+                       : v == "avx512" ? kAvx512
+                                       : kAvx512Lut;
   return std::min(want, best);
 }
 
@@ -223,6 +228,63 @@ void gemv_rows_avx2(const float* x, const float* xsum, const uint8_t* P, float* 
     }
   }
 }
+
+// One token, AVX-512, by table lookup: for each group of 4 columns a table of the 16 sums
+// Σ_{i<4} ±x_{4g+i} (entry b: + where bit i of b is set), built once per call; then 16 rows at a
+// time, a gather takes 32 columns' bits of each row (one dword per row), and each of its 8
+// nibbles picks, per row, its group's sum with one vpermps (which reads only the low 4 bits of
+// each index) and one add. That is 2 vector ops per 64 weights, where the masked adds take 2
+// (a kmov and the add, on the same port) per 16. Each x·±1 is exact; only the order of the
+// fp32 sums differs.
+constexpr int64_t kLutRows = 16;
+
+ONEBIT_TARGET("avx512f")
+void build_tables(const float* x, int64_t groups, float* T) {
+  alignas(64) float sign[4][16];
+  for (int i = 0; i < 4; ++i)
+    for (int b = 0; b < 16; ++b) sign[i][b] = ((b >> i) & 1) ? 1.0f : -1.0f;
+  const __m512 s0 = _mm512_load_ps(sign[0]), s1 = _mm512_load_ps(sign[1]);
+  const __m512 s2 = _mm512_load_ps(sign[2]), s3 = _mm512_load_ps(sign[3]);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = x + 4 * g;
+    __m512 t = _mm512_mul_ps(s0, _mm512_set1_ps(xg[0]));
+    t = _mm512_fmadd_ps(s1, _mm512_set1_ps(xg[1]), t);
+    t = _mm512_fmadd_ps(s2, _mm512_set1_ps(xg[2]), t);
+    t = _mm512_fmadd_ps(s3, _mm512_set1_ps(xg[3]), t);
+    _mm512_storeu_ps(T + 16 * g, t);
+  }
+}
+
+ONEBIT_TARGET("avx512f,avx512bw")
+void gemv_rows_lut(const float* x, const float* xsum, const float* T, const uint8_t* P, float* z,
+                   int64_t in, int64_t nb, int64_t out, int64_t r0, int64_t r1) {
+  const int64_t words = in / 32, tail = words * 32;  // full dwords of 32 columns per row
+  const __m512i offsets =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int>(nb)));
+  alignas(64) float sums[kLutRows];
+  int64_t r = r0;
+  for (; r + kLutRows <= r1; r += kLutRows) {
+    const uint8_t* base = P + r * nb;
+    prefetch_ahead(base, r, r1, kLutRows / 2, 2 * nb);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t w = 0; w < words; ++w) {
+      const __m512i t = _mm512_i32gather_epi32(offsets, base + 4 * w, 1);
+      const float* Tw = T + w * 8 * 16;
+      a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(t, _mm512_loadu_ps(Tw)));
+      a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_srli_epi32(t, 4), _mm512_loadu_ps(Tw + 16)));
+      a2 = _mm512_add_ps(a2, _mm512_permutexvar_ps(_mm512_srli_epi32(t, 8), _mm512_loadu_ps(Tw + 32)));
+      a3 = _mm512_add_ps(a3, _mm512_permutexvar_ps(_mm512_srli_epi32(t, 12), _mm512_loadu_ps(Tw + 48)));
+      a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(_mm512_srli_epi32(t, 16), _mm512_loadu_ps(Tw + 64)));
+      a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_srli_epi32(t, 20), _mm512_loadu_ps(Tw + 80)));
+      a2 = _mm512_add_ps(a2, _mm512_permutexvar_ps(_mm512_srli_epi32(t, 24), _mm512_loadu_ps(Tw + 96)));
+      a3 = _mm512_add_ps(a3, _mm512_permutexvar_ps(_mm512_srli_epi32(t, 28), _mm512_loadu_ps(Tw + 112)));
+    }
+    _mm512_store_ps(sums, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (int64_t i = 0; i < kLutRows; ++i) z[r + i] = sums[i] + tail_dot(x, base + i * nb, tail, in);
+  }
+  if (r < r1) gemv_rows_avx512(x, xsum, P, z, 1, in, nb, out, r, r1);
+}
 #endif
 
 void gemv_rows(const float* x, const float* xsum, const uint8_t* P, float* z, int64_t M, int64_t in,
@@ -230,6 +292,7 @@ void gemv_rows(const float* x, const float* xsum, const uint8_t* P, float* z, in
 #if ONEBIT_X86
   switch (isa_state().load(std::memory_order_relaxed)) {
     case kAvx512:
+    case kAvx512Lut:  // the table kernel is for one token (decode() chooses it); masks here
       return gemv_rows_avx512(x, xsum, P, z, M, in, nb, out, r0, r1);
     case kAvx2:
       return gemv_rows_avx2(x, xsum, P, z, M, in, nb, out, r0, r1);
@@ -290,6 +353,8 @@ void unpack_rows(const uint8_t* P, int64_t nb, int64_t in, int64_t r0, int64_t r
 
 int64_t current_isa() { return isa_state().load(std::memory_order_relaxed); }
 
+bool use_lut() { return current_isa() == kAvx512Lut; }
+
 // z = x Sᵀ (M, out) for a few tokens x (M, in) fp32: each token's Σ_j x_j (in double), then the
 // decode kernel over blocks of 8 rows split across threads.
 void decode(const float* x, const uint8_t* P, float* z, int64_t M, int64_t in, int64_t nb,
@@ -301,6 +366,19 @@ void decode(const float* x, const uint8_t* P, float* z, int64_t M, int64_t in, i
     for (int64_t j = 0; j < in; ++j) s += x[m * in + j];
     xsum[m] = static_cast<float>(s);
   }
+#if ONEBIT_X86
+  if (M == 1 && in >= 32 && out >= kLutRows && use_lut()) {  // tables for the full dwords
+    thread_local std::vector<float> T;  // reused: no allocation (and page faults) per call
+    T.resize(std::max(T.size(), static_cast<size_t>(in / 32 * 8 * 16)));
+    float* tables = T.data();  // the worker threads see this thread's buffer through it
+    build_tables(x, in / 32 * 8, tables);
+    at::parallel_for(0, (out + 15) / 16, 4, [&](int64_t b0, int64_t b1) {
+      gemv_rows_lut(x, xsum.data(), tables, P, z, in, nb, out, b0 * 16,
+                    std::min(out, b1 * 16));
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, (out + 7) / 8, 8, [&](int64_t b0, int64_t b1) {
     gemv_rows(x, xsum.data(), P, z, M, in, nb, out, b0 * 8, std::min(out, b1 * 8));
   });

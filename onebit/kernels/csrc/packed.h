@@ -22,7 +22,8 @@ struct PackedView {
   double eps = 1e-5;
 };
 
-// The decode kernels' instruction set in use: 0 portable C++, 1 AVX2 (with FMA and F16C), 2 AVX-512.
+// The decode kernels' instruction set in use: 0 portable C++, 1 AVX2 (with FMA and F16C), 2 AVX-512
+// (masked adds), 3 AVX-512 with the table kernel for one token.
 int64_t current_isa();
 
 // z = x Sᵀ (M, out) for a few tokens x (M, in) fp32, rows split across threads.
