@@ -76,14 +76,6 @@ inline __m256 load8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
-ONEBIT_TARGET("avx2,fma,f16c")
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Rows [a, b) fetched by hand, kAheadRows ahead of the one being read.
 #ifndef DENSE_AHEAD
 #define DENSE_AHEAD 8
@@ -136,7 +128,7 @@ ONEBIT_TARGET("avx2,fma,f16c") void dense_rows_avx2(const T* W, const float* x, 
       a3 = _mm256_fmadd_ps(load8(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
     }
     for (; j < part; j += 8) a0 = _mm256_fmadd_ps(load8(w + j), _mm256_loadu_ps(x + j), a0);
-    float t = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    float t = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; j < in; ++j) t += widen(w[j]) * x[j];
     y[r] = t;
   }

@@ -179,14 +179,6 @@ struct Sign8Table {
 };
 const Sign8Table kSign8;
 
-ONEBIT_TARGET("avx2,fma")
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Σ_j x_j s_j over the last in % 8 weights of a row (a partial byte).
 inline float tail_dot(const float* xm, const uint8_t* p, int64_t full, int64_t in) {
   float t = 0;
