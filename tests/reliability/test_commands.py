@@ -200,8 +200,9 @@ def test_generate_times_prefill_after_a_warm_up(monkeypatch) -> None:
     monkeypatch.setattr(model, "forward", forward)
     monkeypatch.setattr(generation.time, "perf_counter", lambda: clock["t"])
     ids = torch.tensor([[1, 2, 3, 4]])
-    _, stats = generation.generate(model, ids, 3)
+    # decoder="model": every new token through the (clocked) forward
+    _, stats = generation.generate(model, ids, 3, decoder="model")
     assert stats.prefill_s == 1.0 and stats.decode_s == 2.0
     clock.update(t=0.0, calls=0)
-    _, stats = generation.generate(model, ids, 3, warmup=False)
+    _, stats = generation.generate(model, ids, 3, warmup=False, decoder="model")
     assert stats.prefill_s == 100.0
