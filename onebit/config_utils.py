@@ -26,6 +26,13 @@ def check_number(section: str, key: str, value: Any, *, allow_zero: bool = True)
         raise OneBitInputError(f"{section}.{key}={value!r} must be a finite number {bound}.")
 
 
+def check_int(section: str, key: str, value: Any, low: int) -> None:
+    """Raise ``OneBitInputError`` naming ``section.key`` unless ``value`` is an integer (not a
+    bool) >= ``low``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise OneBitInputError(f"{section}.{key}={value!r} must be an integer >= {low}.")
+
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 

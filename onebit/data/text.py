@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from onebit.config_utils import check_int
 from onebit.data.sources import (
     SAMPLE_BY,
     HubDocuments,
@@ -71,11 +72,6 @@ def pack_blocks(token_docs: Iterable[Sequence[int]], seq_len: int) -> Iterator[l
         del buf[:start]
 
 
-def _check_int(key: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise OneBitInputError(f"data.{key}={value!r} must be an integer >= {low}.")
-
-
 class PackedTextDataset(IterableDataset):
     """Packed blocks of one shard of a document stream, sharded over ranks and workers.
 
@@ -108,8 +104,8 @@ class PackedTextDataset(IterableDataset):
         seed: int = 0,
         name: str = "text",
     ) -> None:
-        _check_int("seq_len", seq_len, 1)
-        _check_int("shuffle_docs", shuffle_docs, 0)
+        check_int("data", "seq_len", seq_len, 1)
+        check_int("data", "shuffle_docs", shuffle_docs, 0)
         if rank is None or world_size is None:
             rank, world_size = dist_rank_world()
         if not 0 <= rank < world_size:
@@ -266,11 +262,11 @@ class TextDataModule(L.LightningDataModule):
             ("val_blocks", val_blocks, 0),
             ("shuffle_docs", shuffle_docs, 0),
         ]:
-            _check_int(key, value, low)
+            check_int("data", key, value, low)
         if val_batch_size is not None:
-            _check_int("val_batch_size", val_batch_size, 1)
+            check_int("data", "val_batch_size", val_batch_size, 1)
         if calibration_seq_len is not None:
-            _check_int("calibration_seq_len", calibration_seq_len, 1)
+            check_int("data", "calibration_seq_len", calibration_seq_len, 1)
         self.calibration_seq_len = calibration_seq_len
         self.name, self.source, self.path, self.val_path = name, source, path, val_path
         self.hub_name, self.hub_config = hub_name, hub_config

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from onebit.config_utils import check_choice, check_number, from_mapping
+from onebit.config_utils import check_choice, check_int, check_number, from_mapping
 from onebit.distill.recipe import SCALE_SUFFIXES, cosine_with_warmup
 from onebit.errors import OneBitInputError, OneBitRunError
 from onebit.fileio import atomic_path
@@ -69,9 +69,7 @@ class BlockwiseConfig:
 
     def __post_init__(self) -> None:
         for key, low in (("steps", 0), ("batch_size", 1), ("sequences", 1)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise OneBitInputError(f"blockwise.{key}={value!r} must be an integer >= {low}.")
+            check_int("blockwise", key, getattr(self, key), low)
         for key in ("lr", "latent_lr", "weight_decay"):
             check_number("blockwise", key, getattr(self, key))
         if self.grad_clip is not None:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from onebit.config_utils import check_choice, check_number, from_mapping
+from onebit.config_utils import check_choice, check_int, check_number, from_mapping
 from onebit.errors import OneBitInputError
 
 SvidMethod = Literal["nmf", "svd", "nmf_sklearn", "none"]
@@ -115,20 +115,8 @@ class OneBitConfig:
                 f"quant.calibration_sequences={self.calibration_sequences!r} must be an integer "
                 ">= 1."
             )
-        if (
-            not isinstance(self.outliers, int)
-            or isinstance(self.outliers, bool)
-            or self.outliers < 0
-        ):
-            raise OneBitInputError(f"quant.outliers={self.outliers!r} must be an integer >= 0.")
-        if (
-            not isinstance(self.keep_massive, int)
-            or isinstance(self.keep_massive, bool)
-            or self.keep_massive < 0
-        ):
-            raise OneBitInputError(
-                f"quant.keep_massive={self.keep_massive!r} must be an integer >= 0."
-            )
+        check_int("quant", "outliers", self.outliers, 0)
+        check_int("quant", "keep_massive", self.keep_massive, 0)
         if not isinstance(self.svid_max_iter, int) or self.svid_max_iter < 1:
             raise OneBitInputError(
                 f"quant.svid_max_iter={self.svid_max_iter!r} must be an integer >= 1."
@@ -159,9 +147,7 @@ class OneBitConfig:
     def with_kept(self, names: list[str]) -> OneBitConfig:
         """This config with ``names`` (the layers ``keep_massive`` found) in ``skip_modules`` and
         ``keep_massive`` resolved to 0."""
-        return dataclasses.replace(
-            self, skip_modules=(*self.skip_modules, *names), keep_massive=0
-        )
+        return dataclasses.replace(self, skip_modules=(*self.skip_modules, *names), keep_massive=0)
 
     def without_calibration(self) -> OneBitConfig:
         """This config for rebuilding a trained student (its values come from a state dict):

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
+from onebit.config_utils import check_int
 from onebit.errors import OneBitInputError
 
 log = logging.getLogger("onebit.train.callbacks")
@@ -74,10 +75,7 @@ class ResumeCheckpoint(Checkpoint):
         requeue: bool | str = "auto",
     ) -> None:
         for key, value, low in (("every_n_train_steps", every_n_train_steps, 0), ("keep", keep, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise OneBitInputError(
-                    f"callbacks.resume.{key}={value!r} must be an integer >= {low}."
-                )
+            check_int("callbacks.resume", key, value, low)
         bad = [s for s in signals if not isinstance(getattr(signal, str(s), None), signal.Signals)]
         if bad:
             raise OneBitInputError(
