@@ -62,14 +62,6 @@ def run(cfg: DictConfig) -> dict:
         )
     model.eval()
     ids = tok(cfg.prompt, return_tensors="pt").input_ids
-    if cfg.decoder == "step":
-        from onebit.decoder import unsupported
-
-        why = unsupported(model, ids.shape[1] + n_new)
-        if why:
-            raise OneBitInputError(
-                f"decoder=step cannot run this model: {why}; use decoder=auto or decoder=model."
-            )
     ctx = context_length(model.config)
     if ctx is not None and ids.shape[1] + n_new > ctx:
         raise OneBitInputError(

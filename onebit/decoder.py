@@ -1,4 +1,5 @@
-"""The decode step of a packed LLaMA-family model as one C++ call (``torch.classes.onebit.Decoder``).
+"""The decode step of a packed LLaMA-family model as one C++ call
+(``torch.classes.onebit.Decoder``).
 
 A token of decode through the model's own forward runs some 20 Python-level modules per block
 (210 packed layers, norms, RoPE, attention, the cache) and at SmolLM2-135M's size that overhead,
@@ -29,6 +30,8 @@ from onebit.quant.packed_linear import PackedOneBitLinear
 BASES = ("llama", "mistral", "qwen2")  # architectures whose block the C++ step computes
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+# a block's linears, in the order Decoder.add_block takes them
+_LINEARS = tuple(f"self_attn.{n}" for n in _PROJ) + tuple(f"mlp.{n}" for n in _MLP)
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies that do not change with length
 
 
@@ -55,14 +58,14 @@ def unsupported(model: nn.Module, max_len: int, batch: int = 1) -> str | None:
     if getattr(cfg, "hidden_act", None) != "silu":
         return f"hidden_act={getattr(cfg, 'hidden_act', None)!r} (the step decoder runs SiLU)"
     rope = getattr(inner, "rotary_emb", None)
-    if rope is None or getattr(rope, "rope_type", None) not in _ROPE_TYPES:
-        return f"RoPE type {getattr(rope, 'rope_type', None)!r} (supported: {', '.join(_ROPE_TYPES)})"
+    rope_type = getattr(rope, "rope_type", None)
+    if rope is None or rope_type not in _ROPE_TYPES:
+        return f"RoPE type {rope_type!r} (supported: {', '.join(_ROPE_TYPES)})"
     window = getattr(cfg, "sliding_window", None)
     if window and getattr(cfg, "use_sliding_window", True) and max_len > window:
         return f"{max_len} positions exceed the sliding window of {window}"
     for i, layer in enumerate(layers):
         att, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        names = [f"self_attn.{n}" for n in _PROJ] + [f"mlp.{n}" for n in _MLP]
         if (
             att is None
             or mlp is None
@@ -72,7 +75,7 @@ def unsupported(model: nn.Module, max_len: int, batch: int = 1) -> str | None:
             return f"block {i} is not a LLaMA block (self_attn q/k/v/o, mlp gate/up/down)"
         if any(hasattr(att, n) for n in ("q_norm", "k_norm")):
             return f"block {i} normalises q and k (Qwen3-style), which the step decoder does not"
-        for n in names:
+        for n in _LINEARS:
             why = _linear_parts(layer.get_submodule(n))
             if why:
                 return f"block {i} {n} is a {why}"
@@ -105,7 +108,6 @@ class StepDecoder:
         rope = inner.rotary_emb
         lm_bias = model.lm_head.bias
         self.max_len = max_len
-        self.vocab = model.lm_head.out_features
         self._d = torch.classes.onebit.Decoder(
             n_heads, n_kv, head_dim, max_len, float(inner.norm.variance_epsilon),
             float(att0.scaling), rope.inv_freq.float(), float(rope.attention_scaling),
@@ -113,10 +115,7 @@ class StepDecoder:
             model.lm_head.weight.detach(), None if lm_bias is None else lm_bias.detach(),
         )  # fmt: skip
         for layer in inner.layers:
-            ids = [
-                self._add(layer.get_submodule(n))
-                for n in [f"self_attn.{n}" for n in _PROJ] + [f"mlp.{n}" for n in _MLP]
-            ]
+            ids = [self._add(layer.get_submodule(n)) for n in _LINEARS]
             self._d.add_block(
                 layer.input_layernorm.weight.detach(),
                 layer.post_attention_layernorm.weight.detach(),

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from onebit.errors import OneBitInputError
+
 
 @dataclass
 class GenerationStats:
@@ -67,7 +69,9 @@ def _step_decoder(model: nn.Module, input_ids: Tensor, max_new_tokens: int, deco
     why = unsupported(model, length, batch)
     if why:
         if decoder == "step":
-            raise ValueError(f"decoder=step cannot run this model: {why}.")
+            raise OneBitInputError(
+                f"decoder=step cannot run this model: {why}; use decoder=auto or decoder=model."
+            )
         return None
     step = StepDecoder(model, length)
     step.load_cache(cache, prompt)
@@ -92,8 +96,8 @@ def generate(
     With ``warmup``, one untimed forward over the prompt's first token runs first, so that
     one-time set-up (kernel loading, first allocations) is not counted as prefill time.
     ``decoder``: ``auto`` (the C++ step decoder where it supports the model, else the model's
-    forward), ``step`` (the step decoder, or ``ValueError`` naming why not) or ``model``. Setting
-    up the step decoder counts as prefill time.
+    forward), ``step`` (the step decoder, or ``OneBitInputError`` naming why not) or ``model``.
+    Setting up the step decoder counts as prefill time.
 
     Shapes: input_ids (batch, prompt) → (batch, prompt + new).
     """

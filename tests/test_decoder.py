@@ -40,7 +40,8 @@ def _compare(model, steps: int = 12, prompt: int = 7, reference=None) -> float:
     and through ``reference`` (default: the model) with its cache; returns the largest
     |difference| of the logits over max |logit|, asserting equal tokens."""
     reference = reference or model
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=gen)
     with torch.no_grad():
         out = reference(input_ids=ids, use_cache=True)
         dec = StepDecoder(model, prompt + steps)
@@ -101,8 +102,9 @@ def test_fp16_and_bf16_weights_give_the_fp32_forward_of_the_same_weights(tmp_pat
 
 @pytest.mark.parametrize("isa", kernels.ISAS)
 def test_every_instruction_set(tmp_path, isa) -> None:
-    model = _export(tmp_path, "llama", OneBitConfig(output_gain=True, outliers=2),
-                    hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64)  # fmt: skip
+    cfg = OneBitConfig(output_gain=True, outliers=2)
+    model = _export(tmp_path, "llama", cfg, hidden_size=128, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=64)  # fmt: skip
     with kernels.forced_isa(isa):
         assert _compare(model, steps=8) < 1e-5
 

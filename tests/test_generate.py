@@ -88,3 +88,18 @@ def test_generate_cli_refuses_a_missing_export(tmp_path) -> None:
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: path={tmp_path}/nothing does not exist (source=export needs it)."
     )
+
+
+def test_generate_cli_refuses_decoder_step_for_a_model_it_does_not_run(
+    stories_path, tmp_path
+) -> None:
+    spec = {"name": "stories260k", "source": "local", "path": str(stories_path)}
+    tok = load_tokenizer(spec)
+    student = freeze_(quantize_(tiny_causal_lm("gpt2", vocab_size=len(tok)), OneBitConfig()))
+    path = save_onebit(student, tmp_path / "gpt2", OneBitConfig(), tokenizer=tok)
+    out = _cli(tmp_path, f"path={path}", "max_new_tokens=4", "decoder=step")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: decoder=step cannot run this model: model type 'gpt2' (the step decoder runs "
+        "llama, mistral, qwen2); use decoder=auto or decoder=model."
+    )

@@ -78,7 +78,9 @@ def summary(result: dict[str, Any], name: str, held_out: str) -> str:
         )
     kept = result.get("kept_massive")
     if kept:
-        lines.append(f"quant.keep_massive: {len(kept)} layers kept full precision: {', '.join(kept)}")
+        lines.append(
+            f"quant.keep_massive: {len(kept)} layers kept full precision: {', '.join(kept)}"
+        )
     errors = result.get("sign_init_errors")
     if errors:
         svid_err = statistics.median(e["svid"] for e in errors.values())

@@ -498,8 +498,6 @@ struct Decoder : torch::CustomClassHolder {
     dense_gemv(lm_head, ptr(lm_bias), xn.data(), logits.mutable_data_ptr<float>());
     return logits;
   }
-
-  int64_t blocks_count() const { return static_cast<int64_t>(blocks.size()); }
 };
 
 TORCH_LIBRARY_FRAGMENT(onebit, m) {
@@ -510,8 +508,7 @@ TORCH_LIBRARY_FRAGMENT(onebit, m) {
       .def("add_dense", &Decoder::add_dense)
       .def("add_block", &Decoder::add_block)
       .def("set_cache", &Decoder::set_cache)
-      .def("step", &Decoder::step)
-      .def("blocks", &Decoder::blocks_count);
+      .def("step", &Decoder::step);
 }
 
 }  // namespace onebit
