@@ -93,10 +93,23 @@ def _out(y: Any) -> Tensor:
     return y[0] if isinstance(y, tuple) else y  # a tuple in older transformers
 
 
+def _sharded(model: nn.Module) -> bool:
+    """Some module of ``model`` is sharded with FSDP2's ``fully_shard``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 @torch.no_grad()
 def _capture(model: nn.Module, ids: Tensor, mask: Tensor | None, bs: int) -> list[list]:
-    """``[x, args, kwargs]`` of decoder block 0 for each chunk of ``bs`` sequences of ``ids``."""
+    """``[x, args, kwargs]`` of decoder block 0 for each chunk of ``bs`` sequences of ``ids``.
+
+    The forward pass stops at block 0, except on an FSDP2-sharded model: that runs to the end,
+    so that FSDP2's post-forward hooks run and leave its root and block 0 idle (stopped, they stay
+    mid-forward with block 0 gathered) before the blocks are called on their own.
+    """
     block, got = find_decoder_blocks(model)[1][0], []
+    stop = not _sharded(model)
 
     def hook(_m, args, kwargs):
         kwargs = dict(kwargs)
@@ -104,7 +117,8 @@ def _capture(model: nn.Module, ids: Tensor, mask: Tensor | None, bs: int) -> lis
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         got.append([x, tuple(args[1:]), kwargs])
-        raise _Stop
+        if stop:
+            raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -237,6 +251,30 @@ def _block_file(path: str, i: int) -> str:
     return f"{path}.block{i:04d}"
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: its local shard for a DTensor (FSDP2), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _block_state(block: nn.Module) -> dict[str, Tensor]:
+    """``block``'s state dict as plain tensors (a sharded block: this rank's shards)."""
+    return {k: _local(v).detach().clone() for k, v in block.state_dict().items()}
+
+
+def _load_block_state(block: nn.Module, state: dict[str, Tensor], path: str) -> None:
+    """Copy ``state`` (:func:`_block_state`'s) into ``block`` in place."""
+    own = block.state_dict()
+    if own.keys() != state.keys() or any(
+        _local(v).shape != state[k].shape for k, v in own.items()
+    ):
+        raise OneBitInputError(
+            f"the block-wise state {path} does not fit this student's block (another model, or "
+            "another sharding: each rank resumes from its own file)."
+        )
+    for k, v in own.items():
+        _local(v).copy_(state[k])
+
+
 @torch.no_grad()
 def blockwise_reconstruct_(
     teacher: nn.Module,
@@ -259,6 +297,11 @@ def blockwise_reconstruct_(
     mode. Randomness (chunk order, dropout) comes from generators seeded by ``seed`` and the block
     index, never from the global RNG.
 
+    FSDP2-sharded models (``fully_shard`` per decoder block and on the root, as ``trainer=fsdp``
+    does) work too, when every rank calls this with the same ``ids``: each block all-gathers its
+    parameters for a forward and averages its gradients over the ranks, so every rank trains the
+    block a single process would.
+
     Args:
         teacher: the full-precision causal LM.
         student: its OneBit student (same architecture, ``quantize_`` + ``freeze_``).
@@ -272,7 +315,8 @@ def blockwise_reconstruct_(
             of the next block, the results so far and a fingerprint; each finished block's state
             dict is written once to its own file beside it (so the writes grow linearly with the
             number of blocks). A state of another run (number of blocks, hidden size, ids, mask,
-            config or seed) is refused.
+            config or seed) is refused. A sharded student's block files hold this rank's
+            shards: give each rank its own ``state_path``.
         progress: show a progress bar over the blocks with the current loss.
         seed: seed of the chunk order and dropout.
 
@@ -324,7 +368,8 @@ def blockwise_reconstruct_(
     if path is not None and os.path.exists(path):
         state = _load(path, fingerprint, device)
         for i in range(state["next_block"]):
-            s_blocks[i].load_state_dict(_read(_block_file(path, i), device))
+            file = _block_file(path, i)
+            _load_block_state(s_blocks[i], _read(file, device), file)
         start, results = state["next_block"], state["results"]
         for cache, xs in ((t_in, state["teacher_inputs"]), (s_in, state["student_inputs"])):
             for chunk, x in zip(cache, xs):
@@ -355,7 +400,7 @@ def blockwise_reconstruct_(
                 for chunk, x in zip(cache, xs):
                     chunk[0] = x
             if path is not None:  # the block's own file first, then the state that names it
-                _save(_block_file(path, i), s_blocks[i].state_dict())
+                _save(_block_file(path, i), _block_state(s_blocks[i]))
                 _save(path, {
                     "fingerprint": fingerprint, "next_block": i + 1, "results": results,
                     "teacher_inputs": [c[0] for c in t_in], "student_inputs": [c[0] for c in s_in],

@@ -350,11 +350,6 @@ class OneBitDistillation(L.LightningModule):
             return
         if self.trainer.ckpt_path is not None:  # the checkpoint holds the stage's result
             return
-        if self.sharded:
-            raise OneBitInputError(
-                "blockwise.steps>0 does not run on an FSDP2-sharded student yet; use "
-                "trainer=ddp (or one device), or blockwise.steps=0."
-            )
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "calibration_blocks"):
             raise OneBitInputError(
@@ -362,8 +357,11 @@ class OneBitDistillation(L.LightningModule):
                 "that has calibration_blocks (train.py's do)."
             )
         ids = dm.calibration_blocks(b.sequences, seq_len=dm.seq_len).to(self.device)
+        path = self.blockwise_state_path
+        if path is not None and self.sharded:  # each rank resumes its own shards
+            path = f"{path}.rank{self.trainer.global_rank}"
         self.blockwise_result = blockwise_reconstruct_(
-            self.teacher, self.student, ids, b, state_path=self.blockwise_state_path,
+            self.teacher, self.student, ids, b, state_path=path,
             progress=self.trainer.is_global_zero, seed=self.blockwise_seed,
         )  # fmt: skip
 

@@ -135,6 +135,26 @@ def test_fsdp2_with_calibrated_gains_follows_the_single_process_curve(tmp_path: 
     assert not torch.equal(gain, torch.ones_like(gain))  # calibrated, not left at 1
 
 
+def test_fsdp2_block_wise_stage_trains_the_blocks_of_the_single_process(tmp_path: Path) -> None:
+    """blockwise.steps>0 under trainer=fsdp: every rank reconstructs the sharded blocks on the
+    same sequences; block errors, loss curve and export are the single process's."""
+    stage = ["blockwise.steps=3", "blockwise.sequences=4", "blockwise.batch_size=2"]
+    run_one, log_one, done = _run(tmp_path, "single", *SINGLE, *stage)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir, log, done = _run(tmp_path, "fsdp", *FSDP, *stage)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_follows(log, (run_one, _losses(log_one)), run_dir)
+    one, two = (json.loads((d / "result.json").read_text())["blockwise"]["blocks"]
+                for d in (run_one, run_dir))  # fmt: skip
+    assert [b["block"] for b in two] == [0, 1]
+    for a, b in zip(two, one, strict=True):
+        assert b["rel_err_after"] < b["rel_err_before"]
+        assert a["rel_err_after"] == pytest.approx(b["rel_err_after"], rel=1e-4)
+    assert sorted(p.name for p in run_dir.glob("blockwise_state.pt*")) == [
+        f"blockwise_state.pt.rank{r}{s}" for r in (0, 1) for s in ("", ".block0000", ".block0001")
+    ]
+
+
 def test_ddp_two_processes_follow_the_single_process_loss_curve(tmp_path: Path, single) -> None:
     _, log, done = _run(tmp_path, "ddp", *DDP)
     assert done.returncode == 0, done.stderr[-3000:]
