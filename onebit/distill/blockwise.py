@@ -264,9 +264,7 @@ def _block_state(block: nn.Module) -> dict[str, Tensor]:
 def _load_block_state(block: nn.Module, state: dict[str, Tensor], path: str) -> None:
     """Copy ``state`` (:func:`_block_state`'s) into ``block`` in place."""
     own = block.state_dict()
-    if own.keys() != state.keys() or any(
-        _local(v).shape != state[k].shape for k, v in own.items()
-    ):
+    if own.keys() != state.keys() or any(_local(v).shape != state[k].shape for k, v in own.items()):
         raise OneBitInputError(
             f"the block-wise state {path} does not fit this student's block (another model, or "
             "another sharding: each rank resumes from its own file)."
