@@ -13,20 +13,26 @@ where ``y`` is the teacher layer's output, ``b`` the (shared) bias (and, with ``
 product with the weights kept in full precision) and ``ŷ`` the student layer's output before its
 gain, at the same tokens. The student is calibrated *sequentially* in one
 forward pass: each layer's gain is set from its own output as the forward reaches it and applied
-at once, so every later layer is calibrated on the inputs the calibrated student gives it. ``ls``
-keeps every teacher output of the calibration batch in memory (tokens × Σ out floats); ``rms``
-keeps two numbers per channel.
+at once, so every later layer is calibrated on the inputs the calibrated student gives it.
+
+Teacher and student run in step (:func:`teacher_alongside`): just before each student decoder
+block, the teacher's block of the same index runs on the teacher's own hidden state, so the
+teacher's outputs are held for one block at a time (``ls``: tokens × Σ out of one block's
+linears; ``rms``: one number per channel) and the teacher runs once for ``sign_init=gptq`` and
+the gains together.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from onebit.quant.convert import iter_target_linears
-from onebit.quant.gptq import gptq_init_
+from onebit.quant.convert import find_decoder_blocks, iter_target_linears
+from onebit.quant.gptq import gptq_hooks, gptq_init_, gptq_targets
 from onebit.quant.linear import OneBitLinear, add_skips
 
 GAIN_CALIBRATIONS = ("rms", "ls")
@@ -61,12 +67,70 @@ def init_from_calibration_(
             "calibration sequences."
         )
     ids = ids[: config.calibration_sequences]
-    errors = {}
-    if config.sign_init == "gptq":
-        errors = gptq_init_(teacher, student, ids, config.gptq_damp, progress=progress)
-    if config.output_gain and config.gain_init != "ones":
+    gptq = config.sign_init == "gptq"
+    if not (config.output_gain and config.gain_init != "ones"):
+        return (
+            gptq_init_(teacher, student, ids, config.gptq_damp, progress=progress) if gptq else {}
+        )
+    errors: dict[str, dict[str, float]] = {}
+    bar, hooks = None, []
+    if gptq and progress:
+        from tqdm.auto import tqdm
+
+        n = len(gptq_targets(teacher, student))
+        bar = tqdm(total=n, desc="OneBit: GPTQ signs and gains", unit="layer")
+    try:  # in one pass: each teacher layer's GPTQ hook runs before its gain statistics hook
+        if gptq:
+            hooks += gptq_hooks(teacher, student, config.gptq_damp, None, errors, bar)
         calibrate_output_gains_(teacher, student, ids, config.gain_init)
+    finally:
+        for handle in hooks:
+            handle.remove()
+        if bar is not None:
+            bar.close()
     return errors
+
+
+@contextlib.contextmanager
+def teacher_alongside(teacher: nn.Module, student: nn.Module) -> Iterator[None]:
+    """While active, a forward pass of ``student`` runs each decoder block of ``teacher`` just
+    before the student's block of the same index, with the student block's arguments and the
+    teacher's own hidden state (its block 0 gets the student's block-0 input: the parts outside
+    the blocks are the teacher's). Hooks on the teacher's layers then fire block by block, each
+    just before the student's block of the same index. Run the student with ``use_cache=False``
+    (a shared KV cache would take the teacher's keys too).
+
+    Raises:
+        ValueError: the models have different numbers of decoder blocks.
+    """
+    t_blocks, s_blocks = find_decoder_blocks(teacher)[1], find_decoder_blocks(student)[1]
+    if len(t_blocks) != len(s_blocks):
+        raise ValueError(
+            f"the teacher has {len(t_blocks)} decoder blocks and the student {len(s_blocks)}."
+        )
+    hidden: list[Tensor] = []
+
+    def pre_hook(i: int):
+        def hook(_m, args, kwargs):
+            if args:
+                x, rest, kw = args[0], args[1:], kwargs
+            else:
+                kw = dict(kwargs)
+                x, rest = kw.pop("hidden_states"), ()
+            y = t_blocks[i](x if i == 0 else hidden.pop(), *rest, **kw)
+            hidden.append(y[0] if isinstance(y, tuple) else y)
+
+        return hook
+
+    handles = [
+        b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(s_blocks)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        hidden.clear()
 
 
 @torch.no_grad()
@@ -107,7 +171,8 @@ def calibrate_output_gains_(
 
     Args:
         teacher: the full-precision model; its modules have the student's names.
-        student: a OneBit student quantized with ``output_gain=True``.
+        student: a OneBit student quantized with ``output_gain=True``: a quantized copy of
+            ``teacher`` (its blocks' inputs come from the student's own embedding).
         ids: calibration token ids.
         mode: ``rms`` (match each channel's RMS) or ``ls`` (least squares per channel).
         attention_mask: 1 for real tokens (padding is left out of the statistics), or None.
@@ -145,14 +210,8 @@ def calibrate_output_gains_(
             stats[name] = y.pow(2).mean(0) if mode == "rms" else y
 
         hooks.append(t_modules[name].register_forward_hook(t_hook))
-    try:
-        teacher(input_ids=ids, attention_mask=attention_mask)
-    finally:
-        for h in hooks:
-            h.remove()
 
     gains: dict[str, Tensor] = {}
-    hooks = []
     for name, layer in layers.items():
         layer.out_gain.fill_(1.0)
 
@@ -170,8 +229,9 @@ def calibrate_output_gains_(
             return y_hat * gain.to(out.dtype) + skips  # later layers see the calibrated output
 
         hooks.append(layer.register_forward_hook(s_hook))
-    try:
-        student(input_ids=ids, attention_mask=attention_mask)
+    try:  # block by block: the teacher's statistics of a block are used up by the student's
+        with teacher_alongside(teacher, student):
+            student(input_ids=ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for h in hooks:
             h.remove()

@@ -169,6 +169,44 @@ def _rows(x: Tensor, keep: Tensor | None) -> Tensor:
     return x if keep is None else x[keep]
 
 
+def gptq_hooks(
+    teacher: nn.Module,
+    student: nn.Module,
+    damp: float,
+    attention_mask: Tensor | None,
+    errors: dict[str, dict[str, float]],
+    bar=None,
+) -> list:
+    """Forward hooks on ``teacher``'s target linears that initialise the student's layer of the
+    same name from the teacher layer's weight and the inputs it sees (:func:`init_layer_`),
+    recording each layer's errors in ``errors``; the caller runs the teacher's blocks and removes
+    the returned handles."""
+    s_modules = dict(student.named_modules())
+    keep = None if attention_mask is None else attention_mask.reshape(-1).bool()
+
+    def hook(module, inp, _out, name: str) -> None:
+        x = _rows(inp[0], keep)
+        W = module.weight.T if _is_conv1d(module) else module.weight
+        errors[name] = init_layer_(s_modules[name], W, x.T @ x, damp)
+        if bar is not None:
+            bar.update()
+
+    return [
+        m.register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n))
+        for n, m in gptq_targets(teacher, student)
+    ]
+
+
+def gptq_targets(teacher: nn.Module, student: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The teacher linears whose student layer of the same name is a OneBit layer."""
+    s_modules = dict(student.named_modules())
+    return [
+        (name, module)
+        for name, module in iter_target_linears(teacher)
+        if isinstance(s_modules.get(name), OneBitLinear)
+    ]
+
+
 @torch.no_grad()
 def gptq_init_(
     teacher: nn.Module,
@@ -194,28 +232,15 @@ def gptq_init_(
 
     Shapes: ids (batch, seq); attention_mask (batch, seq).
     """
-    s_modules = dict(student.named_modules())
-    targets = [
-        (name, module)
-        for name, module in iter_target_linears(teacher)
-        if isinstance(s_modules.get(name), OneBitLinear)
-    ]
-    keep = None if attention_mask is None else attention_mask.reshape(-1).bool()
     errors: dict[str, dict[str, float]] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(targets), desc="OneBit: GPTQ signs", unit="layer")
-
-    def hook(module, inp, _out, name: str) -> None:
-        x = _rows(inp[0], keep)
-        W = module.weight.T if _is_conv1d(module) else module.weight
-        errors[name] = init_layer_(s_modules[name], W, x.T @ x, damp)
-        if bar is not None:
-            bar.update()
-
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n, m in targets]
+        bar = tqdm(
+            total=len(gptq_targets(teacher, student)), desc="OneBit: GPTQ signs", unit="layer"
+        )
+    hooks = gptq_hooks(teacher, student, damp, attention_mask, errors, bar)
     try:
         teacher(input_ids=ids, attention_mask=attention_mask)
     finally:

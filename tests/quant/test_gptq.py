@@ -15,6 +15,7 @@ from onebit.models import tiny_causal_lm
 from onebit.quant import (
     OneBitConfig,
     OneBitLinear,
+    calibrate_output_gains_,
     freeze_,
     gptq_signs,
     init_from_calibration_,
@@ -22,6 +23,7 @@ from onebit.quant import (
     quantize_,
     refit_value_vectors,
 )
+from onebit.quant.convert import find_decoder_blocks
 from onebit.quant.gptq import _damped, gptq_init_, init_layer_, weighted_error
 from onebit.quant.svid import svid
 
@@ -167,6 +169,38 @@ def test_init_from_calibration_runs_gptq_then_the_gains(output_norm, tmp_path) -
         torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
         pack_(student)
         torch.testing.assert_close(student(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_gptq_and_gains_share_one_pass_of_the_teacher_block_by_block(arch) -> None:
+    """init_from_calibration_ with sign_init=gptq and gains runs each teacher block once, just
+    before the student's block of the same index (never the teacher's whole model, so only one
+    block's outputs are held), and gives what gptq_init_ then calibrate_output_gains_ give."""
+    teacher = tiny_causal_lm(arch).eval()
+    ids = torch.randint(
+        0, teacher.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1)
+    )
+    q = OneBitConfig(sign_init="gptq", output_gain=True, gain_init="ls", outliers=2)
+    student = freeze_(quantize_(copy.deepcopy(teacher), q)).eval()
+    twice = copy.deepcopy(student)
+    order = []
+    hooks = [
+        block.register_forward_hook(lambda *_, tag=tag: order.append(tag))
+        for model, who in ((teacher, "t"), (student, "s"))
+        for i, block in enumerate(find_decoder_blocks(model)[1])
+        for tag in [f"{who}{i}"]
+    ]
+    hooks.append(teacher.register_forward_hook(lambda *_: order.append("teacher model")))
+    errors = init_from_calibration_(teacher, student, q, ids)
+    for h in hooks:
+        h.remove()
+    n = teacher.config.num_hidden_layers
+    assert order == [tag for i in range(n) for tag in (f"t{i}", f"s{i}")]
+    ref_errors = gptq_init_(teacher, twice, ids, q.gptq_damp)
+    calibrate_output_gains_(teacher, twice, ids, "ls")
+    assert errors == ref_errors
+    ref = twice.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in student.state_dict().items())
 
 
 def test_bad_sign_init_settings_are_refused() -> None:
