@@ -54,13 +54,13 @@ SHAPES = {
 def make_layer(out_f: int, in_f: int, seed: int):
     """A packed layer with random signs and positive value vectors, and the dense W it encodes."""
     from onebit.quant import PackedOneBitLinear
-    from onebit.quant.packing import pack_signs
+    from onebit.quant.packing import pack_signs, tile_signs
 
     g = torch.Generator().manual_seed(seed)
     W = 0.02 * torch.randn(out_f, in_f, generator=g)
     layer = PackedOneBitLinear(in_f, out_f, output_norm=True)
     with torch.no_grad():
-        layer.packed_signs.copy_(pack_signs(W))
+        layer.packed_signs.copy_(tile_signs(pack_signs(W), in_f))
         layer.in_scale.copy_(W.abs().mean(0))
         layer.out_scale.copy_(W.abs().mean(1))
     return layer.eval(), W

@@ -36,7 +36,7 @@ from onebit.errors import OneBitInputError, first_line
 from onebit.hf import SIGN_CONVENTION, base_model_type, quantization_config, register_model_type
 from onebit.quant import OneBitConfig, OneBitLinear, PackedOneBitLinear, quantize_
 from onebit.quant.convert import _set_submodule, linear_shape
-from onebit.quant.packing import BIT_ORDER, FORMAT_VERSION
+from onebit.quant.packing import BIT_ORDER, FORMAT_VERSION, READ_FORMATS, tiled_shape
 
 WEIGHTS = "model.safetensors"
 
@@ -305,10 +305,11 @@ def load_onebit(
     info = raw.get("onebit") if isinstance(raw, dict) else None
     if not info:
         raise OneBitInputError(f"{path}/config.json has no 'onebit' block: not a OneBit export.")
-    if info.get("format_version") != FORMAT_VERSION:
+    version = info.get("format_version")
+    if version not in READ_FORMATS:
         raise OneBitInputError(
-            f"{path} has OneBit format version {info.get('format_version')}, this code reads "
-            f"{FORMAT_VERSION}."
+            f"{path} has OneBit format version {version}, this code reads "
+            f"{' and '.join(map(str, READ_FORMATS))}."
         )
     quant = OneBitConfig.from_dict(info["quant"])
     want = info.get("weights_sha256")
@@ -341,7 +342,8 @@ def load_onebit(
             raise OneBitInputError(f"{path}: module {name} is not in the architecture.") from None
         out_f, in_f = linear_shape(old)
         packed = state.get(f"{name}.packed_signs")
-        expected = (out_f, (in_f + 7) // 8)
+        # format 1: row-major (tiled by PackedOneBitLinear as it loads); 2: the tiles themselves
+        expected = (out_f, (in_f + 7) // 8) if version == 1 else tiled_shape(out_f, in_f)
         if packed is None or tuple(packed.shape) != expected:
             got = None if packed is None else tuple(packed.shape)
             raise OneBitInputError(
@@ -362,6 +364,8 @@ def load_onebit(
         _set_submodule(model, name, new)
     expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     for key, t in state.items():
+        if version == 1 and key.endswith(".packed_signs"):
+            continue  # row-major, checked above
         if key in expected and tuple(t.shape) != expected[key]:
             raise OneBitInputError(
                 f"{path}: {key} has shape {tuple(t.shape)}, the architecture needs {expected[key]}."

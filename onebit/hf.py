@@ -97,13 +97,13 @@ def _config_and_quantizer() -> tuple[type, type]:
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
             from onebit.errors import OneBitInputError
-            from onebit.quant.packing import BIT_ORDER, FORMAT_VERSION
+            from onebit.quant.packing import BIT_ORDER, READ_FORMATS
 
             c = self.quantization_config
-            if c.format_version != FORMAT_VERSION:
+            if c.format_version not in READ_FORMATS:
                 raise OneBitInputError(
                     f"this export has OneBit format version {c.format_version}, the installed "
-                    f"onebit reads {FORMAT_VERSION}."
+                    f"onebit reads {' and '.join(map(str, READ_FORMATS))}."
                 )
             if c.bit_order != BIT_ORDER:
                 raise OneBitInputError(
@@ -116,6 +116,11 @@ def _config_and_quantizer() -> tuple[type, type]:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs: Any):
+            from onebit.quant import PackedOneBitLinear
+
+            for module in model.modules():  # the export's row-major signs, in the kernels' tiles
+                if isinstance(module, PackedOneBitLinear):
+                    module.tile_()
             info = getattr(model.config, "onebit", None)
             if isinstance(info, dict):  # the checksum was of the export's file, not of a re-save
                 info.pop("weights_sha256", None)
@@ -168,6 +173,8 @@ def replace_with_packed_(model, config) -> None:
             out_gain=quant.output_gain,
             outliers=min(quant.outliers, in_f * out_f),
         )
+        if config.format_version == 1:  # row-major signs, written as they are: tiled after
+            new.hold_row_signs_()
         _set_submodule(model, name, new)
 
 

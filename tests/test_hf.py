@@ -88,6 +88,52 @@ def test_from_pretrained_builds_packed_layers_equal_to_load_pretrained(
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=0, rtol=0)
 
 
+def _as_format_1(path: Path, model) -> Path:
+    """A copy of the export as format 1 wrote it: row-major signs, format_version 1."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from onebit.export import file_sha256
+
+    old = path.with_name(path.name + "_v1")
+    shutil.copytree(path, old)
+    state = load_file(old / "model.safetensors")
+    for name, m in model.named_modules():
+        if isinstance(m, PackedOneBitLinear):
+            state[f"{name}.packed_signs"] = m.row_signs().contiguous()
+    save_file(state, old / "model.safetensors", metadata={"format": "pt", "onebit": "1"})
+    cfg = json.loads((old / "config.json").read_text())
+    cfg["onebit"]["format_version"] = cfg["quantization_config"]["format_version"] = 1
+    cfg["onebit"]["weights_sha256"] = file_sha256(old / "model.safetensors")
+    (old / "config.json").write_text(json.dumps(cfg))
+    return old
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_format_1_exports_with_row_major_signs_still_load(arch: str, tmp_path: Path) -> None:
+    """Exports before the tiled layout (format 1) load through both loaders, tiled as they load,
+    on shapes that pad the tiles (40 rows, 40 columns)."""
+    from transformers import AutoModelForCausalLM
+
+    size = {"intermediate_size": 40} if arch == "llama" else {"n_inner": 40}
+    student = _student(tiny_causal_lm(arch, **size), LAYERS["onebit"])
+    path = save_onebit(student, tmp_path / arch, LAYERS["onebit"], dtype=torch.float32)
+    assert json.loads((path / "config.json").read_text())["onebit"]["format_version"] == 2
+    current = load_onebit(path)
+    old = _as_format_1(path, current)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        ref = current(ids).logits
+        for model in (load_onebit(old), AutoModelForCausalLM.from_pretrained(old)):
+            tiled = {n: m.packed_signs for n, m in model.named_modules()
+                     if isinstance(m, PackedOneBitLinear)}  # fmt: skip
+            assert tiled and all(t.dim() == 4 for t in tiled.values())
+            assert all(torch.equal(t, current.get_submodule(n).packed_signs)
+                       for n, t in tiled.items())  # fmt: skip
+            torch.testing.assert_close(model(ids).logits, ref, atol=0, rtol=0)
+
+
 def test_stories260k_from_pretrained_equals_load_pretrained(stories_path, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -1,7 +1,9 @@
 """PackedOneBitLinear: the inference form of OneBitLinear, holding 1 bit per weight.
 
-It stores the packed signs (uint8, 8 per byte, see :mod:`onebit.quant.packing`), the value vectors g
-and h and the bias. Two paths compute the same layer:
+It stores the packed signs (1 bit per weight, in :func:`onebit.quant.packing.tile_signs`'s tiled
+layout: 16 rows × 32 columns per 64 bytes; so does its state dict, and so every export), the value
+vectors g and h and the bias. A state dict with row-major signs (a format-1 export) is tiled as it
+is loaded. Two paths compute the same layer:
 
 * the C++ kernel (``onebit.kernels``, CPU): ``z = (x ⊙ g) · Sᵀ`` straight from the bits in fp32,
   whatever the activation dtype (the result is cast back). Up to ``GEMV_MAX_TOKENS`` tokens it
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 
 from onebit import kernels
 from onebit.quant.linear import OneBitLinear, add_skips, onebit_forward
-from onebit.quant.packing import pack_signs, unpack_signs
+from onebit.quant.packing import pack_signs, tile_signs, tiled_shape, unpack_signs, untile_signs
 
 GEMV_MAX_TOKENS = 8  # up to this many tokens per call the bit-mask kernel, above it tiled GEMM
 PREFILL_MODES = ("fp32", "bf16", "int8")
@@ -43,7 +45,8 @@ class PackedOneBitLinear(nn.Module):
     ``out_gain``, present when the layer was trained with ``output_gain``; ``W_K``: the ``outliers``
     weights kept in full precision, at flat positions ``outlier_index``, when trained with them).
 
-    Shapes: packed_signs (out, ceil(in / 8)) uint8; in_scale (in,); out_scale (out,);
+    Shapes: packed_signs (ceil(out / 16), ceil(in / 32), 16, 4) uint8 (tiled); in_scale (in,);
+        out_scale (out,);
         out_gain (out,) or None; bias (out,); outlier_index (k,) int32 and outlier_value (k,) or
         None; forward x (..., in) → (..., out).
     """
@@ -69,7 +72,7 @@ class PackedOneBitLinear(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.register_buffer(
             "packed_signs",
-            torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8, device=device),
+            torch.zeros(tiled_shape(out_features, in_features), dtype=torch.uint8, device=device),
         )
         self.register_buffer("in_scale", torch.ones(in_features, **kw))
         self.register_buffer("out_scale", torch.ones(out_features, **kw))
@@ -101,7 +104,7 @@ class PackedOneBitLinear(nn.Module):
             out_gain=layer.out_gain is not None,
             outliers=0 if layer.outlier_value is None else layer.outlier_value.numel(),
         )
-        p.packed_signs.copy_(pack_signs(layer.weight))
+        p.packed_signs.copy_(tile_signs(pack_signs(layer.weight), layer.in_features))
         p.in_scale.copy_(layer.in_scale)
         p.out_scale.copy_(layer.out_scale)
         if layer.out_gain is not None:
@@ -115,7 +118,38 @@ class PackedOneBitLinear(nn.Module):
 
     def signs(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The ±1 sign matrix. Shapes: (out, in)."""
-        return unpack_signs(self.packed_signs, self.in_features, dtype)
+        return unpack_signs(self.row_signs(), self.in_features, dtype)
+
+    def row_signs(self) -> Tensor:
+        """The signs packed row-major, 8 per byte (:func:`onebit.quant.packing.pack_signs`'s).
+
+        Shapes: (out, ceil(in / 8)) uint8."""
+        if self.packed_signs.dim() == 2:  # held row-major for a loader (hold_row_signs_)
+            return self.packed_signs
+        return untile_signs(self.packed_signs, self.out_features, self.in_features)
+
+    def hold_row_signs_(self) -> None:
+        """Make ``packed_signs`` an empty row-major buffer, for a loader that writes a format-1
+        export's tensors straight into the buffers (transformers' ``from_pretrained``);
+        :meth:`tile_` after it."""
+        shape = (self.out_features, (self.in_features + 7) // 8)
+        self.packed_signs = torch.empty(shape, dtype=torch.uint8, device=self.packed_signs.device)
+
+    def tile_(self) -> PackedOneBitLinear:
+        """Lay row-major signs (as :meth:`hold_row_signs_` and a loader left them) out in tiles;
+        nothing when they are tiled already."""
+        if self.packed_signs.dim() == 2:
+            self.packed_signs = tile_signs(self.packed_signs, self.in_features)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "packed_signs"
+        rows = state_dict.get(key)
+        row_major = (self.out_features, (self.in_features + 7) // 8)
+        if isinstance(rows, Tensor) and rows.dtype == torch.uint8 and rows.shape == row_major:
+            # a format-1 export's row-major signs; any other shape fails in the base class
+            state_dict[key] = tile_signs(rows, self.in_features)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         if (torch.is_grad_enabled() and x.requires_grad) or not kernels.use_kernel(x):
@@ -137,16 +171,20 @@ class PackedOneBitLinear(nn.Module):
         u = (x2.float() * self.in_scale.float()).contiguous()
         tokens = u.shape[0]
         if self.prefill == "bf16" and tokens > GEMV_MAX_TOKENS:
-            z = torch.ops.onebit.sign_matmul_bf16(u.bfloat16(), self.packed_signs, self.in_features)
+            z = torch.ops.onebit.sign_matmul_bf16(
+                u.bfloat16(), self.packed_signs, self.in_features, self.out_features
+            )
             z = z.float()
         elif self.prefill == "int8" and tokens >= _INT8_MIN_TOKENS:
             scale = u.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127  # (tokens, 1)
             q = torch.round(u / scale).to(torch.int8)
-            z = torch.ops.onebit.sign_matmul_int8(q, self.packed_signs, self.in_features)
+            z = torch.ops.onebit.sign_matmul_int8(
+                q, self.packed_signs, self.in_features, self.out_features
+            )
             z = z.float() * scale  # (tokens, out)
         else:
             z = torch.ops.onebit.sign_matmul(
-                u, self.packed_signs, self.in_features, GEMV_MAX_TOKENS
+                u, self.packed_signs, self.in_features, self.out_features, GEMV_MAX_TOKENS
             )  # (tokens, out)
         y = z * self.out_scale.float()
         if self.output_norm:

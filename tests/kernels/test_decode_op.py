@@ -31,7 +31,10 @@ def _step_by_step(p: PackedOneBitLinear, x: torch.Tensor) -> torch.Tensor:
     """The kernel path as the layer computed it before the fused op (fp32 throughout)."""
     x2 = x.reshape(-1, p.in_features)
     u = (x2.float() * p.in_scale.float()).contiguous()
-    y = torch.ops.onebit.sign_matmul(u, p.packed_signs, p.in_features, 8) * p.out_scale.float()
+    y = (
+        torch.ops.onebit.sign_matmul(u, p.packed_signs, p.in_features, p.out_features, 8)
+        * p.out_scale.float()
+    )
     if p.output_norm:
         y = torch.nn.functional.layer_norm(y, (p.out_features,), eps=p.norm_eps)
     if p.out_gain is not None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from onebit import kernels
-from onebit.quant.packing import pack_signs
+from onebit.quant.packing import pack_signs, tile_signs
 
 from ..conftest import REPO
 
@@ -37,11 +37,11 @@ def _check_exact(name: str) -> None:
     torch.manual_seed(0)
     for out_f, in_f in SHAPES:
         W = torch.randn(out_f, in_f)
-        P, S = pack_signs(W), torch.where(W >= 0, 1.0, -1.0).double()
+        P, S = tile_signs(pack_signs(W), in_f), torch.where(W >= 0, 1.0, -1.0).double()
         for tokens in (1, 2, 5, 8):  # the decode path: up to GEMV_MAX_TOKENS = 8
             x = torch.randn(tokens, in_f)
             expected = x.double() @ S.t()
-            z = torch.ops.onebit.sign_matmul(x, P, in_f, 8)
+            z = torch.ops.onebit.sign_matmul(x, P, in_f, out_f, 8)
             scale = x.abs().sum(dim=1, keepdim=True).double()  # fp32 rounding of a sum of |x|
             err = ((z.double() - expected).abs() / scale).max().item()
             assert err < 1e-6, (name, out_f, in_f, tokens, err)
@@ -66,11 +66,11 @@ def test_each_instruction_set_is_exact_on_odd_shapes(name: str) -> None:
 def test_the_instruction_sets_agree_with_each_other() -> None:
     torch.manual_seed(1)
     W, x = torch.randn(37, 300), torch.randn(3, 300)
-    P = pack_signs(W)
+    P = tile_signs(pack_signs(W), 300)
     results = {}
     for name in _available_isas():
         with kernels.forced_isa(name):
-            results[name] = torch.ops.onebit.sign_matmul(x, P, 300, 8)
+            results[name] = torch.ops.onebit.sign_matmul(x, P, 300, 37, 8)
     for z in results.values():
         torch.testing.assert_close(z, results["scalar"], rtol=0, atol=1e-4)
 

@@ -20,6 +20,7 @@ from onebit.quant import (
     unpack_signs,
 )
 from onebit.quant.packed_linear import set_prefill_mode_
+from onebit.quant.packing import tile_signs, tiled_shape, untile_signs
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 64, 100])
@@ -44,6 +45,40 @@ def test_unpack_rejects_wrong_shapes_and_dtypes() -> None:
         unpack_signs(torch.zeros(2, 2), 9)
 
 
+@pytest.mark.parametrize(("out", "n"), [(1, 1), (13, 29), (16, 32), (17, 33), (40, 100)])
+def test_tiles_hold_each_rows_bits_and_round_trip(out: int, n: int) -> None:
+    w = torch.randn(out, n)
+    rows = pack_signs(w)
+    tiles = tile_signs(rows, n)
+    assert tiles.shape == tiled_shape(out, n) == (-(-out // 16), -(-n // 32), 16, 4)
+    assert torch.equal(untile_signs(tiles, out, n), rows)
+    bits = tiles.reshape(tiles.shape[0], tiles.shape[1], 16, 4, 1)
+    bits = bits.bitwise_right_shift(torch.arange(8, dtype=torch.uint8)).bitwise_and(1)
+    bits = bits.permute(0, 2, 1, 3, 4).reshape(tiles.shape[0] * 16, tiles.shape[1] * 32)
+    assert torch.equal(bits[:out, :n].bool(), w >= 0)  # tile (t, w): rows 16t.., columns 32w..
+    assert bits[out:].sum() == 0 and bits[:, n:].sum() == 0  # padding: clear bits
+    with pytest.raises(ValueError, match="must be uint8"):
+        untile_signs(tiles[:, :1], out, n + 64)
+    with pytest.raises(ValueError, match="must be uint8"):
+        tile_signs(rows[:, :-1], n + 8)
+
+
+def test_a_packed_layer_loads_tiled_and_row_major_state_dicts() -> None:
+    layer = OneBitLinear.from_linear(nn.Linear(45, 19), OneBitConfig())
+    packed = PackedOneBitLinear.from_onebit(layer)
+    state = packed.state_dict()
+    assert state["packed_signs"].shape == (2, 2, 16, 4)
+    rows = {**state, "packed_signs": packed.row_signs()}  # as a format-1 export holds them
+    assert rows["packed_signs"].shape == (19, 6)
+    for given in (state, rows):
+        again = PackedOneBitLinear(45, 19, bias=True)
+        again.load_state_dict(given)
+        assert torch.equal(again.packed_signs, packed.packed_signs)
+        assert torch.equal(again.signs(), torch.where(layer.weight >= 0, 1.0, -1.0))
+    with pytest.raises(RuntimeError, match="packed_signs"):
+        again.load_state_dict({**state, "packed_signs": rows["packed_signs"][:, :5]})
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("in_features", [29, 64])
 @pytest.mark.parametrize("bias", [True, False])
@@ -55,7 +90,8 @@ def test_packed_equals_trained_exactly(dtype: torch.dtype, in_features: int, bia
         layer.weight.add_(0.02 * torch.randn_like(layer.weight))
         layer.in_scale.mul_(1 + 0.1 * torch.rand_like(layer.in_scale))
     packed = PackedOneBitLinear.from_onebit(layer)
-    assert packed.packed_signs.numel() == 13 * ((in_features + 7) // 8)
+    assert packed.packed_signs.shape == tiled_shape(13, in_features)  # tiles, also in exports
+    assert torch.equal(packed.row_signs(), pack_signs(layer.weight))
     x = torch.randn(3, 7, in_features, dtype=dtype)
     with torch.no_grad(), kernels.disabled():  # the reference path: bitwise
         torch.testing.assert_close(packed(x), layer(x), atol=0, rtol=0)

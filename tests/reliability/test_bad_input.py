@@ -419,7 +419,11 @@ def export(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("key", "shape", "expected"),
     [
-        ("model.layers.0.mlp.up_proj.packed_signs", (64, 3), "the architecture needs (64, 4)."),
+        (  # tiled (format 2): ceil(64 / 16) tiles of ceil(32 / 32) words
+            "model.layers.0.mlp.up_proj.packed_signs",
+            (4, 2, 16, 4),
+            "the architecture needs (4, 1, 16, 4).",
+        ),
         ("model.layers.1.self_attn.q_proj.in_scale", (31,), "the architecture needs (32,)."),
         ("model.norm.weight", (16,), "the architecture needs (32,)."),
     ],

@@ -279,7 +279,6 @@ def test_train_py_with_gptq_signs_reports_and_exports_them(tmp_path, tiny_overri
     from onebit.export import load_onebit
     from onebit.models import tiny_causal_lm
     from onebit.quant import PackedOneBitLinear
-    from onebit.quant.packing import unpack_signs
 
     cfg = compose_train(
         [*tiny_overrides, "quant.sign_init=gptq", "quant.output_norm=false", "optim.latent_lr=0",
@@ -294,7 +293,7 @@ def test_train_py_with_gptq_signs_reports_and_exports_them(tmp_path, tiny_overri
     differ = 0
     for name, m in model.named_modules():
         if isinstance(m, PackedOneBitLinear):
-            signs = unpack_signs(m.packed_signs, m.in_features).float()
+            signs = m.signs()
             differ += int((signs != torch.sign(teacher.get_submodule(name).weight)).sum())
     assert differ > 0  # GPTQ chose some signs other than sign(W), and the export has them
 

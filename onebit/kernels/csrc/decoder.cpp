@@ -289,7 +289,7 @@ struct Linear {
     view.signs = signs.const_data_ptr<uint8_t>();
     view.in = in;
     view.out = out;
-    view.nb = signs.size(1);
+    view.words = signs.size(1);
     view.g = ptr(g);
     view.h = ptr(h);
     view.gain = ptr(gain);
@@ -358,9 +358,7 @@ struct Decoder : torch::CustomClassHolder {
     L.eps = eps;
     L.in = L.g.numel();
     L.out = L.h.numel();
-    TORCH_CHECK(L.signs.dim() == 2 && L.signs.size(0) == L.out &&
-                    L.signs.size(1) == (L.in + 7) / 8 && L.signs.scalar_type() == at::kByte,
-                "Decoder.add_packed: signs must be uint8 (out, ceil(in / 8))");
+    check_tiles(L.signs, L.in, L.out, "Decoder.add_packed");
     L.make_view();
     linears.push_back(std::move(L));
     return static_cast<int64_t>(linears.size()) - 1;

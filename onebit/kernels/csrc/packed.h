@@ -2,6 +2,8 @@
 // tokens, on raw fp32 buffers.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -23,8 +25,8 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
 // A packed OneBit layer's parts as fp32 (and int64) buffers; optional parts are nullptr.
 //     y = γ ⊙ LN(((x ⊙ g) Sᵀ) ⊙ h) + bias + W_K x
 struct PackedView {
-  const uint8_t* signs = nullptr;  // (out, nb) bits, see packed.cpp
-  int64_t in = 0, out = 0, nb = 0;
+  const uint8_t* signs = nullptr;  // (ceil(out / 16), words, 16, 4) tiled bits, see packed.cpp
+  int64_t in = 0, out = 0, words = 0;  // words = ceil(in / 32)
   const float* g = nullptr;     // (in,)
   const float* h = nullptr;     // (out,)
   const float* gain = nullptr;  // (out,) or nullptr
@@ -40,9 +42,13 @@ struct PackedView {
 // (masked adds), 3 AVX-512 with the table kernel for one token.
 int64_t current_isa();
 
-// z = x Sᵀ (M, out) for a few tokens x (M, in) fp32, rows split across threads.
-void decode(const float* x, const uint8_t* P, float* z, int64_t M, int64_t in, int64_t nb,
+// z = x Sᵀ (M, out) for a few tokens x (M, in) fp32, tiles split across threads.
+void decode(const float* x, const uint8_t* Q, float* z, int64_t M, int64_t in, int64_t words,
             int64_t out);
+
+// Fails (TORCH_CHECK, naming `what`) unless t is a contiguous-able CPU uint8 tensor of tiled signs
+// (onebit.quant.packing.tile_signs) for an out × in matrix.
+void check_tiles(const at::Tensor& t, int64_t in, int64_t out, const char* what);
 
 // y (M, out) = the layer L on x (M, in); u: scratch of M * in floats.
 void packed_forward(const PackedView& L, const float* x, int64_t M, float* u, float* y);
