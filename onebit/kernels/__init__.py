@@ -114,13 +114,14 @@ def available() -> bool:
         return bool(_state["ok"])
 
 
-ISAS = ("scalar", "avx2", "avx512", "avx512_lut")
+ISAS = ("scalar", "avx2", "avx2_lut", "avx512", "avx512_lut")
 
 
 def isa() -> str | None:
     """The decode kernel's instruction set in use, the best this CPU has or
     ``ONEBIT_KERNEL_ISA``: ``avx512_lut`` (AVX-512; one token by table lookup, more by masked
-    adds), ``avx512`` (masked adds only), ``avx2`` or ``scalar``; None without the kernels."""
+    adds), ``avx512`` (masked adds only), ``avx2_lut`` (AVX2; one token by table lookup, more by
+    FMAs), ``avx2`` (FMAs only) or ``scalar``; None without the kernels."""
     return ISAS[torch.ops.onebit.kernel_isa(-1)] if available() else None
 
 

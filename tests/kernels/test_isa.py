@@ -90,7 +90,9 @@ print(json.dumps({"isa": kernels.isa(), "status": kernels.status()}))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("march", "isa"), [("x86-64-v3", "avx2"), ("native", "scalar")])
+@pytest.mark.parametrize(
+    ("march", "isa"), [("x86-64-v3", "avx2_lut"), ("x86-64-v3", "avx2"), ("native", "scalar")]
+)
 def test_a_build_for_an_avx2_target_runs_the_avx2_path(march: str, isa: str) -> None:
     """ONEBIT_KERNEL_MARCH=x86-64-v3 compiles for AVX2 without AVX-512 (its own cached build);
     ONEBIT_KERNEL_ISA forces the path at run time. The kernel and the decode step are exact."""

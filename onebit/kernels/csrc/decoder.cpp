@@ -139,10 +139,11 @@ template <typename T>
 void dense_rows(const T* W, const float* x, float* y, int64_t in, int64_t r0, int64_t r1) {
 #if ONEBIT_X86
   switch (current_isa()) {
-    case 2:
-    case 3:
+    case kAvx512:
+    case kAvx512Lut:
       return dense_rows_avx512(W, x, y, in, r0, r1);
-    case 1:
+    case kAvx2:
+    case kAvx2Lut:
       return dense_rows_avx2(W, x, y, in, r0, r1);
     default:
       break;
@@ -249,7 +250,7 @@ ONEBIT_TARGET("avx512f") void attend_head_avx512(const float* q, const float* K,
 void attend(const float* q, const float* K, const float* V, float* s, float* o, int64_t len,
             int64_t hd, float scale) {
 #if ONEBIT_X86
-  if (current_isa() >= 2) {
+  if (current_isa() >= kAvx512) {
     switch (hd) {
       case 64:
         return attend_head_avx512<4>(q, K, V, s, o, len, scale);

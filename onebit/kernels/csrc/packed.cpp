@@ -48,7 +48,6 @@ namespace {
 // The decode kernel's instruction set, chosen at run time: the best this CPU has (AVX-512 with
 // byte/word ops, else AVX2 with FMA, else portable C++), lowered by ONEBIT_KERNEL_ISA
 // (avx512 | avx2 | scalar) or the op kernel_isa (tests and benchmarks force each path).
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Lut = 3 };
 
 int64_t cpu_isa() {
 #if ONEBIT_X86
@@ -56,7 +55,7 @@ int64_t cpu_isa() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512Lut;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c"))
-    return kAvx2;
+    return kAvx2Lut;
 #endif
   return kScalar;
 }
@@ -65,10 +64,11 @@ int64_t env_isa(int64_t best) {
   const char* e = std::getenv("ONEBIT_KERNEL_ISA");
   if (e == nullptr) return best;
   const std::string v(e);
-  const int64_t want = v == "scalar" ? kScalar
-                       : v == "avx2"   ? kAvx2
-                       : v == "avx512" ? kAvx512
-                                       : kAvx512Lut;
+  const int64_t want = v == "scalar"     ? kScalar
+                       : v == "avx2"     ? kAvx2
+                       : v == "avx2_lut" ? kAvx2Lut
+                       : v == "avx512"   ? kAvx512
+                                         : kAvx512Lut;
   return std::min(want, best);
 }
 
@@ -268,6 +268,60 @@ void gemv_tiles_lut(const float* T, const uint8_t* Q, float* z, int64_t words, i
     store_rows(z, 16 * t, out, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   }
 }
+
+// One token, AVX2, by table lookup (the AVX-512 table kernel's scheme on 8-lane registers): for
+// each group of 4 inputs, the 8 sums ±x₀ ±x₁ ±x₂ (entry b: + where bit i of b is set) and −x₃; a
+// half tile's 8 rows take one 32-byte load per 32 columns, and each nibble adds its low 3 bits'
+// sum (one vpermps, which reads the low 3 bits of each index) and ±x₃ (−x₃ with its sign flipped
+// by the nibble's high bit, moved to the sign position). Both halves of a tile share each table
+// load. Each x·±1 is exact; only the order of the fp32 sums differs.
+ONEBIT_TARGET("avx2,fma")
+void build_tables_avx2(const float* x, int64_t groups, float* T) {
+  alignas(32) float sign[3][8];
+  for (int i = 0; i < 3; ++i)
+    for (int b = 0; b < 8; ++b) sign[i][b] = ((b >> i) & 1) ? 1.0f : -1.0f;
+  const __m256 s0 = _mm256_load_ps(sign[0]), s1 = _mm256_load_ps(sign[1]);
+  const __m256 s2 = _mm256_load_ps(sign[2]);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = x + 4 * g;
+    __m256 t = _mm256_mul_ps(s0, _mm256_set1_ps(xg[0]));
+    t = _mm256_fmadd_ps(s1, _mm256_set1_ps(xg[1]), t);
+    t = _mm256_fmadd_ps(s2, _mm256_set1_ps(xg[2]), t);
+    _mm256_storeu_ps(T + 16 * g, t);
+    _mm256_storeu_ps(T + 16 * g + 8, _mm256_set1_ps(-xg[3]));
+  }
+}
+
+ONEBIT_TARGET("avx2,fma")
+void gemv_tiles_lut_avx2(const float* T, const uint8_t* Q, float* z, int64_t words, int64_t out,
+                         int64_t t0, int64_t t1) {
+  alignas(32) float sums[16];
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* q = Q + t * words * 64;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    for (int64_t w = 0; w < words; ++w) {
+      const __m256i ka = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * w));
+      const __m256i kb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * w + 32));
+      _mm_prefetch(reinterpret_cast<const char*>(q + 64 * w + kAhead), _MM_HINT_T0);
+      const float* Tw = T + w * 128;
+      for (int n = 0; n < 8; ++n) {
+        const __m256 lo = _mm256_loadu_ps(Tw + 16 * n);
+        const __m256i x3 = _mm256_castps_si256(_mm256_loadu_ps(Tw + 16 * n + 8));
+        const __m256i ha = _mm256_and_si256(_mm256_slli_epi32(ka, 28 - 4 * n), sign);
+        const __m256i hb = _mm256_and_si256(_mm256_slli_epi32(kb, 28 - 4 * n), sign);
+        a0 = _mm256_add_ps(a0, _mm256_permutevar8x32_ps(lo, _mm256_srli_epi32(ka, 4 * n)));
+        b0 = _mm256_add_ps(b0, _mm256_permutevar8x32_ps(lo, _mm256_srli_epi32(kb, 4 * n)));
+        a1 = _mm256_add_ps(a1, _mm256_castsi256_ps(_mm256_xor_si256(x3, ha)));
+        b1 = _mm256_add_ps(b1, _mm256_castsi256_ps(_mm256_xor_si256(x3, hb)));
+      }
+    }
+    _mm256_store_ps(sums, _mm256_add_ps(a0, a1));
+    _mm256_store_ps(sums + 8, _mm256_add_ps(b0, b1));
+    const int64_t r = 16 * t, n = std::min<int64_t>(16, out - r);
+    std::memcpy(z + r, sums, sizeof(float) * n);
+  }
+}
 #endif
 
 void gemv_rows(const float* x, const float* xsum, const uint8_t* Q, float* z, int64_t M,
@@ -278,6 +332,7 @@ void gemv_rows(const float* x, const float* xsum, const uint8_t* Q, float* z, in
     case kAvx512Lut:  // the table kernel is for one token (decode() chooses it); masks here
       return gemv_rows_avx512(x, xsum, Q, z, M, words, out, r0, r1);
     case kAvx2:
+    case kAvx2Lut:
       return gemv_rows_avx2(x, xsum, Q, z, M, words, out, r0, r1);
     default:
       break;
@@ -286,8 +341,8 @@ void gemv_rows(const float* x, const float* xsum, const uint8_t* Q, float* z, in
   gemv_rows_scalar(x, xsum, Q, z, M, words, out, r0, r1);
 }
 
-// The decode kernel's instruction set: 0 scalar, 1 AVX2, 2 AVX-512. force >= 0 selects it, capped
-// at what this CPU has; returns the one in use.
+// The decode kernel's instruction set (Isa). force >= 0 selects it, capped at what this CPU has;
+// returns the one in use.
 int64_t kernel_isa(int64_t force) {
   if (force >= 0) isa_state().store(std::min(force, cpu_isa()));
   return isa_state().load();
@@ -332,7 +387,6 @@ void unpack_rows(const uint8_t* Q, int64_t words, int64_t in, int64_t r0, int64_
 
 int64_t current_isa() { return isa_state().load(std::memory_order_relaxed); }
 
-bool use_lut() { return current_isa() == kAvx512Lut; }
 
 // z = x Sᵀ (M, out) for a few tokens x (M, in) fp32: each token's Σ_j x_j (in double), x
 // zero-padded to whole words where `in` is not a multiple of 32, then the decode kernel over
@@ -355,14 +409,22 @@ void decode(const float* x, const uint8_t* Q, float* z, int64_t M, int64_t in, i
   }
   const int64_t tiles = (out + 15) / 16;
 #if ONEBIT_X86
-  if (M == 1 && use_lut()) {
+  const int64_t isa = current_isa();
+  if (M == 1 && (isa == kAvx512Lut || isa == kAvx2Lut)) {
     thread_local std::vector<float> T;
     T.resize(std::max(T.size(), static_cast<size_t>(words * 128)));
     float* tables = T.data();
-    build_tables(x, words * 8, tables);
-    at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-      gemv_tiles_lut(tables, Q, z, words, out, t0, t1);
-    });
+    if (isa == kAvx512Lut) {
+      build_tables(x, words * 8, tables);
+      at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+        gemv_tiles_lut(tables, Q, z, words, out, t0, t1);
+      });
+    } else {
+      build_tables_avx2(x, words * 8, tables);
+      at::parallel_for(0, tiles, 2, [&](int64_t t0, int64_t t1) {
+        gemv_tiles_lut_avx2(tables, Q, z, words, out, t0, t1);
+      });
+    }
     return;
   }
 #endif

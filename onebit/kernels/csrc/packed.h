@@ -38,8 +38,12 @@ struct PackedView {
   double eps = 1e-5;
 };
 
-// The decode kernels' instruction set in use: 0 portable C++, 1 AVX2 (with FMA and F16C), 2 AVX-512
-// (masked adds), 3 AVX-512 with the table kernel for one token.
+// The decode kernels' instruction sets, in the order of onebit.kernels.ISAS: portable C++; AVX2
+// (with FMA and F16C), without and with the table kernel for one token; AVX-512 (masked adds),
+// without and with the table kernel for one token.
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx2Lut = 2, kAvx512 = 3, kAvx512Lut = 4 };
+
+// The instruction set in use.
 int64_t current_isa();
 
 // z = x Sᵀ (M, out) for a few tokens x (M, in) fp32, tiles split across threads.
