@@ -33,16 +33,34 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The CPU flags that decide the kernels' paths and the dense GEMMs' speed.
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+         "amx_tile", "amx_bf16")  # fmt: skip
+
+
+def cpu_flags() -> str:
+    """Which of :data:`FLAGS` this CPU has (Linux /proc/cpuinfo), space-separated."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in FLAGS if f in have) or "none of " + " ".join(FLAGS)
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine() -> str:
-    """CPU model and cores, python, torch and its threads, the C++ kernels' build."""
+    """CPU model, cores and flags, python, torch and its threads, the C++ kernels' build."""
     import torch
 
     from onebit import kernels
 
     built = f"C++ kernels on, decode {kernels.isa()}" if kernels.available() else kernels.status()
     return (
-        f"{cpu_model()} ({os.cpu_count()} cores), python {platform.python_version()}, torch "
-        f"{torch.__version__}, torch threads {torch.get_num_threads()}; {built}"
+        f"{cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}), python "
+        f"{platform.python_version()}, torch {torch.__version__}, torch threads "
+        f"{torch.get_num_threads()}; {built}"
     )
 
 
