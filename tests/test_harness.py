@@ -6,6 +6,7 @@ import datetime
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from .conftest import REPO
 
@@ -22,7 +23,14 @@ def test_a_benchmark_table_is_headed_by_command_machine_and_date(tmp_path) -> No
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert lines[:3] == ["# Title", "", "- command: `python probe.py --flag 'a b'`"]
-    assert lines[3].startswith("- machine: ") and "cores), python " in lines[3]
+    assert (
+        lines[3].startswith("- machine: ") and " cores; " in lines[3] and "), python " in lines[3]
+    )
+    flags = lines[3].split(" cores; ", 1)[1].split(")", 1)[0].split()  # e.g. avx2 fma avx512f
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and flags and flags[0] not in ("none", "unknown"):
+        have = next(ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags"))
+        assert set(flags) <= set(have.split(":", 1)[1].split())  # only flags the CPU has
     assert "torch threads" in lines[3] and "C++ kernels" in lines[3]
     assert lines[4] == f"- date: {datetime.date.today().isoformat()}"
     assert lines[5] == "- a note"
