@@ -8,18 +8,18 @@ is loaded. Two paths compute the same layer:
 * the C++ kernel (``onebit.kernels``, CPU): ``z = (x ⊙ g) · Sᵀ`` straight from the bits in fp32,
   whatever the activation dtype (the result is cast back). Up to ``GEMV_MAX_TOKENS`` tokens it
   reads the bits as stored (1 bit per weight) on the best instruction set of the CPU, chosen at
-  run time (``onebit.kernels.isa()``): AVX-512 masked adds (``Σ x_j s_j = 2 Σ_{s_j=+1} x_j −
-  Σ x_j``; for one token, a table of the 16 signed sums of each 4 inputs indexed by 4 bits of
-  16 rows at a time), AVX2 FMAs with ±1 from a byte table, or portable C++; above, it unpacks
-  256-row tiles
-  of ±1 and calls the BLAS GEMM. The decode case runs as one C++ call for the whole layer
+  run time (``onebit.kernels.isa()``): for one token, on AVX-512 or AVX2, a table of the 16
+  signed sums of each 4 inputs indexed by 4 bits of each row; for more, AVX-512 masked adds
+  (``Σ x_j s_j = 2 Σ_{s_j=+1} x_j − Σ x_j``) or AVX2 FMAs with ±1 from a byte table; else
+  portable C++. Above, it unpacks 256-row blocks of ±1 and calls the BLAS GEMM. The decode
+  case runs as one C++ call for the whole layer
   (``packed_linear_decode``: scales, LayerNorm, gain, bias and outlier weights with it, in fp32).
   It agrees with the trained layer to fp32 rounding (a different summation order), not bitwise.
   ``prefill`` chooses the many-token arithmetic: ``fp32`` (default, exact to rounding), ``bf16``
   (``x ⊙ g`` and the products rounded to bf16, the BLAS bf16 GEMM) or ``int8`` (``x ⊙ g``
   quantized to int8 per token by its absmax, int8 tiles through ``torch._int_mm``). Decode stays
   fp32 in every mode. ``bf16`` and ``int8`` are lossy; their effect on perplexity is measured in
-  the README.
+  docs/inference.md.
 * the reference path (other devices, autograd, or kernels off): the signs are unpacked to the
   activation dtype and fed through the trained layer's own forward function, so for the same
   dtype the output is bitwise equal to :class:`OneBitLinear`'s. It unpacks the whole matrix on
