@@ -5,14 +5,16 @@ A token of decode through the model's own forward runs some 20 Python-level modu
 (210 packed layers, norms, RoPE, attention, the cache) and at SmolLM2-135M's size that overhead,
 not the weights, sets the speed. :class:`StepDecoder` hands the model's tensors (shared, not
 copied) to a C++ object that runs a whole step, every block and the output layer, on fp32
-buffers and a static KV cache: the embedding row, RMSNorm, q/k/v, RoPE, attention, o, the SiLU
-MLP and the residuals, the final norm and ``lm_head``. Packed layers run the same kernel as
+buffers and a static KV cache: the embedding row, RMSNorm, q/k/v (with Qwen3's per-head RMSNorm
+of q and k), RoPE, attention, o, the SiLU MLP and the residuals, the final norm and ``lm_head``.
+Packed layers run the same kernel as
 :class:`~onebit.quant.PackedOneBitLinear`; full-precision ones (kept layers, ``lm_head``) a GEMV
 that reads fp32/fp16/bf16 weights as stored and accumulates in fp32.
 
-It covers LLaMA, Mistral (within its sliding window), Qwen2 and SmolLM-style models with packed
-or full-precision linears, batch 1, on the CPU with the C++ kernels; :func:`unsupported` names
-what rules a model out, and :func:`onebit.generation.generate` then uses the model's forward.
+It covers LLaMA, Mistral (within its sliding window), Qwen2, Qwen3 and SmolLM-style models with
+packed or full-precision linears, batch 1, on the CPU with the C++ kernels; :func:`unsupported`
+names what rules a model out, and :func:`onebit.generation.generate` then uses the model's
+forward.
 The arithmetic is fp32 throughout: on a model in fp32 the logits equal the forward's to fp32
 rounding (other summation orders); on an fp16/bf16 model they are *more* exact than the forward,
 which rounds activations to that dtype between ops.
@@ -27,7 +29,7 @@ from onebit import kernels
 from onebit.hf import base_model_type
 from onebit.quant.packed_linear import PackedOneBitLinear
 
-BASES = ("llama", "mistral", "qwen2")  # architectures whose block the C++ step computes
+BASES = ("llama", "mistral", "qwen2", "qwen3")  # architectures whose block the C++ step computes
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 # a block's linears, in the order Decoder.add_block takes them
@@ -73,8 +75,11 @@ def unsupported(model: nn.Module, max_len: int, batch: int = 1) -> str | None:
             or not all(hasattr(mlp, n) for n in _MLP)
         ):
             return f"block {i} is not a LLaMA block (self_attn q/k/v/o, mlp gate/up/down)"
-        if any(hasattr(att, n) for n in ("q_norm", "k_norm")):
-            return f"block {i} normalises q and k (Qwen3-style), which the step decoder does not"
+        norms = [getattr(att, n, None) for n in ("q_norm", "k_norm")]
+        if any(n is not None for n in norms) and not all(
+            hasattr(n, "weight") and hasattr(n, "variance_epsilon") for n in norms
+        ):
+            return f"block {i} normalises q and k other than by two per-head RMSNorms"
         for n in _LINEARS:
             why = _linear_parts(layer.get_submodule(n))
             if why:
@@ -116,10 +121,17 @@ class StepDecoder:
         )  # fmt: skip
         for layer in inner.layers:
             ids = [self._add(layer.get_submodule(n)) for n in _LINEARS]
+            qn, kn = (
+                getattr(layer.self_attn, "q_norm", None),
+                getattr(layer.self_attn, "k_norm", None),
+            )
             self._d.add_block(
                 layer.input_layernorm.weight.detach(),
                 layer.post_attention_layernorm.weight.detach(),
                 *ids,
+                None if qn is None else qn.weight.detach(),
+                None if kn is None else kn.weight.detach(),
+                float(qn.variance_epsilon) if qn is not None else 1e-6,
             )
 
     def _add(self, m: nn.Module) -> int:

@@ -58,7 +58,7 @@ def _compare(model, steps: int = 12, prompt: int = 7, reference=None) -> float:
     return worst
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 @pytest.mark.parametrize(
     "cfg",
     [

@@ -101,5 +101,5 @@ def test_generate_cli_refuses_decoder_step_for_a_model_it_does_not_run(
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1] == (
         "error: decoder=step cannot run this model: model type 'gpt2' (the step decoder runs "
-        "llama, mistral, qwen2); use decoder=auto or decoder=model."
+        "llama, mistral, qwen2, qwen3); use decoder=auto or decoder=model."
     )

@@ -313,6 +313,8 @@ struct Linear {
 struct Block {
   at::Tensor in_norm, post_norm;  // fp32 (hidden,)
   int64_t q, k, v, o, gate, up, down;
+  at::Tensor q_norm, k_norm;  // fp32 (head_dim,), per-head RMSNorm of q and k (Qwen3), or none
+  double qk_eps = 1e-6;
 };
 
 struct Decoder : torch::CustomClassHolder {
@@ -380,7 +382,9 @@ struct Decoder : torch::CustomClassHolder {
   }
 
   void add_block(at::Tensor in_norm, at::Tensor post_norm, int64_t q_, int64_t k_, int64_t v_,
-                 int64_t o_, int64_t gate_, int64_t up_, int64_t down_) {
+                 int64_t o_, int64_t gate_, int64_t up_, int64_t down_,
+                 c10::optional<at::Tensor> q_norm, c10::optional<at::Tensor> k_norm,
+                 double qk_eps) {
     const int64_t n = static_cast<int64_t>(linears.size());
     for (int64_t i : {q_, k_, v_, o_, gate_, up_, down_})
       TORCH_CHECK(i >= 0 && i < n, "Decoder.add_block: no linear ", i);
@@ -391,7 +395,15 @@ struct Decoder : torch::CustomClassHolder {
     TORCH_CHECK(linears[gate_].out == linears[up_].out && linears[down_].in == linears[up_].out &&
                     linears[down_].out == hidden,
                 "Decoder.add_block: MLP shapes do not match");
-    blocks.push_back({as_f32(in_norm), as_f32(post_norm), q_, k_, v_, o_, gate_, up_, down_});
+    Block B{as_f32(in_norm), as_f32(post_norm), q_, k_, v_, o_, gate_, up_, down_};
+    B.q_norm = opt_f32(q_norm);
+    B.k_norm = opt_f32(k_norm);
+    B.qk_eps = qk_eps;
+    TORCH_CHECK(B.q_norm.defined() == B.k_norm.defined() &&
+                    (!B.q_norm.defined() ||
+                     (B.q_norm.numel() == head_dim && B.k_norm.numel() == head_dim)),
+                "Decoder.add_block: q_norm and k_norm must both be (head_dim,) or both absent");
+    blocks.push_back(std::move(B));
   }
 
   void allocate() {
@@ -474,6 +486,14 @@ struct Decoder : torch::CustomClassHolder {
       linears[B.q].forward(xn.data(), u.data(), q.data());
       linears[B.k].forward(xn.data(), u.data(), k.data());
       linears[B.v].forward(xn.data(), u.data(), v.data());
+      if (B.q_norm.defined()) {  // Qwen3: RMSNorm of each head of q and k, before RoPE
+        for (int64_t h = 0; h < n_heads; ++h)
+          rms_norm(q.data() + h * hd, B.q_norm.const_data_ptr<float>(), q.data() + h * hd, hd,
+                   B.qk_eps);
+        for (int64_t h = 0; h < n_kv; ++h)
+          rms_norm(k.data() + h * hd, B.k_norm.const_data_ptr<float>(), k.data() + h * hd, hd,
+                   B.qk_eps);
+      }
       rope(q.data(), n_heads);
       rope(k.data(), n_kv);
       float* Kc = kcache.mutable_data_ptr<float>() + static_cast<int64_t>(l) * n_kv * max_len * hd;
