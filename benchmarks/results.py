@@ -21,7 +21,9 @@ Every trained row is what ``python train.py`` runs: ``onebit.train.module.OneBit
 numerical guards, the optimizer and schedule) fitted by a Lightning ``Trainer``; only the text and
 the evaluation are the benchmark's. Every run reads the same training blocks in the same seeded
 order. Writes ``results.json``, ``results.csv``, ``curves.csv`` and ``results.md`` to the run
-directory, the plot to ``plot``, and a W&B run.
+directory, the plot to ``plot``, and a W&B run. Each row is also written to ``rows/<key>.json`` as
+it finishes, and each trained student exported to ``students/<key>/`` (``save_students``), so a
+run that dies keeps what it finished: ``resume_dir=<that directory>`` reuses those rows.
 """
 
 from __future__ import annotations
@@ -557,6 +559,49 @@ def budget_table(rows: list[dict[str, Any]], datasets: list[str]) -> str:
     return "\n".join(lines)
 
 
+UNTRAINED_ONEBIT = ("xnor", "svid", "svid_no_ln")  # the untrained 1-bit rows
+
+
+def zero_shot_average(row: dict[str, Any], tasks: list[str]) -> tuple[float, float] | None:
+    """A row's zero-shot average over ``tasks`` (each task's paper metric, in %) and its standard
+    error, ``sqrt(Σ p(1 − p)/(n − 1)) / T`` over the T tasks (lm-eval's per-task stderr); None
+    when the row lacks a task."""
+    accs, var = [], 0.0
+    for t in tasks:
+        s = row["zero_shot"].get(t)
+        p = None if s is None else s.get(s["paper_metric"])
+        if p is None or not s.get("n") or s["n"] < 2:
+            return None
+        accs.append(p)
+        var += p * (1 - p) / (s["n"] - 1)
+    return 100 * sum(accs) / len(accs), 100 * math.sqrt(var) / len(accs)
+
+
+def zero_shot_margins(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
+    """For each trained row: its zero-shot average minus the best untrained 1-bit row's, in
+    standard errors of the difference ``sqrt(se_a² + se_b²)`` (items taken as independent, which
+    overstates the error when both rows answer the same items, so the test is conservative)."""
+    if not tasks:
+        return []
+    avg = {r["key"]: zero_shot_average(r, tasks) for r in rows}
+    base = [(avg[k], r) for r in rows if (k := r["key"]) in UNTRAINED_ONEBIT and avg[k]]
+    if not base:
+        return []
+    (b, b_se), b_row = max(base, key=lambda x: x[0][0])
+    lines = []
+    for r in rows:
+        if not r.get("train") or avg[r["key"]] is None:
+            continue
+        a, a_se = avg[r["key"]]
+        se = math.hypot(a_se, b_se)
+        lines.append(
+            f"- zero-shot: {r['label']} averages {a:.1f} ± {a_se:.1f} against {b:.1f} ± "
+            f"{b_se:.1f} for the best untrained 1-bit row ({b_row['label']}): {a - b:+.1f} points, "
+            f"{(a - b) / se:+.1f} standard errors of the difference"
+        )
+    return lines
+
+
 def _fmt_ppl(x: float) -> str:
     return f"{x:.2f}" if x < 1e4 else f"{x:.2e}"
 
@@ -706,6 +751,95 @@ class WandbLog:
         return where
 
 
+# -- finished rows: written as they finish, reused by a later run --------------------------------
+def row_settings(cfg: DictConfig, key: str) -> dict[str, Any]:
+    """What row ``key``'s numbers depend on: the model, data, evaluation and seed; the layer for
+    the SVID rows; for a trained row also the whole recipe and its own overrides. JSON-ready."""
+    c = container(cfg)
+    out = {k: c.get(k) for k in ("model", "data", "eval", "seed")}
+    if key in ("svid", "svid_no_ln"):
+        out["quant"] = c.get("quant")
+    elif key not in ("teacher", "xnor"):
+        out.update({k: c.get(k) for k in ("quant", "loss", "optim", "train", "blockwise")})
+        out["row"] = c.get("main") if key == "onebit" else (c.get("ablations") or {}).get(key)
+    return json.loads(json.dumps(out, default=str))
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """The dotted keys at which two JSON values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            sub = f"{where}.{k}" if where else str(k)
+            out += _differences(a.get(k), b.get(k), sub) if k in a and k in b else [sub]
+        return out
+    return [] if a == b else [where or "(all)"]
+
+
+def save_row(out_dir: Path, key: str, row: dict[str, Any], settings: dict[str, Any]) -> None:
+    """``rows/<key>.json``: the row and the settings it was made with, written whole or not at
+    all."""
+    from onebit.fileio import atomic_write_text
+
+    text = json.dumps({"settings": settings, "row": row}, indent=2)
+    atomic_write_text(out_dir / "rows" / f"{key}.json", text)
+
+
+def finished_rows(cfg: DictConfig, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """Key → row, for each of ``keys`` that ``resume_dir`` finished with the settings this run
+    has for it (:func:`row_settings`); a row made with other settings runs again (logged)."""
+    from onebit.errors import OneBitInputError
+
+    if not cfg.get("resume_dir"):
+        return {}
+    rows_dir = Path(str(cfg.resume_dir)).expanduser() / "rows"
+    if not rows_dir.is_dir():
+        raise OneBitInputError(
+            f"resume_dir={cfg.resume_dir} has no rows/ folder; give the directory of an earlier "
+            "run of this script (the one that holds its results.md or rows/)."
+        )
+    out = {}
+    for key in keys:
+        f = rows_dir / f"{key}.json"
+        if not f.is_file():
+            continue
+        try:
+            saved = json.loads(f.read_text())
+            settings, row = saved["settings"], saved["row"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise OneBitInputError(
+                f"{f} is not a row file of this script ({type(e).__name__}: {e}); move it away "
+                "to run that row again."
+            ) from e
+        diff = _differences(settings, row_settings(cfg, key))
+        if diff:
+            log.warning("%s was made with other settings (%s): the row runs again", f,
+                        ", ".join(diff[:5]) + (", ..." if len(diff) > 5 else ""))  # fmt: skip
+        else:
+            out[key] = row
+    return out
+
+
+def export_row(cfg: DictConfig, key: str, student, quant, spec, tokenizer, row: dict) -> Path:
+    """The trained student of row ``key``, packed, in ``students/<key>/``; its model card holds
+    the row's perplexities."""
+    from harness import command
+
+    from onebit.config_utils import torch_dtype
+    from onebit.export import save_onebit
+
+    metrics = {f"{d} perplexity": v["ppl"] for d, v in row["ppl"].items()}
+    return save_onebit(
+        student,
+        Path(cfg.paths.output_dir) / "students" / key,
+        quant,
+        torch_dtype("export_dtype", cfg.get("export_dtype", "float32")),
+        tokenizer,
+        extra={"model": spec.to_dict(), "results_row": key},
+        card={"base": spec.name, "command": command(), "metrics": metrics},
+    )
+
+
 # -- the benchmark --------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build, train and evaluate every row; write the files, the plot and the W&B run."""
@@ -753,17 +887,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "config": container(cfg),
     }
     log.info("training data: %d blocks of %d tokens", *blocks.shape)
+    out_dir = Path(cfg.paths.output_dir)
+    reused = finished_rows(cfg, keys)
     wb = WandbLog(cfg)
     rows: list[dict[str, Any]] = []
 
-    def add(key: str, label: str, model, zero_shot: bool, train: dict | None = None) -> None:
+    def keep(row: dict[str, Any], note: str = "") -> None:
+        rows.append(row)
+        save_row(out_dir, row["key"], row, row_settings(cfg, row["key"]))
+        if row["train"]:
+            wb.curve(row["key"], row["train"]["curve"])
+        ppl = ", ".join(f"{d} {v['ppl']:.4g}" for d, v in row["ppl"].items())
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {row['label']}: {ppl}{note}", flush=True)
+
+    def add(
+        key: str, label: str, model, zero_shot: bool, train: dict | None = None
+    ) -> dict[str, Any]:
         row = {"key": key, "label": label, "train": train}
         row.update(evaluate_row(model, tokenizer, streams, cfg, zero_shot))
-        rows.append(row)
-        if train:
-            wb.curve(key, train["curve"])
-        ppl = ", ".join(f"{d} {v['ppl']:.4g}" for d, v in row["ppl"].items())
-        print(f"[{time.perf_counter() - t_start:6.0f} s] {label}: {ppl}", flush=True)
+        keep(row)
+        return row
 
     block_cache = {(str(cfg.data.source), int(cfg.data.seq_len)): blocks}
 
@@ -844,10 +987,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         row_bits = footprint(student, module.quant)  # the kept layers by name
         train["bits_per_weight"] = row_bits.bits_per_weight
         train["model_bits_per_weight"] = row_bits.model_bits_per_weight
-        add(key, arm.label, student, zero_shot, train)
+        row = add(key, arm.label, student, zero_shot, train)
+        if cfg.get("save_students", False):
+            path = export_row(cfg, key, student, module.quant, spec, tokenizer, row)
+            log.info("%s: the student is exported to %s", key, path)
 
     for key in keys:
-        if key == "teacher":
+        if key in reused:
+            keep(reused[key], f" (finished by {cfg.resume_dir})")
+        elif key == "teacher":
             add(key, f"{spec.name} {BASELINE_LABELS[key]}", teacher, True)
         elif key == "xnor":
             add(key, BASELINE_LABELS[key], xnor_student(teacher), True)
@@ -864,11 +1012,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             trained(key, arm, arm.steps or int(tr.ablation_steps), bool(e.zero_shot_ablations))
 
     settings["total_s"] = time.perf_counter() - t_start
+    settings["reused_rows"] = [k for k in keys if k in reused]
     result = {"settings": settings, "rows": rows}
-    out_dir = Path(cfg.paths.output_dir)
     table = markdown_table(rows, settings["datasets"], settings["tasks"])
     budget = budget_table(rows, settings["datasets"])
     notes = _notes(result, streams)
+    margins = "\n".join(zero_shot_margins(rows, settings["tasks"]))
+    notes = f"{margins}\n\n{notes}" if margins else notes
     head = "\n".join(header("OneBit results: the teacher, untrained 1-bit rows, trained students"))
     write_files(out_dir, result, f"{head}\n\n{table}\n\n{budget}\n\n{notes}")
     plot = plot_curves(result, cfg.plot) if cfg.plot else None

@@ -261,6 +261,118 @@ def test_benchmark_rows_files_and_reproducibility(tiny_run: DictConfig, tmp_path
     ]
 
 
+def test_a_killed_run_resumes_its_finished_rows(
+    tiny_run: DictConfig, tmp_path, monkeypatch
+) -> None:
+    """Each row is kept as it finishes; ``resume_dir`` reuses the rows made with the same settings
+    and runs the rest, and the exported student is the row's model."""
+    from onebit.export import load_onebit
+
+    with open_dict(tiny_run):
+        tiny_run.rows = ["teacher", "xnor", "onebit"]
+    first_dir = Path(tiny_run.paths.output_dir)
+    real_distill = results.distill
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the run dies in its trained row
+
+    monkeypatch.setattr(results, "distill", killed)
+    with pytest.raises(KeyboardInterrupt):
+        results.run(tiny_run)
+    assert sorted(f.name for f in (first_dir / "rows").iterdir()) == ["teacher.json", "xnor.json"]
+    monkeypatch.setattr(results, "distill", real_distill)
+
+    evaluated = []
+    real_evaluate = results.evaluate_row
+
+    def spy(model, *args, **kwargs):
+        row = real_evaluate(model, *args, **kwargs)
+        evaluated.append(row)
+        return row
+
+    monkeypatch.setattr(results, "evaluate_row", spy)
+    with open_dict(tiny_run):
+        tiny_run.resume_dir = str(first_dir)
+        tiny_run.paths.output_dir = str(tmp_path / "second")
+    out = results.run(tiny_run)
+    assert len(evaluated) == 1  # only the trained row ran
+    assert out["settings"]["reused_rows"] == ["teacher", "xnor"]
+    first = {f.stem: json.loads(f.read_text())["row"] for f in (first_dir / "rows").iterdir()}
+    rows = {r["key"]: r for r in out["rows"]}
+    assert rows["teacher"] == first["teacher"] and rows["xnor"] == first["xnor"]
+    second = Path(tiny_run.paths.output_dir)
+    assert sorted(f.name for f in (second / "rows").iterdir()) == [
+        "onebit.json", "teacher.json", "xnor.json"
+    ]  # fmt: skip
+    assert "| teacher |" not in (second / "results.md").read_text()  # labels, not keys
+    assert [r["key"] for r in json.loads((second / "results.json").read_text())["rows"]] == [
+        "teacher", "xnor", "onebit"
+    ]  # fmt: skip
+
+    # the export is the row's student: the same perplexity on the same tokens
+    from onebit.models import ModelSpec, load_causal_lm, load_tokenizer
+    from onebit.train.build import container
+
+    spec = ModelSpec.from_dict(container(tiny_run.model))
+    teacher, tok = load_causal_lm(spec).eval(), load_tokenizer(spec)
+    _, held_out = results.load_data(tiny_run, spec, tok)
+    streams = results.eval_streams(tiny_run, teacher, tok, held_out)
+    student = load_onebit(second / "students" / "onebit")
+    again = real_evaluate(student, tok, streams, tiny_run, False)
+    want = rows["onebit"]["ppl"]["generated"]["ppl"]
+    assert again["ppl"]["generated"]["ppl"] == pytest.approx(want, rel=1e-4)
+
+    # another setting of the trained row: it runs again, the untrained rows are still reused
+    evaluated.clear()
+    with open_dict(tiny_run):
+        tiny_run.resume_dir = str(second)
+        tiny_run.paths.output_dir = str(tmp_path / "third")
+        tiny_run.train.steps = 8
+        tiny_run.save_students = False
+    out = results.run(tiny_run)
+    assert out["settings"]["reused_rows"] == ["teacher", "xnor"] and len(evaluated) == 1
+    assert not (tmp_path / "third" / "students").exists()
+
+
+def test_resume_dir_without_rows_is_one_sentence(tiny_run: DictConfig, tmp_path) -> None:
+    with open_dict(tiny_run):
+        tiny_run.resume_dir = str(tmp_path)
+    with pytest.raises(OneBitInputError, match=r"resume_dir=.* has no rows/ folder"):
+        results.run(tiny_run)
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "teacher.json").write_text("{")
+    with pytest.raises(OneBitInputError, match=r"teacher\.json is not a row file"):
+        results.run(tiny_run)
+
+
+def test_zero_shot_margin_over_the_best_untrained_row() -> None:
+    def row(key: str, accs: list[float], train: dict | None = None) -> dict:
+        piqa = {"acc": accs[0], "paper_metric": "acc", "n": 200}
+        hella = {"acc": 0.0, "acc_norm": accs[1], "paper_metric": "acc_norm", "n": 200}
+        zero_shot = {"piqa": piqa, "hellaswag": hella}
+        return {"key": key, "label": key.upper(), "train": train, "zero_shot": zero_shot}
+
+    rows = [
+        row("teacher", [0.7, 0.4]),
+        row("xnor", [0.5, 0.25]),
+        row("svid", [0.55, 0.25]),
+        row("onebit", [0.6, 0.3], train={"curve": []}),
+    ]
+    tasks = ["piqa", "hellaswag"]
+    avg, se = results.zero_shot_average(rows[3], tasks)
+    assert avg == pytest.approx(45.0)
+    assert se == pytest.approx(100 * math.sqrt(0.6 * 0.4 / 199 + 0.3 * 0.7 / 199) / 2)
+    b, b_se = results.zero_shot_average(rows[2], tasks)
+    (line,) = results.zero_shot_margins(rows, tasks)
+    z = (avg - b) / math.hypot(se, b_se)
+    assert line.startswith("- zero-shot: ONEBIT averages 45.0 ± ")
+    assert f"against {b:.1f} ± {b_se:.1f} for the best untrained 1-bit row (SVID)" in line
+    assert line.endswith(f"{avg - b:+.1f} points, {z:+.1f} standard errors of the difference")
+    rows[3]["zero_shot"].pop("piqa")  # a row without every task has no average
+    assert results.zero_shot_average(rows[3], tasks) is None
+    assert results.zero_shot_margins(rows, tasks) == []
+
+
 def test_trained_rows_run_the_lightning_module_that_train_py_runs(
     tiny_run: DictConfig, monkeypatch
 ) -> None:
