@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from onebit.quant.convert import find_decoder_blocks, iter_target_linears
-from onebit.quant.gptq import gptq_hooks, gptq_init_, gptq_targets
+from onebit.quant.gptq import gptq_init_, gptq_pass
 from onebit.quant.linear import OneBitLinear, add_skips
 
 GAIN_CALIBRATIONS = ("rms", "ls")
@@ -72,22 +72,14 @@ def init_from_calibration_(
         return (
             gptq_init_(teacher, student, ids, config.gptq_damp, progress=progress) if gptq else {}
         )
-    errors: dict[str, dict[str, float]] = {}
-    bar, hooks = None, []
-    if gptq and progress:
-        from tqdm.auto import tqdm
-
-        n = len(gptq_targets(teacher, student))
-        bar = tqdm(total=n, desc="OneBit: GPTQ signs and gains", unit="layer")
-    try:  # in one pass: each teacher layer's GPTQ hook runs before its gain statistics hook
-        if gptq:
-            hooks += gptq_hooks(teacher, student, config.gptq_damp, None, errors, bar)
+    title = "OneBit: GPTQ signs and gains"
+    signs = (
+        gptq_pass(teacher, student, config.gptq_damp, None, progress, title)
+        if gptq
+        else contextlib.nullcontext({})
+    )
+    with signs as errors:  # in one pass: each teacher layer's GPTQ hook runs before its gain hook
         calibrate_output_gains_(teacher, student, ids, config.gain_init)
-    finally:
-        for handle in hooks:
-            handle.remove()
-        if bar is not None:
-            bar.close()
     return errors
 
 

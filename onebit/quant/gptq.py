@@ -25,6 +25,9 @@ and drops it, so only one Gram matrix is held at a time.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -207,6 +210,34 @@ def gptq_targets(teacher: nn.Module, student: nn.Module) -> list[tuple[str, nn.M
     ]
 
 
+@contextlib.contextmanager
+def gptq_pass(
+    teacher: nn.Module,
+    student: nn.Module,
+    damp: float = 0.01,
+    attention_mask: Tensor | None = None,
+    progress: bool = False,
+    desc: str = "OneBit: GPTQ signs",
+) -> Iterator[dict[str, dict[str, float]]]:
+    """While open, a teacher forward pass initialises every OneBit layer of ``student``
+    (:func:`gptq_hooks`); yields the per-layer errors, filled as the layers are done. The hooks
+    and the progress bar (``progress``, titled ``desc``) go when it closes."""
+    errors: dict[str, dict[str, float]] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(gptq_targets(teacher, student)), desc=desc, unit="layer")
+    hooks = gptq_hooks(teacher, student, damp, attention_mask, errors, bar)
+    try:
+        yield errors
+    finally:
+        for handle in hooks:
+            handle.remove()
+        if bar is not None:
+            bar.close()
+
+
 @torch.no_grad()
 def gptq_init_(
     teacher: nn.Module,
@@ -232,20 +263,6 @@ def gptq_init_(
 
     Shapes: ids (batch, seq); attention_mask (batch, seq).
     """
-    errors: dict[str, dict[str, float]] = {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=len(gptq_targets(teacher, student)), desc="OneBit: GPTQ signs", unit="layer"
-        )
-    hooks = gptq_hooks(teacher, student, damp, attention_mask, errors, bar)
-    try:
+    with gptq_pass(teacher, student, damp, attention_mask, progress) as errors:
         teacher(input_ids=ids, attention_mask=attention_mask)
-    finally:
-        for handle in hooks:
-            handle.remove()
-        if bar is not None:
-            bar.close()
     return errors
