@@ -58,6 +58,7 @@ BASELINE_LABELS = {
     "svid": "SVID init (OneBit, with LN), no training",
     "svid_no_ln": "SVID sign(W)⊙abᵀ without LN, no training",
 }
+UNTRAINED_ONEBIT = tuple(k for k in BASELINE_LABELS if k != "teacher")  # the 1-bit ones
 PPL_COLUMNS = {"wikitext2": "Wiki2", "c4": "C4", "generated": "Gen."}
 
 
@@ -529,14 +530,9 @@ def markdown_table(rows: list[dict[str, Any]], datasets: list[str], tasks: list[
     for r in rows:
         cells = [r["label"].replace("|", "\\|")]
         cells += [_fmt_ppl(r["ppl"][d]["ppl"]) if d in r["ppl"] else "-" for d in datasets]
-        accs = []
-        for t in task_cols:
-            s = r["zero_shot"].get(t)
-            if s is None or s.get(s["paper_metric"]) is None:
-                cells.append("-")
-            else:
-                accs.append(100 * s[s["paper_metric"]])
-                cells.append(f"{accs[-1]:.1f}")
+        scores = task_scores(r, task_cols)
+        cells += ["-" if p is None else f"{100 * p:.1f}" for p in scores]
+        accs = [100 * p for p in scores if p is not None]
         if task_cols:
             cells.append(f"{sum(accs) / len(accs):.1f}" if len(accs) == len(task_cols) else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -559,22 +555,28 @@ def budget_table(rows: list[dict[str, Any]], datasets: list[str]) -> str:
     return "\n".join(lines)
 
 
-UNTRAINED_ONEBIT = ("xnor", "svid", "svid_no_ln")  # the untrained 1-bit rows
+def task_scores(row: dict[str, Any], tasks: list[str]) -> list[float | None]:
+    """Each task's paper metric for ``row`` (a fraction; acc or acc_norm as the paper reports the
+    task), None where the row has no score for the task."""
+    out = []
+    for t in tasks:
+        s = row["zero_shot"].get(t)
+        out.append(None if s is None else s.get(s["paper_metric"]))
+    return out
 
 
 def zero_shot_average(row: dict[str, Any], tasks: list[str]) -> tuple[float, float] | None:
     """A row's zero-shot average over ``tasks`` (each task's paper metric, in %) and its standard
     error, ``sqrt(Σ p(1 − p)/(n − 1)) / T`` over the T tasks (lm-eval's per-task stderr); None
     when the row lacks a task."""
-    accs, var = [], 0.0
-    for t in tasks:
-        s = row["zero_shot"].get(t)
-        p = None if s is None else s.get(s["paper_metric"])
-        if p is None or not s.get("n") or s["n"] < 2:
-            return None
-        accs.append(p)
-        var += p * (1 - p) / (s["n"] - 1)
-    return 100 * sum(accs) / len(accs), 100 * math.sqrt(var) / len(accs)
+    scores = task_scores(row, tasks)
+    if None in scores:
+        return None
+    ns = [row["zero_shot"][t].get("n") or 0 for t in tasks]
+    if min(ns, default=0) < 2:
+        return None
+    var = sum(p * (1 - p) / (n - 1) for p, n in zip(scores, ns))
+    return 100 * sum(scores) / len(scores), 100 * math.sqrt(var) / len(scores)
 
 
 def zero_shot_margins(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
@@ -625,10 +627,7 @@ def write_files(out_dir: Path, result: dict[str, Any], table: str) -> None:
         )
         for r in rows:
             t = r.get("train") or {}
-            accs = []
-            for task in tasks:
-                s = r["zero_shot"].get(task)
-                accs.append(s[s["paper_metric"]] if s else "")
+            accs = ["" if p is None else p for p in task_scores(r, tasks)]
             w.writerow(
                 [
                     r["key"],

@@ -368,9 +368,15 @@ def test_zero_shot_margin_over_the_best_untrained_row() -> None:
     assert line.startswith("- zero-shot: ONEBIT averages 45.0 ± ")
     assert f"against {b:.1f} ± {b_se:.1f} for the best untrained 1-bit row (SVID)" in line
     assert line.endswith(f"{avg - b:+.1f} points, {z:+.1f} standard errors of the difference")
+    # the table's cells and Avg. are the same per-task paper metrics (acc_norm for HellaSwag)
+    assert results.task_scores(rows[3], tasks) == [0.6, 0.3]
+    assert "| ONEBIT | 30.0 | 60.0 | 45.0 |" in results.markdown_table(rows, [], tasks)
     rows[3]["zero_shot"].pop("piqa")  # a row without every task has no average
+    assert results.task_scores(rows[3], tasks) == [None, 0.3]
+    assert "| ONEBIT | 30.0 | - | - |" in results.markdown_table(rows, [], tasks)
     assert results.zero_shot_average(rows[3], tasks) is None
     assert results.zero_shot_margins(rows, tasks) == []
+    assert results.UNTRAINED_ONEBIT == ("xnor", "svid", "svid_no_ln")
 
 
 def test_trained_rows_run_the_lightning_module_that_train_py_runs(
