@@ -6,8 +6,8 @@
 // Each thread owns a range of rows. A row is read once from memory for a_r and reused from L1/L2
 // for its contribution a_r·|w_r| to the thread's private z (float32 over 32 rows, then added into
 // float64); the private z's are summed at the end. |W| is never materialised. fp32, bf16 and fp16
-// weights are read as stored (bf16/fp16 move half the bytes) and widened to fp32 in registers;
-// the arithmetic is fp32 but for those float64 sums.
+// weights are read as stored (bf16/fp16 move half the bytes) and widened to fp32 in registers
+// (without AVX-512: into a one-row buffer); the arithmetic is fp32 but for those float64 sums.
 //
 // With AVX-512, rows go in blocks of `block_rows`: z is loaded and stored once per block instead
 // of once per row. Within a block, the rows' dot products either run together (`interleave`: 2R
@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -190,21 +191,36 @@ void als_rows(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, fl
     als_rows_sched<T, false>(W, in, r0, r1, b, a, z, zd, block_rows);
 }
 #else
+// One row without AVX-512: a_r = |w_r|·b, then z += a_r |w_r|. A single compiled body for every
+// weight type (16-bit rows are widened into a float buffer first), so bf16/fp16 weights give the
+// bits of the same values in fp32: with a body per type, the compiler contracted the products
+// into FMAs differently, and the two differed by an ulp.
+__attribute__((noinline)) float als_row(const float* row, int64_t in, const float* b, float* z) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums so the loop vectorises
+  int64_t j = 0;
+  for (; j + 8 <= in; j += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += std::fabs(row[j + k]) * b[j + k];
+  float ar = 0;
+  for (; j < in; ++j) ar += std::fabs(row[j]) * b[j];
+  for (int k = 0; k < 8; ++k) ar += acc[k];
+  for (j = 0; j < in; ++j) z[j] += std::fabs(row[j]) * ar;
+  return ar;
+}
+
 template <typename T>
 void als_rows(const T* W, int64_t in, int64_t r0, int64_t r1, const float* b, float* a, float* z,
               double* zd, int64_t /*block_rows*/, bool /*interleave: AVX-512 only*/) {
+  thread_local std::vector<float> wide;  // one widened row, reused across calls
   std::fill(z, z + in, 0.0f);
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = W + r * in;
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums so the loop vectorises
-    int64_t j = 0;
-    for (; j + 8 <= in; j += 8)
-      for (int k = 0; k < 8; ++k) acc[k] += std::fabs(static_cast<float>(row[j + k])) * b[j + k];
-    float ar = 0;
-    for (; j < in; ++j) ar += std::fabs(static_cast<float>(row[j])) * b[j];
-    for (int k = 0; k < 8; ++k) ar += acc[k];
-    a[r] = ar;
-    for (j = 0; j < in; ++j) z[j] += std::fabs(static_cast<float>(row[j])) * ar;
+    if constexpr (std::is_same_v<T, float>) {
+      a[r] = als_row(row, in, b, z);
+    } else {
+      wide.resize(in);
+      for (int64_t j = 0; j < in; ++j) wide[j] = static_cast<float>(row[j]);
+      a[r] = als_row(wide.data(), in, b, z);
+    }
   }
   for (int64_t j = 0; j < in; ++j) zd[j] += z[j];
 }
