@@ -404,9 +404,10 @@ def _evaluate(model, tokenizer, streams, cfg: DictConfig, zero_shot: bool) -> di
         n = len(windows(ids.numel(), seqlen))
         n = n if cap is None else min(n, cap)
         k = min(int(e.curve_windows), n) if i == 0 else 0
-        parts = [perplexity(model, ids[: k * seqlen], seqlen)] if k else []
+        bar = {"progress": True, "desc": f"{name} perplexity"}
+        parts = [perplexity(model, ids[: k * seqlen], seqlen, **bar)] if k else []
         if n > k:
-            parts.append(perplexity(model, ids[k * seqlen :], seqlen, max_windows=n - k))
+            parts.append(perplexity(model, ids[k * seqlen :], seqlen, max_windows=n - k, **bar))
         nll, count = sum(p.nll_sum for p in parts), sum(p.n_tokens for p in parts)
         row["ppl"][name] = {
             "ppl": math.exp(nll / count),
@@ -903,6 +904,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         key: str, label: str, model, zero_shot: bool, train: dict | None = None
     ) -> dict[str, Any]:
         row = {"key": key, "label": label, "train": train}
+        what = "perplexity and zero-shot" if zero_shot and cfg.eval.tasks else "perplexity"
+        log.info("%s: %s on %s", key, what, ", ".join(streams))
         row.update(evaluate_row(model, tokenizer, streams, cfg, zero_shot))
         keep(row)
         return row

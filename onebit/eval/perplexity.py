@@ -75,6 +75,7 @@ def perplexity(
     max_windows: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    desc: str = "perplexity",
 ) -> PerplexityResult:
     """Perplexity of a causal LM on one token stream, window by window.
 
@@ -85,7 +86,7 @@ def perplexity(
         stride: sliding-window step; ``None`` for non-overlapping windows.
         max_windows: evaluate only the first windows (quick runs on CPU; report the token count).
         device: where to run (default: the model's).
-        progress: show a progress bar.
+        progress: show a progress bar, named ``desc``.
 
     Shapes: input_ids (n_tokens,) or (1, n_tokens).
     """
@@ -105,7 +106,7 @@ def perplexity(
     if progress:
         from tqdm.auto import tqdm
 
-        mine = tqdm(mine, desc="perplexity", unit="window")
+        mine = tqdm(mine, desc=desc, unit="window")
     for begin, end, first in mine:
         window = ids[begin:end].unsqueeze(0).to(device)  # (1, T)
         out = model(window)

@@ -31,6 +31,15 @@ def test_uniform_model_perplexity_is_the_vocabulary_size() -> None:
     assert res.n_windows == 7 and res.n_tokens == 7 * 127  # tail of 104 tokens dropped
 
 
+def test_progress_bar_names_its_data_set_and_counts_windows(capsys) -> None:
+    ids = torch.randint(0, 321, (1000,))
+    quiet = perplexity(Uniform(321), ids, seqlen=128)
+    shown = perplexity(Uniform(321), ids, seqlen=128, progress=True, desc="c4 perplexity")
+    assert shown == quiet
+    err = capsys.readouterr().err
+    assert "c4 perplexity" in err and "7/7" in err
+
+
 def test_windowing_reproduces_a_hand_computed_nll() -> None:
     model = tiny_causal_lm("llama")
     ids = torch.randint(0, 128, (25,))
