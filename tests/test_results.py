@@ -48,7 +48,8 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         "gain_ls_outliers_no_ln_gptq", "gptq_frozen_signs", "len512", "len2048",
         "self_generated", "latent_lr03", "calib2048", "calib2048_4",
         "gain_ls_outliers_no_ln_gptq_47", "self_generated_calib2048", "scale_lr1", "scale_lr3",
-        "lr3e-4",
+        "lr3e-4", "calib2048_alpha0", "calib2048_alpha10", "scale_lr30", "calib2048_120",
+        "calib2048_alpha10_120",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -99,12 +100,19 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     sg = ab["self_generated_calib2048"]
     assert (sg.source, sg.calibration_seq_len, sg.quant) == ("self_generated", 2048, two)
     for key, change in (("scale_lr1", {"scale_lr": 1.0}), ("scale_lr3", {"scale_lr": 3.0}),
-                        ("lr3e-4", {"lr": 3e-4})):  # fmt: skip
+                        ("lr3e-4", {"lr": 3e-4}), ("scale_lr30", {"scale_lr": 30.0})):  # fmt: skip
         assert ab[key].optim == OptimConfig.from_dict({**dict(cfg.optim), **change})
         assert (ab[key].calibration_seq_len, ab[key].quant) == (2048, two)
+    loss_rows = [("calib2048_alpha0", 0.0, None), ("calib2048_alpha10", 10.0, None)]
+    loss_rows += [("calib2048_120", 1.0, 120), ("calib2048_alpha10_120", 10.0, 120)]
+    for key, alpha, steps in loss_rows:
+        assert (ab[key].calibration_seq_len, ab[key].quant, ab[key].steps) == (2048, two, steps)
+        assert ab[key].loss == DistillLossConfig(hidden_weight=alpha)
+        assert ab[key].optim == base.optim
     more = ("latent_lr3", "gain_ls_outliers_bw", "gain_ls_outliers_no_ln_42", "gptq_frozen_signs")
     more += ("len512", "len2048", "latent_lr03", "gain_ls_outliers_no_ln_gptq_47", "scale_lr1")
-    more += ("scale_lr3", "lr3e-4")
+    more += ("scale_lr3", "lr3e-4", "scale_lr30", "calib2048_alpha0", "calib2048_alpha10")
+    more += ("calib2048_120", "calib2048_alpha10_120")
     for key, arm in ab.items():  # nothing but its own key changes
         if key in more:  # these change optim, the data shape or the steps too (checked above)
             continue
