@@ -35,6 +35,16 @@ def compose_results(overrides: list[str], tmp: Path | None = None) -> DictConfig
     return cfg
 
 
+@pytest.mark.parametrize(
+    "experiment", ["results_stories260k", "results_smollm2_135m", "levers_demo_smollm2_135m"]
+)
+def test_a_run_plots_into_its_own_directory_never_into_docs(tmp_path, experiment):
+    # a partial run (rows=[...]) must not replace the plot a docs/ page shows; that page's command
+    # names it (plot=docs/...)
+    cfg = compose_config("results", [f"experiment={experiment}"], tmp_path)
+    assert cfg.plot is None or Path(cfg.plot).parent == tmp_path / "out"
+
+
 @pytest.mark.parametrize("experiment", ["results_stories260k", "results_smollm2_135m"])
 def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     cfg = compose_results([f"experiment={experiment}"])
