@@ -42,7 +42,11 @@ def test_quant_configs(name: str, expected: OneBitConfig) -> None:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("kd", DistillLossConfig()), ("kd_official", DistillLossConfig.official())],
+    [
+        ("kd", DistillLossConfig(hidden_weight=10.0)),  # ours: α = 10
+        ("kd_paper", DistillLossConfig()),  # the library's default: the paper's α = 1
+        ("kd_official", DistillLossConfig.official()),
+    ],
 )
 def test_loss_configs(name: str, expected: DistillLossConfig) -> None:
     assert DistillLossConfig.from_dict(_node("loss", name)) == expected
