@@ -225,15 +225,47 @@ def main_arm(cfg: DictConfig) -> Arm:
 
 def ablation_configs(cfg: DictConfig) -> dict[str, Arm]:
     """Ablation key → :class:`Arm`, each the base recipe with that ablation's overrides
-    (:func:`apply_overrides`)."""
+    (:func:`apply_overrides`, after :func:`ablation_spec` has resolved its ``base``)."""
     from onebit.errors import OneBitInputError
 
+    specs = container(cfg.ablations) or {}
     out = {}
-    for key, spec in (container(cfg.ablations) or {}).items():
+    for key in specs:
         if key in BASELINE_LABELS or key == "onebit":
             raise OneBitInputError(f"ablations.{key}: the name is taken by a row; rename it.")
-        out[key] = apply_overrides(cfg, {"label": key, **(spec or {})}, f"ablations.{key}")
+        out[key] = apply_overrides(cfg, ablation_spec(specs, key), f"ablations.{key}")
     return out
+
+
+def ablation_spec(specs: dict[str, Any], key: str) -> dict[str, Any]:
+    """Ablation ``key``'s overrides with its ``base`` (another ablation's key) resolved: the base's
+    overrides (its own base first), then this row's on top, group by group (``quant``, ``loss``,
+    ``optim``, ``data``, ``train``, ``blockwise`` key by key; ``keep_massive`` replaced). The label
+    is this row's own, or its key."""
+    from onebit.errors import OneBitInputError
+
+    chain = [key]
+    spec = dict(specs[key] or {})
+    while "base" in spec:
+        parent = spec.pop("base")
+        where = f"ablations.{chain[-1]}.base"
+        if parent not in specs:
+            raise OneBitInputError(
+                f"{where}={parent!r} is not an ablation; valid: {', '.join(specs)}."
+            )
+        if parent in chain:
+            raise OneBitInputError(
+                f"{where}={parent!r} makes a cycle: {' -> '.join([*chain, parent])}."
+            )
+        chain.append(parent)
+        merged = {k: v for k, v in (specs[parent] or {}).items() if k != "label"}
+        for group, value in spec.items():
+            if not isinstance(value, dict):
+                merged[group] = value
+            else:
+                merged[group] = {**(merged.get(group) or {}), **value}
+        spec = merged
+    return {"label": key, **spec}
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -754,14 +786,22 @@ class WandbLog:
 # -- finished rows: written as they finish, reused by a later run --------------------------------
 def row_settings(cfg: DictConfig, key: str) -> dict[str, Any]:
     """What row ``key``'s numbers depend on: the model, data, evaluation and seed; the layer for
-    the SVID rows; for a trained row also the whole recipe and its own overrides. JSON-ready."""
+    the SVID rows; for a trained row also the whole recipe and its own overrides (an ablation's
+    with its ``base`` resolved: a row whose base changed runs again). JSON-ready."""
     c = container(cfg)
     out = {k: c.get(k) for k in ("model", "data", "eval", "seed")}
     if key in ("svid", "svid_no_ln"):
         out["quant"] = c.get("quant")
     elif key not in ("teacher", "xnor"):
         out.update({k: c.get(k) for k in ("quant", "loss", "optim", "train", "blockwise")})
-        out["row"] = c.get("main") if key == "onebit" else (c.get("ablations") or {}).get(key)
+        ablations = c.get("ablations") or {}
+        out["row"] = (
+            c.get("main")
+            if key == "onebit"
+            else ablation_spec(ablations, key)
+            if key in ablations
+            else None
+        )
     return json.loads(json.dumps(out, default=str))
 
 

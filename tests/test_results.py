@@ -18,6 +18,7 @@ from onebit.errors import OneBitInputError
 from onebit.eval.perplexity import perplexity
 from onebit.models import tiny_causal_lm
 from onebit.quant import OneBitConfig, OneBitLinear, iter_target_linears, xnor_approx
+from onebit.train.build import container
 from onebit.train.module import OptimConfig
 
 from .conftest import REPO, compose_config, shared_path
@@ -168,6 +169,11 @@ def test_arm_overrides_reach_optim_data_train_and_calibration() -> None:
             r"ablations\.bad\.data\.calibration_seq_len=0 must be",
         ),
         ("+ablations.bad.blockwise={loss: l1}", r"blockwise\.loss"),
+        (
+            "+ablations.bad.base=nope",
+            r"ablations\.bad\.base='nope' is not an ablation; valid: ref,",
+        ),
+        ("+ablations.bad.base=bad", r"ablations\.bad\.base='bad' makes a cycle: bad -> bad\.$"),
     ],
 )
 def test_bad_arm_overrides_are_one_sentence(override: str, match: str) -> None:
@@ -175,6 +181,43 @@ def test_bad_arm_overrides_are_one_sentence(override: str, match: str) -> None:
 
     with pytest.raises(OneBitInputError, match=match):
         results.ablation_configs(compose_results([override]))
+
+
+def test_an_ablation_starts_from_its_base_key_by_key() -> None:
+    specs = {
+        "a": {"label": "A", "quant": {"outliers": 256, "output_gain": True}, "train": {"steps": 7}},
+        "b": {"base": "a", "quant": {"outliers": 8}, "loss": {"hidden_weight": 10.0}},
+        "c": {"base": "b", "label": "C", "train": {"batch_size": 2}, "keep_massive": 3},
+        "x": {"base": "y"},
+        "y": {"base": "x"},
+    }
+    assert results.ablation_spec(specs, "b") == {
+        "label": "b",  # its own key: a base's label is not inherited
+        "quant": {"outliers": 8, "output_gain": True},
+        "loss": {"hidden_weight": 10.0},
+        "train": {"steps": 7},
+    }
+    assert results.ablation_spec(specs, "c") == {
+        "label": "C",
+        "quant": {"outliers": 8, "output_gain": True},
+        "loss": {"hidden_weight": 10.0},
+        "train": {"steps": 7, "batch_size": 2},
+        "keep_massive": 3,
+    }
+    with pytest.raises(
+        OneBitInputError, match=r"ablations\.y\.base='x' makes a cycle: x -> y -> x\."
+    ):
+        results.ablation_spec(specs, "x")
+    # the shipped rows: a row's base stands for the base's overrides, and the resume check sees
+    # the resolved row (a base that changes makes the row run again)
+    cfg = compose_results(["experiment=results_smollm2_135m"])
+    ab = results.ablation_configs(cfg)
+    assert cfg.ablations.calib2048_alpha10_320.base == "calib2048_alpha10"
+    assert ab["calib2048_alpha10_320"].quant == ab["calib2048"].quant
+    assert ab["calib2048_alpha10_320"].loss.hidden_weight == 10.0
+    assert results.ablation_spec(container(cfg.ablations), "calib2048_alpha10_320")["data"] == {
+        "calibration_seq_len": 2048
+    }
 
 
 def test_unknown_ablation_key_is_one_sentence() -> None:
