@@ -259,11 +259,10 @@ def ablation_spec(specs: dict[str, Any], key: str) -> dict[str, Any]:
             )
         chain.append(parent)
         merged = {k: v for k, v in (specs[parent] or {}).items() if k != "label"}
-        for group, value in spec.items():
-            if not isinstance(value, dict):
-                merged[group] = value
-            else:
-                merged[group] = {**(merged.get(group) or {}), **value}
+        for group, value in spec.items():  # groups (dicts) merge key by key; the rest replaces
+            merged[group] = (
+                {**(merged.get(group) or {}), **value} if isinstance(value, dict) else value
+            )
         spec = merged
     return {"label": key, **spec}
 
@@ -795,13 +794,10 @@ def row_settings(cfg: DictConfig, key: str) -> dict[str, Any]:
     elif key not in ("teacher", "xnor"):
         out.update({k: c.get(k) for k in ("quant", "loss", "optim", "train", "blockwise")})
         ablations = c.get("ablations") or {}
-        out["row"] = (
-            c.get("main")
-            if key == "onebit"
-            else ablation_spec(ablations, key)
-            if key in ablations
-            else None
-        )
+        if key == "onebit":
+            out["row"] = c.get("main")
+        else:
+            out["row"] = ablation_spec(ablations, key) if key in ablations else None
     return json.loads(json.dumps(out, default=str))
 
 
