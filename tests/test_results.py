@@ -60,7 +60,8 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         "self_generated", "latent_lr03", "calib2048", "calib2048_4",
         "gain_ls_outliers_no_ln_gptq_47", "self_generated_calib2048", "scale_lr1", "scale_lr3",
         "lr3e-4", "calib2048_alpha0", "calib2048_alpha10", "scale_lr30", "calib2048_120",
-        "calib2048_alpha10_120", "calib2048_320", "calib2048_alpha10_320",
+        "calib2048_alpha10_120", "calib2048_320", "calib2048_alpha10_320", "calib2048_alpha30_120",
+        "calib2048_alpha100_120", "calib2048_alpha30_320",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -117,6 +118,8 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     loss_rows = [("calib2048_alpha0", 0.0, None), ("calib2048_alpha10", 10.0, None)]
     loss_rows += [("calib2048_120", 1.0, 120), ("calib2048_alpha10_120", 10.0, 120)]
     loss_rows += [("calib2048_320", 1.0, 320), ("calib2048_alpha10_320", 10.0, 320)]
+    loss_rows += [("calib2048_alpha30_120", 30.0, 120), ("calib2048_alpha100_120", 100.0, 120)]
+    loss_rows += [("calib2048_alpha30_320", 30.0, 320)]
     for key, alpha, steps in loss_rows:
         assert (ab[key].calibration_seq_len, ab[key].quant, ab[key].steps) == (2048, two, steps)
         assert ab[key].loss == DistillLossConfig(hidden_weight=alpha)
@@ -125,6 +128,7 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     more += ("len512", "len2048", "latent_lr03", "gain_ls_outliers_no_ln_gptq_47", "scale_lr1")
     more += ("scale_lr3", "lr3e-4", "scale_lr30", "calib2048_alpha0", "calib2048_alpha10")
     more += ("calib2048_120", "calib2048_alpha10_120", "calib2048_320", "calib2048_alpha10_320")
+    more += ("calib2048_alpha30_120", "calib2048_alpha100_120", "calib2048_alpha30_320")
     for key, arm in ab.items():  # nothing but its own key changes
         if key in more:  # these change optim, the data shape or the steps too (checked above)
             continue
