@@ -43,7 +43,7 @@ def test_quant_configs(name: str, expected: OneBitConfig) -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("kd", DistillLossConfig(hidden_weight=10.0)),  # ours: α = 10
+        ("kd", DistillLossConfig(hidden_weight=30.0)),  # ours: α = 30
         ("kd_paper", DistillLossConfig()),  # the library's default: the paper's α = 1
         ("kd_official", DistillLossConfig.official()),
     ],
