@@ -126,9 +126,7 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         assert ab[key].optim == base.optim
     more = ("latent_lr3", "gain_ls_outliers_bw", "gain_ls_outliers_no_ln_42", "gptq_frozen_signs")
     more += ("len512", "len2048", "latent_lr03", "gain_ls_outliers_no_ln_gptq_47", "scale_lr1")
-    more += ("scale_lr3", "lr3e-4", "scale_lr30", "calib2048_alpha0", "calib2048_alpha10")
-    more += ("calib2048_120", "calib2048_alpha10_120", "calib2048_320", "calib2048_alpha10_320")
-    more += ("calib2048_alpha30_120", "calib2048_alpha100_120", "calib2048_alpha30_320")
+    more += ("scale_lr3", "lr3e-4", "scale_lr30", *(key for key, _, _ in loss_rows))
     for key, arm in ab.items():  # nothing but its own key changes
         if key in more:  # these change optim, the data shape or the steps too (checked above)
             continue
