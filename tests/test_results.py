@@ -670,7 +670,7 @@ def test_main_row_overrides_leave_the_ablations_on_the_base() -> None:
         calibration_sequences=2,
     )  # quant=onebit's layer, calibrated on 2 sequences of the evaluation's length
     assert main.calibration_seq_len == 2048
-    assert main.loss == DistillLossConfig(hidden_weight=10.0)  # α = 10, measured against 1
+    assert main.loss == DistillLossConfig(hidden_weight=30.0)  # α = 30, loss=kd's default
     assert main.label == "OneBit, 640 steps"
     assert ab["ref"].quant == OneBitConfig()  # the reference stays the paper's layer and loss
     assert ab["ref"].loss == DistillLossConfig()
