@@ -61,7 +61,7 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         "gain_ls_outliers_no_ln_gptq_47", "self_generated_calib2048", "scale_lr1", "scale_lr3",
         "lr3e-4", "calib2048_alpha0", "calib2048_alpha10", "scale_lr30", "calib2048_120",
         "calib2048_alpha10_120", "calib2048_320", "calib2048_alpha10_320", "calib2048_alpha30_120",
-        "calib2048_alpha100_120", "calib2048_alpha30_320",
+        "calib2048_alpha100_120", "calib2048_alpha30_320", "calib2048_alpha30_len512_120",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -124,9 +124,13 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         assert (ab[key].calibration_seq_len, ab[key].quant, ab[key].steps) == (2048, two, steps)
         assert ab[key].loss == DistillLossConfig(hidden_weight=alpha)
         assert ab[key].optim == base.optim
+    l512, a30 = ab["calib2048_alpha30_len512_120"], ab["calib2048_alpha30_120"]
+    assert (l512.seq_len, l512.batch_size, a30.seq_len * a30.batch_size) == (512, 1, 512)
+    assert l512._replace(seq_len=a30.seq_len, batch_size=a30.batch_size)[1:] == a30[1:]
     more = ("latent_lr3", "gain_ls_outliers_bw", "gain_ls_outliers_no_ln_42", "gptq_frozen_signs")
     more += ("len512", "len2048", "latent_lr03", "gain_ls_outliers_no_ln_gptq_47", "scale_lr1")
-    more += ("scale_lr3", "lr3e-4", "scale_lr30", *(key for key, _, _ in loss_rows))
+    more += ("scale_lr3", "lr3e-4", "scale_lr30", "calib2048_alpha30_len512_120")
+    more += tuple(key for key, _, _ in loss_rows)
     for key, arm in ab.items():  # nothing but its own key changes
         if key in more:  # these change optim, the data shape or the steps too (checked above)
             continue
