@@ -4,6 +4,7 @@ from onebit.distill.blockwise import BlockwiseConfig, blockwise_reconstruct_
 from onebit.distill.losses import (
     DistillLoss,
     DistillLossConfig,
+    attention_kl,
     hidden_mse,
     lm_cross_entropy,
     logit_kd,
@@ -13,6 +14,7 @@ __all__ = [
     "BlockwiseConfig",
     "DistillLoss",
     "DistillLossConfig",
+    "attention_kl",
     "blockwise_reconstruct_",
     "hidden_mse",
     "lm_cross_entropy",

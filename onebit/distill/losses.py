@@ -1,6 +1,6 @@
 """Quantization-aware knowledge distillation losses of OneBit.
 
-    L = kd_weight · L_KD + hidden_weight · L_MSE + lm_weight · L_LM
+    L = kd_weight · L_KD + hidden_weight · L_MSE + attention_weight · L_ATT + lm_weight · L_LM
 
 L_KD is KL(teacher ‖ student) on the logits at temperature τ (multiplied by τ², as usual), computed
 in float32 so that fp16/bf16 logits cannot overflow. Default reduction: the mean over the real
@@ -15,6 +15,14 @@ real tokens, then averaged (default) or summed (official) over the chosen layers
 the last entry is after the final norm); ``"official"`` uses ``hidden_states[0:n_layers]`` as the
 official code does — the embedding output (identical for teacher and student, so always 0) and not
 the last block.
+
+L_ATT (ours, off by default and in the paper) is KL(teacher ‖ student) between the attention
+probabilities of each head, for each real query token, averaged over heads, tokens and blocks. It
+asks the student to copy where the teacher looks, the attention sink included: from block 12 on,
+SmolLM2-135M's heads put 36-72 % of each query's mass on the window's first token, while a student
+distilled without this term puts 1-22 % there and spreads the rest, so its perplexity worsens as the
+context grows (docs/levers_smollm2_135m.md). It needs both models' attention probabilities, so the
+training forward passes run eager attention (memory: blocks × batch × heads × seq² floats each).
 
 L_LM is the student's next-token cross-entropy on the input ids (off by default, as in the paper).
 """
@@ -44,6 +52,7 @@ class DistillLossConfig:
     Attributes:
         kd_weight: weight of the logit KD term (official: kd_alpha 1.0 × kd_loss_scale 0.01).
         hidden_weight: weight of the hidden-state MSE term (the paper's α; official kd_beta 1).
+        attention_weight: weight of the attention-probability KL (ours; 0: the paper).
         lm_weight: weight of the student's own LM cross-entropy (official: 1 − kd_alpha = 0).
         temperature: KD temperature τ.
         kd_reduction: ``token_mean`` (masked per-token mean) or ``batchmean`` (official).
@@ -56,6 +65,7 @@ class DistillLossConfig:
 
     kd_weight: float = 1.0
     hidden_weight: float = 1.0
+    attention_weight: float = 0.0
     lm_weight: float = 0.0
     temperature: float = 1.0
     kd_reduction: Literal["token_mean", "batchmean"] = "token_mean"
@@ -64,7 +74,7 @@ class DistillLossConfig:
     hidden_mask: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("kd_weight", "hidden_weight", "lm_weight"):
+        for key in ("kd_weight", "hidden_weight", "attention_weight", "lm_weight"):
             check_number("loss", key, getattr(self, key))
         check_number("loss", "temperature", self.temperature, allow_zero=False)
         for key, choices in (
@@ -97,6 +107,10 @@ class DistillLossConfig:
     @property
     def needs_hidden_states(self) -> bool:
         return self.hidden_weight > 0
+
+    @property
+    def needs_attentions(self) -> bool:
+        return self.attention_weight > 0
 
 
 def _token_mask(attention_mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
@@ -174,6 +188,40 @@ def hidden_mse(
     return stacked.sum() if layer_reduction == "sum" else stacked.mean()
 
 
+def attention_kl(
+    student_attentions: Sequence[Tensor],
+    teacher_attentions: Sequence[Tensor],
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """KL(teacher ‖ student) between attention probabilities, in float32: per head and query
+    token, averaged over heads and real query tokens, then over blocks.
+
+    Args:
+        student_attentions, teacher_attentions: Hugging Face ``attentions`` tuples, one
+            (batch, heads, query, key) tensor of probabilities per block (eager attention).
+        attention_mask: 1 for real tokens; padded queries are left out (padded keys have
+            probability 0 for both models).
+
+    Shapes: each attention (batch, heads, seq, seq) → scalar.
+    """
+    if len(student_attentions) != len(teacher_attentions) or not teacher_attentions:
+        raise ValueError(
+            f"student has {len(student_attentions)} attention maps, teacher "
+            f"{len(teacher_attentions)}; both need one per block (eager attention)."
+        )
+    terms = []
+    for s_att, t_att in zip(student_attentions, teacher_attentions):
+        if s_att is None or t_att is None:
+            raise ValueError("an attention map is None: attention_weight needs eager attention.")
+        p_t = t_att.float()
+        # Σ_k p_t (log p_t − log p_s); xlogy makes the causally masked keys (p_t = 0) add 0
+        log_s = s_att.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+        kl = (torch.special.xlogy(p_t, p_t) - p_t * log_s).sum(-1).mean(1)  # (batch, query)
+        mask = _token_mask(attention_mask, kl.shape, kl.device)
+        terms.append((kl * mask).sum() / mask.sum().clamp_min(1))
+    return torch.stack(terms).mean()
+
+
 def next_token_nll(
     logits: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -206,7 +254,7 @@ class DistillLoss(nn.Module):
     """The weighted OneBit distillation loss; returns every named term and the total.
 
     Returns a dict with ``loss`` (the weighted total, for backward) and the unweighted terms
-    ``kd``, ``hidden`` and ``lm`` (those with weight 0 are skipped unless they are free).
+    ``kd``, ``hidden``, ``attention`` and ``lm`` (those with weight 0 are skipped).
     """
 
     def __init__(self, config: DistillLossConfig | None = None) -> None:
@@ -221,6 +269,8 @@ class DistillLoss(nn.Module):
         teacher_hidden: Sequence[Tensor] | None = None,
         attention_mask: Tensor | None = None,
         input_ids: Tensor | None = None,
+        student_attentions: Sequence[Tensor] | None = None,
+        teacher_attentions: Sequence[Tensor] | None = None,
     ) -> dict[str, Tensor]:
         c = self.config
         terms: dict[str, Tensor] = {}
@@ -244,6 +294,15 @@ class DistillLoss(nn.Module):
                 c.hidden_mask,
             )
             total = total + c.hidden_weight * terms["hidden"]
+        if c.attention_weight > 0:
+            if student_attentions is None or teacher_attentions is None:
+                raise ValueError(
+                    "loss.attention_weight > 0 needs the attention maps of student and teacher."
+                )
+            terms["attention"] = attention_kl(
+                student_attentions, teacher_attentions, attention_mask
+            )
+            total = total + c.attention_weight * terms["attention"]
         if c.lm_weight > 0:
             if input_ids is None:
                 raise ValueError("loss.lm_weight > 0 needs the input ids.")

@@ -20,6 +20,7 @@ import json
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,22 @@ class ParallelConfig:
 def _full(t: Tensor) -> Tensor:
     """A DTensor's value as an ordinary tensor (a collective); other tensors as they are."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@contextmanager
+def _attention_kind(model: nn.Module, forward_kwargs: dict[str, Any]):
+    """Eager attention for the forward passes inside, when ``forward_kwargs`` asks for the
+    attention maps (only eager attention returns them); the model's own kind afterwards."""
+    config = getattr(model, "config", None)
+    if not forward_kwargs.get("output_attentions") or config is None:
+        yield
+        return
+    kind = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = kind
 
 
 def _as(cls, value):
@@ -223,6 +240,8 @@ class OneBitDistillation(L.LightningModule):
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
             student.config.use_cache = False
+            if self.loss_config.needs_attentions:  # backward's recomputation must match
+                student.config._attn_implementation = "eager"
         mesh = getattr(self, "_device_mesh", None)
         shard = None if mesh is None else self._fully_shard(mesh["data_parallel"])
         # block by block: under FSDP2 each block is sharded as soon as it is quantized, so a
@@ -403,22 +422,30 @@ class OneBitDistillation(L.LightningModule):
     # -- training -----------------------------------------------------------------------------
     def _forward_pair(self, batch: dict[str, Tensor]):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
-        hidden = self.loss_config.needs_hidden_states
-        with torch.no_grad():
-            t = self.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
-        s = self.student(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+        kw = {"output_hidden_states": self.loss_config.needs_hidden_states}
+        if self.loss_config.needs_attentions:  # loss.attention_weight: eager attention's maps
+            kw["output_attentions"] = True
+        with torch.no_grad(), _attention_kind(self.teacher, kw):
+            t = self.teacher(input_ids=ids, attention_mask=mask, **kw)
+        with _attention_kind(self.student, kw):
+            s = self.student(input_ids=ids, attention_mask=mask, **kw)
         return s, t
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        s, t = self._forward_pair(batch)
-        terms = self.loss_fn(
+    def _loss_terms(self, s, t, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.loss_fn(
             s.logits,
             t.logits,
             s.hidden_states,
             t.hidden_states,
             batch.get("attention_mask"),
             batch["input_ids"],
+            getattr(s, "attentions", None),
+            getattr(t, "attentions", None),
         )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        s, t = self._forward_pair(batch)
+        terms = self._loss_terms(s, t, batch)
         if not self._finite_on_every_rank(terms["loss"]):
             self._nonfinite_loss(batch, terms)  # raises with guard.nonfinite=stop
             # a zero that reaches every trainable weight: backward runs on every rank as DDP
@@ -426,7 +453,7 @@ class OneBitDistillation(L.LightningModule):
             return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=bs)
-        for key in ("kd", "hidden", "lm"):
+        for key in ("kd", "hidden", "attention", "lm"):
             if key in terms:
                 self.log(f"train/loss_{key}", terms[key], batch_size=bs)
         return terms["loss"]
@@ -568,7 +595,7 @@ class OneBitDistillation(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         s, t = self._forward_pair(batch)
-        terms = self.loss_fn(s.logits, t.logits, s.hidden_states, t.hidden_states, mask, ids)
+        terms = self._loss_terms(s, t, batch)
         self.log("val/loss", terms["loss"], batch_size=ids.shape[0], sync_dist=True)
         parts = {"student": self._nll_sum(s.logits, ids, mask)}
         if self.teacher_val_ppl is None:

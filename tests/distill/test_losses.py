@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onebit.distill import DistillLoss, DistillLossConfig, hidden_mse, lm_cross_entropy, logit_kd
+from onebit.distill import (
+    DistillLoss,
+    DistillLossConfig,
+    attention_kl,
+    hidden_mse,
+    lm_cross_entropy,
+    logit_kd,
+)
 from onebit.errors import OneBitInputError
 from onebit.models import tiny_causal_lm
 from onebit.quant import OneBitConfig, quantize_
@@ -151,7 +158,7 @@ def test_lm_cross_entropy_matches_hf_loss() -> None:
     torch.testing.assert_close(lm_cross_entropy(out.logits, ids), out.loss)
 
 
-@pytest.mark.parametrize("key", ["kd_weight", "hidden_weight", "lm_weight"])
+@pytest.mark.parametrize("key", ["kd_weight", "hidden_weight", "attention_weight", "lm_weight"])
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
 def test_bad_weights_are_refused_naming_the_key(key: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"loss.{key}="):
@@ -165,3 +172,56 @@ def test_missing_hidden_states_is_a_clear_error() -> None:
     assert DistillLoss(DistillLossConfig(hidden_weight=0))(x, x)["loss"].item() == pytest.approx(
         0, abs=1e-6
     )
+
+
+def _eager_outputs(model, ids, mask=None):
+    model.config._attn_implementation = "eager"  # only eager attention returns the maps
+    return model(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+
+
+def test_attention_kl_is_zero_for_identical_maps_and_matches_kl_div_per_query(pair) -> None:
+    teacher, student = pair
+    ids = torch.randint(0, 128, (2, 9))
+    t, s = _eager_outputs(teacher, ids), _eager_outputs(student, ids)
+    assert attention_kl(t.attentions, t.attentions).item() == pytest.approx(0.0, abs=1e-6)
+    # by hand: F.kl_div per (batch, head, query) row over the causal keys, mean over all rows
+    per_block = []
+    for sa, ta in zip(s.attentions, t.attentions):
+        rows = [
+            F.kl_div(sa[b, h, q, : q + 1].log(), ta[b, h, q, : q + 1], reduction="sum")
+            for b in range(2)
+            for h in range(ta.shape[1])
+            for q in range(9)
+        ]
+        per_block.append(torch.stack(rows).mean())
+    expected = torch.stack(per_block).mean()
+    assert expected > 0.01
+    torch.testing.assert_close(attention_kl(s.attentions, t.attentions), expected)
+
+
+def test_attention_kl_leaves_out_padded_queries(pair) -> None:
+    teacher, student = pair
+    ids = torch.randint(0, 128, (1, 8))
+    mask = torch.ones(1, 8, dtype=torch.long)
+    mask[0, 5:] = 0  # right padding: queries 5..7 are not real tokens
+    t, s = _eager_outputs(teacher, ids, mask), _eager_outputs(student, ids, mask)
+    short_t, short_s = _eager_outputs(teacher, ids[:, :5]), _eager_outputs(student, ids[:, :5])
+    torch.testing.assert_close(
+        attention_kl(s.attentions, t.attentions, mask),
+        attention_kl(short_s.attentions, short_t.attentions),
+    )
+
+
+def test_attention_term_is_weighted_into_the_total_and_needs_the_maps(pair) -> None:
+    teacher, student = pair
+    ids = torch.randint(0, 128, (2, 9))
+    t, s = _eager_outputs(teacher, ids), _eager_outputs(student, ids)
+    cfg = DistillLossConfig(hidden_weight=2.0, attention_weight=5.0)
+    assert cfg.needs_attentions and not DistillLossConfig().needs_attentions
+    terms = DistillLoss(cfg)(
+        s.logits, t.logits, s.hidden_states, t.hidden_states, None, ids, s.attentions, t.attentions
+    )
+    expected = terms["kd"] + 2.0 * terms["hidden"] + 5.0 * terms["attention"]
+    torch.testing.assert_close(terms["loss"], expected)
+    with pytest.raises(ValueError, match="attention_weight > 0 needs the attention maps"):
+        DistillLoss(cfg)(s.logits, t.logits, s.hidden_states, t.hidden_states)

@@ -421,3 +421,35 @@ def test_train_py_with_keep_massive_reports_and_exports_the_kept_layers(
     model = load_onebit(result["export"])
     assert type(model.get_submodule("model.layers.0.mlp.up_proj")) is torch.nn.Linear
     assert type(model.get_submodule("model.layers.1.mlp.up_proj")) is not torch.nn.Linear
+
+
+def test_attention_loss_trains_through_eager_maps_and_leaves_the_attention_kind() -> None:
+    # loss.attention_weight: both forward passes return attention maps (eager attention), the
+    # term reaches the latent weights through them, and each model keeps its own kind afterwards
+    from onebit.models import tiny_causal_lm
+
+    teacher = tiny_causal_lm("llama")
+    teacher.config._attn_implementation = "sdpa"
+    module = OneBitDistillation(
+        {"name": "t", "source": "tiny", "arch": "llama"},
+        teacher=teacher,
+        loss={"hidden_weight": 0.0, "kd_weight": 0.0, "attention_weight": 1.0},
+    )
+    module.configure_model()
+    batch = {"input_ids": torch.randint(0, 128, (2, 12))}
+    s, t = module._forward_pair(batch)
+    assert len(s.attentions) == len(t.attentions) == teacher.config.num_hidden_layers
+    terms = module._loss_terms(s, t, batch)
+    assert set(terms) == {"attention", "loss"} and terms["attention"] > 0
+    terms["loss"].backward()
+    q = module.student.model.layers[0].self_attn.q_proj
+    grads = [p.grad for n, p in q.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert teacher.config._attn_implementation == "sdpa"
+    assert module.student.config._attn_implementation == "sdpa"
+    # without the term, no maps are asked for
+    plain = OneBitDistillation(
+        {"name": "t", "source": "tiny", "arch": "llama"}, teacher=tiny_causal_lm("llama")
+    )
+    plain.configure_model()
+    assert plain._forward_pair(batch)[0].attentions is None
