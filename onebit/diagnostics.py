@@ -11,6 +11,13 @@ teacher's ``model.layers.3.mlp.down_proj``), trained (``OneBitLinear``) or packe
   near 1 (``|y| <= sqrt(out - 1)``), which a teacher's "massive activations" far exceed;
 * **block error**: per decoder block, ``‖s − t‖ / ‖t‖`` of the residual stream after the block
   (the relative error of the hidden state), and the mean per-token cosine similarity;
+* **attention**, per decoder block and for each model: the mean attention probability on the
+  sequence's first token (the "attention sink" that LLaMA-class models build on it) and the mean
+  entropy of the heads' attention, over every query after the first. A student that does not
+  build the sink spreads its attention over the whole context, and does worse the longer it is;
+* **perplexity by position**: teacher and student perplexity of the tokens predicted at positions
+  ``[0, 8)``, ``[8, 32)``, ``[32, 128)``, ``[128, 512)``, ... of each sequence: whether the student
+  uses its context as the teacher does;
 * **sign flips**: the fraction of each layer's signs that differ from ``sign(W)`` of the teacher:
   the flips since initialisation with ``quant.sign_init=sign`` (both latent inits start at
   ``sign(W)``); with ``sign_init=gptq`` the signs GPTQ chose differently count too (compare with
@@ -23,6 +30,7 @@ during training.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -75,6 +83,20 @@ class BlockDiagnostics:
     rel_err: float  # ‖s − t‖ / ‖t‖ over all tokens
     cosine: float  # mean over tokens of cos(s, t)
     teacher_rms_max: float  # largest per-token RMS of the teacher's hidden state
+    teacher_sink: float | None = None  # mean attention on the first token (None: not measured)
+    student_sink: float | None = None
+    teacher_entropy: float | None = None  # mean entropy of the attention, in nats
+    student_entropy: float | None = None
+
+
+@dataclass
+class PositionDiagnostics:
+    """Perplexity of the tokens predicted at positions ``[start, end)`` of each sequence."""
+
+    start: int
+    end: int
+    teacher_ppl: float
+    student_ppl: float | None  # None: no student
 
 
 @dataclass
@@ -83,6 +105,7 @@ class Diagnostics:
 
     layers: list[LayerDiagnostics] = field(default_factory=list)
     blocks: list[BlockDiagnostics] = field(default_factory=list)
+    positions: list[PositionDiagnostics] = field(default_factory=list)
     n_tokens: int = 0
     has_student: bool = False
 
@@ -106,6 +129,13 @@ class Diagnostics:
             out["block_rel_err_mean"] = sum(errs) / len(errs)
             out["block_rel_err_max"] = max(errs)
             out["block_rel_err_last"] = errs[-1]
+        for who in ("teacher", "student"):
+            sinks = [getattr(b, f"{who}_sink") for b in self.blocks]
+            if sinks and None not in sinks:
+                out[f"attn_sink_{who}_mean"] = sum(sinks) / len(sinks)
+        if self.positions and self.positions[-1].student_ppl is not None:
+            last = self.positions[-1]
+            out["ppl_ratio_last_positions"] = last.student_ppl / last.teacher_ppl
         if ratios:
             logs = sorted(math.log10(max(r, 1e-30)) for r in ratios)
             out["log10_rms_ratio_median"] = logs[len(logs) // 2]
@@ -119,6 +149,7 @@ class Diagnostics:
             "summary": self.summary(),
             "layers": [{**asdict(layer), "rms_ratio": layer.rms_ratio} for layer in self.layers],
             "blocks": [asdict(b) for b in self.blocks],
+            "positions": [asdict(p) for p in self.positions],
         }
 
     def format(self, top: int = 10) -> str:
@@ -132,10 +163,25 @@ class Diagnostics:
         )
         if self.blocks:
             lines.append("")
-            lines.append("block  rel.err ‖s−t‖/‖t‖  cosine  teacher max token RMS")
+            lines.append(
+                "block  rel.err ‖s−t‖/‖t‖  cosine  teacher max token RMS  "
+                "sink t / s (attention on token 0)  entropy t / s"
+            )
             for b in self.blocks:
                 lines.append(
                     f"{b.index:5d}  {b.rel_err:17.4f}  {b.cosine:6.3f}  {b.teacher_rms_max:21.2f}"
+                    f"  {_pair(b.teacher_sink, b.student_sink, '.3f'):>33s}"
+                    f"  {_pair(b.teacher_entropy, b.student_entropy, '.2f'):>13s}"
+                )
+        if self.positions:
+            lines.append("")
+            lines.append("positions      teacher ppl  student ppl  s/t")
+            for p in self.positions:
+                sp = f"{p.student_ppl:11.2f}" if p.student_ppl is not None else f"{'-':>11s}"
+                ratio = p.student_ppl / p.teacher_ppl if p.student_ppl is not None else None
+                lines.append(
+                    f"{f'[{p.start}, {p.end})':13s} {p.teacher_ppl:11.2f}  {sp}  "
+                    + (f"{ratio:.2f}" if ratio is not None else "-")
                 )
         quantized = [layer for layer in self.layers if layer.student is not None]
         if quantized:
@@ -151,6 +197,12 @@ class Diagnostics:
             big = sorted(self.layers, key=lambda r: -r.teacher.absmax)
             lines += [_layer_line(r, self.has_student) for r in big[:top]]
         return "\n".join(lines)
+
+
+def _pair(a: float | None, b: float | None, fmt: str) -> str:
+    if a is None:
+        return "-"
+    return format(a, fmt) + (" / " + format(b, fmt) if b is not None else "")
 
 
 def _layer_header() -> str:
@@ -213,6 +265,80 @@ def layer_output_scales(
     return stats, out
 
 
+@torch.no_grad()
+def attention_stats(
+    model: nn.Module, ids: Tensor, attention_mask: Tensor | None = None
+) -> list[tuple[float, float]] | None:
+    """Per decoder block, the mean attention probability on the first token and the mean
+    entropy (nats) of the attention, over batch, heads and every query after the first; None for
+    a model whose blocks hold no ``self_attn`` / ``attn`` module returning its probabilities under
+    eager attention. The maps are reduced as each block runs, never all held at once.
+
+    Shapes: ids (batch, seq) → [(sink, entropy)] * n_blocks.
+    """
+    _, blocks = find_decoder_blocks(model)
+    attns = [getattr(b, "self_attn", None) or getattr(b, "attn", None) for b in blocks]
+    config = getattr(model, "config", None)
+    if config is None or any(a is None for a in attns) or ids.shape[1] < 2:
+        return None
+    found: dict[int, tuple[float, float]] = {}
+
+    def hook(i: int):
+        def reduce(_mod, _inp, out):
+            p = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if isinstance(p, Tensor) and p.dim() == 4:  # (batch, heads, query, key)
+                p = p[:, :, 1:].float()
+                entropy = -torch.special.xlogy(p, p).sum(-1)
+                found[i] = (float(p[..., 0].mean()), float(entropy.mean()))
+
+        return reduce
+
+    hooks = [a.register_forward_hook(hook(i)) for i, a in enumerate(attns)]
+    kind = config._attn_implementation
+    config._attn_implementation = "eager"  # the only kind that returns the probabilities
+    try:
+        model(input_ids=ids, attention_mask=attention_mask)
+    finally:
+        config._attn_implementation = kind
+        for h in hooks:
+            h.remove()
+    return [found[i] for i in range(len(attns))] if len(found) == len(attns) else None
+
+
+POSITION_EDGES = (0, 8, 32, 128, 512, 2048, 8192, 32768)
+
+
+def position_perplexities(
+    teacher_logits: Tensor,
+    student_logits: Tensor | None,
+    ids: Tensor,
+    attention_mask: Tensor | None = None,
+) -> list[PositionDiagnostics]:
+    """Teacher and student perplexity of the next tokens predicted at positions
+    ``[0, 8)``, ``[8, 32)``, ``[32, 128)``, ... (``POSITION_EDGES``, the last range cut at the
+    sequence's end), padding left out.
+
+    Shapes: logits (batch, seq, vocab); ids, attention_mask (batch, seq).
+    """
+    from onebit.distill.losses import next_token_nll
+
+    n = ids.shape[1] - 1  # predicted positions 0 .. seq - 2
+    nlls = {"t": next_token_nll(teacher_logits, ids, attention_mask)}
+    if student_logits is not None:
+        nlls["s"] = next_token_nll(student_logits, ids, attention_mask)
+    out = []
+    for start, end in itertools.pairwise(POSITION_EDGES):
+        if start >= n:
+            break
+        end = min(end, n)
+        ppl = {}
+        for who, (nll, weight) in nlls.items():
+            count = weight[:, start:end].sum()
+            ppl[who] = math.exp(float(nll[:, start:end].sum() / count)) if count > 0 else math.nan
+        out.append(PositionDiagnostics(start, end, ppl["t"], ppl.get("s")))
+    return out
+
+
 def student_signs(module: nn.Module) -> Tensor | None:
     """The ±1 signs a quantized layer uses (float32), or None for a full-precision layer.
 
@@ -267,6 +393,7 @@ def diagnose(
     report = Diagnostics(n_tokens=int(ids.numel()), has_student=student is not None)
     s_stats: dict[str, OutputScale] = {}
     s_modules: dict[str, nn.Module] = {}
+    s_out = None
     if student is not None:
         find_decoder_blocks(student)  # a clear error for a model without decoder blocks
         s_modules = dict(student.named_modules())
@@ -279,6 +406,16 @@ def diagnose(
         quantized = [n for n in names if student_signs(s_modules[n]) is not None]
         s_stats, s_out = layer_output_scales(student, ids, quantized, attention_mask)
         report.blocks = block_errors(t_out.hidden_states, s_out.hidden_states)
+        t_att = attention_stats(teacher, ids, attention_mask)
+        s_att = attention_stats(student, ids, attention_mask)
+        for i, b in enumerate(report.blocks):
+            if t_att is not None:
+                b.teacher_sink, b.teacher_entropy = t_att[i]
+            if s_att is not None:
+                b.student_sink, b.student_entropy = s_att[i]
+    report.positions = position_perplexities(
+        t_out.logits, None if s_out is None else s_out.logits, ids, attention_mask
+    )
     t_modules = dict(teacher.named_modules())
     for name in names:
         flips, ref = None, teacher_signs(t_modules[name])  # (out, in), the initial signs

@@ -112,3 +112,48 @@ def test_report_serialises(pair) -> None:
     d = diagnose(teacher, student, ids).to_dict()
     assert json.loads(json.dumps(d))["summary"]["flip_frac"] == 0.0
     assert d["has_student"] and len(d["blocks"]) == teacher.config.num_hidden_layers
+
+
+def test_attention_sink_and_entropy_per_block_match_the_eager_maps(pair) -> None:
+    teacher, student, ids = pair
+    teacher.config._attn_implementation = student.config._attn_implementation = "sdpa"
+    report = diagnose(teacher, student, ids)
+    for model, who in ((teacher, "teacher"), (student, "student")):
+        model.config._attn_implementation = "eager"
+        with torch.no_grad():
+            maps = model(input_ids=ids, output_attentions=True).attentions
+        model.config._attn_implementation = "sdpa"  # diagnose left it as it found it
+        for b, p in zip(report.blocks, maps, strict=True):
+            p = p[:, :, 1:]  # every query after the first (query 0 sees only token 0)
+            assert getattr(b, f"{who}_sink") == pytest.approx(float(p[..., 0].mean()), rel=1e-5)
+            entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
+            assert getattr(b, f"{who}_entropy") == pytest.approx(float(entropy), rel=1e-4)
+    assert all(0 < b.teacher_sink < 1 for b in report.blocks)
+    assert report.blocks[0].student_sink != report.blocks[0].teacher_sink  # a 1-bit student
+    summary = report.summary()
+    mean = sum(b.student_sink for b in report.blocks) / len(report.blocks)
+    assert summary["attn_sink_student_mean"] == pytest.approx(mean)
+    assert "sink t / s" in report.format()
+
+
+def test_perplexity_by_position_buckets_the_next_token_losses(pair) -> None:
+    teacher, student, ids = pair  # 12 tokens: 11 predicted positions, [0, 8) and [8, 11)
+    report = diagnose(teacher, student, ids)
+    assert [(p.start, p.end) for p in report.positions] == [(0, 8), (8, 11)]
+    for model, who in ((teacher, "teacher"), (student, "student")):
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(2, 11)
+        for p in report.positions:
+            want = math.exp(float(nll[:, p.start : p.end].mean()))
+            assert getattr(p, f"{who}_ppl") == pytest.approx(want, rel=1e-4)
+    last = report.positions[-1]
+    assert report.summary()["ppl_ratio_last_positions"] == pytest.approx(
+        last.student_ppl / last.teacher_ppl
+    )
+    alone = diagnose(teacher, None, ids)  # the teacher alone: its perplexities, no student's
+    assert [p.student_ppl for p in alone.positions] == [None, None]
+    assert alone.positions[0].teacher_ppl == pytest.approx(report.positions[0].teacher_ppl)
+    assert "[8, 11)" in report.format()

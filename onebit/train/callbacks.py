@@ -305,8 +305,11 @@ class Diagnostics(L.Callback):
     On the first ``max_sequences`` sequences of the first validation batch (the same tokens every
     time), logs ``diag/flip_frac`` (signs that differ from the teacher's ``sign(W)``),
     ``diag/block_rel_err/<i>`` (the residual stream's relative error after block ``i``), their
-    mean, maximum and last, and the spread of the layers' output-scale ratios
-    (``diag/log10_rms_ratio_*``); to W&B also a table with one row per quantized layer. With
+    mean, maximum and last, the spread of the layers' output-scale ratios
+    (``diag/log10_rms_ratio_*``), each model's mean attention on the first token over blocks
+    (``diag/attn_sink_teacher_mean``, ``diag/attn_sink_student_mean``) and the perplexity ratio
+    of the last positions (``diag/ppl_ratio_last_positions``); to W&B also a table with one row
+    per quantized layer. With
     ``validate_before_training`` the first point is the initialised student. Skipped, with a
     warning, for a sharded (FSDP2) student.
     """
