@@ -801,15 +801,26 @@ def row_settings(cfg: DictConfig, key: str) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
-def _differences(a: Any, b: Any, where: str = "") -> list[str]:
-    """The dotted keys at which two JSON values differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
+# Settings keys added after rows were first saved, each with the value that reproduces what the
+# code did before it existed: a saved row without the key matches a run that has that value.
+ADDED_SETTINGS = {"loss.attention_weight": 0.0}
+
+
+def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
+    """The dotted keys at which the settings a row was saved with and this run's differ (a key
+    of ``ADDED_SETTINGS`` missing from ``saved`` counts as its value there)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
         out = []
-        for k in sorted(set(a) | set(b)):
+        for k in sorted(set(saved) | set(now)):
             sub = f"{where}.{k}" if where else str(k)
-            out += _differences(a.get(k), b.get(k), sub) if k in a and k in b else [sub]
+            if k in saved and k in now:
+                out += _differences(saved[k], now[k], sub)
+            elif k in now and sub in ADDED_SETTINGS:
+                out += [] if now[k] == ADDED_SETTINGS[sub] else [sub]
+            else:
+                out.append(sub)
         return out
-    return [] if a == b else [where or "(all)"]
+    return [] if saved == now else [where or "(all)"]
 
 
 def save_row(out_dir: Path, key: str, row: dict[str, Any], settings: dict[str, Any]) -> None:

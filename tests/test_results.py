@@ -402,6 +402,33 @@ def test_a_killed_run_resumes_its_finished_rows(
     assert not (tmp_path / "third" / "students").exists()
 
 
+def test_rows_saved_before_an_option_existed_are_reused_at_its_old_behaviour(
+    tiny_run: DictConfig, tmp_path
+) -> None:
+    """A row file saved before ``loss.attention_weight`` existed matches a run with 0 (what the
+    code did then), not one with another value; any other missing or extra key still differs."""
+    with open_dict(tiny_run):
+        tiny_run.rows = ["onebit"]
+        tiny_run.resume_dir = str(tmp_path)
+    settings = results.row_settings(tiny_run, "onebit")
+    assert settings["loss"]["attention_weight"] == 0.0
+    old = json.loads(json.dumps(settings))
+    del old["loss"]["attention_weight"]
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "onebit.json").write_text(json.dumps({"settings": old, "row": {"k": 1}}))
+    assert results.finished_rows(tiny_run, ["onebit"]) == {"onebit": {"k": 1}}
+    with open_dict(tiny_run):
+        tiny_run.loss.attention_weight = 3.0
+    assert results.finished_rows(tiny_run, ["onebit"]) == {}
+    assert results._differences(old, results.row_settings(tiny_run, "onebit")) == [
+        "loss.attention_weight"
+    ]
+    assert results._differences({"loss": {}}, {"loss": {"temperature": 1.0}}) == [
+        "loss.temperature"
+    ]
+    assert results._differences(settings, old) == ["loss.attention_weight"]
+
+
 def test_resume_dir_without_rows_is_one_sentence(tiny_run: DictConfig, tmp_path) -> None:
     with open_dict(tiny_run):
         tiny_run.resume_dir = str(tmp_path)
