@@ -453,3 +453,27 @@ def test_attention_loss_trains_through_eager_maps_and_leaves_the_attention_kind(
     )
     plain.configure_model()
     assert plain._forward_pair(batch)[0].attentions is None
+
+
+def test_attention_loss_with_activation_checkpointing_recomputes_the_same_maps() -> None:
+    # backward recomputes each block: the student runs eager attention throughout, so the
+    # recomputation matches, and its gradients equal those of the run without checkpointing
+    from onebit.models import tiny_causal_lm
+
+    batch = {"input_ids": torch.randint(0, 128, (2, 12))}
+    grads = []
+    for checkpointing in (False, True):
+        module = OneBitDistillation(
+            {"name": "t", "source": "tiny", "arch": "llama"},
+            teacher=tiny_causal_lm("llama"),
+            loss={"attention_weight": 1.0},
+            parallel={"activation_checkpointing": checkpointing},
+        )
+        module.configure_model()
+        module.student.train()
+        s, t = module._forward_pair(batch)
+        module._loss_terms(s, t, batch)["loss"].backward()
+        if checkpointing:
+            assert module.student.config._attn_implementation == "eager"
+        grads.append(module.student.model.layers[1].self_attn.k_proj.in_scale.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
