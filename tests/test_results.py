@@ -62,6 +62,7 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         "lr3e-4", "calib2048_alpha0", "calib2048_alpha10", "scale_lr30", "calib2048_120",
         "calib2048_alpha10_120", "calib2048_320", "calib2048_alpha10_320", "calib2048_alpha30_120",
         "calib2048_alpha100_120", "calib2048_alpha30_320", "calib2048_alpha30_len512_120",
+        "calib2048_alpha30_attn3_120", "calib2048_alpha30_attn03_120",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -129,7 +130,12 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     assert l512._replace(seq_len=a30.seq_len, batch_size=a30.batch_size)[1:] == a30[1:]
     more = ("latent_lr3", "gain_ls_outliers_bw", "gain_ls_outliers_no_ln_42", "gptq_frozen_signs")
     more += ("len512", "len2048", "latent_lr03", "gain_ls_outliers_no_ln_gptq_47", "scale_lr1")
+    attn = (("calib2048_alpha30_attn3_120", 3.0), ("calib2048_alpha30_attn03_120", 0.3))
+    for key, beta in attn:  # the α = 30 row with the attention KL: only the loss differs
+        assert ab[key].loss == DistillLossConfig(hidden_weight=30.0, attention_weight=beta)
+        assert ab[key]._replace(loss=a30.loss)[1:] == a30[1:]
     more += ("scale_lr3", "lr3e-4", "scale_lr30", "calib2048_alpha30_len512_120")
+    more += tuple(key for key, _ in attn)
     more += tuple(key for key, _, _ in loss_rows)
     for key, arm in ab.items():  # nothing but its own key changes
         if key in more:  # these change optim, the data shape or the steps too (checked above)
