@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from onebit.models import eager_attention
 from onebit.quant.convert import find_decoder_blocks, iter_target_linears
 from onebit.quant.linear import OneBitLinear
 from onebit.quant.packed_linear import PackedOneBitLinear
@@ -294,12 +295,10 @@ def attention_stats(
         return reduce
 
     hooks = [a.register_forward_hook(hook(i)) for i, a in enumerate(attns)]
-    kind = config._attn_implementation
-    config._attn_implementation = "eager"  # the only kind that returns the probabilities
     try:
-        model(input_ids=ids, attention_mask=attention_mask)
+        with eager_attention(model):
+            model(input_ids=ids, attention_mask=attention_mask)
     finally:
-        config._attn_implementation = kind
         for h in hooks:
             h.remove()
     return [found[i] for i in range(len(attns))] if len(found) == len(attns) else None

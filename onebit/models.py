@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,22 @@ class ModelSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+@contextmanager
+def eager_attention(model: nn.Module):
+    """Eager attention for the forward passes inside, the only kind whose attention modules
+    return their probabilities; the model's own kind afterwards. A no-op without a config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        yield
+        return
+    kind = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = kind
 
 
 def tiny_config(arch: str, **overrides: Any):

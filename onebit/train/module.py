@@ -20,7 +20,7 @@ import json
 import math
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from onebit.distill.losses import next_token_nll
 from onebit.distill.recipe import OptimConfig, cosine_with_warmup, make_optimizer  # noqa: F401
 from onebit.errors import OneBitInputError
 from onebit.export import student_from_state
-from onebit.models import DTYPES, ModelSpec, load_causal_lm
+from onebit.models import DTYPES, ModelSpec, eager_attention, load_causal_lm
 from onebit.quant import (
     OneBitConfig,
     OneBitLinear,
@@ -98,20 +98,9 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-@contextmanager
 def _attention_kind(model: nn.Module, forward_kwargs: dict[str, Any]):
-    """Eager attention for the forward passes inside, when ``forward_kwargs`` asks for the
-    attention maps (only eager attention returns them); the model's own kind afterwards."""
-    config = getattr(model, "config", None)
-    if not forward_kwargs.get("output_attentions") or config is None:
-        yield
-        return
-    kind = config._attn_implementation
-    config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        config._attn_implementation = kind
+    """Eager attention when ``forward_kwargs`` asks for the attention maps, else nothing."""
+    return eager_attention(model) if forward_kwargs.get("output_attentions") else nullcontext()
 
 
 def _as(cls, value):
