@@ -30,6 +30,7 @@ during training.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Iterable
@@ -242,12 +243,17 @@ def output_scale(y: Tensor) -> OutputScale:
 
 @torch.no_grad()
 def layer_output_scales(
-    model: nn.Module, ids: Tensor, names: Iterable[str], attention_mask: Tensor | None = None
-) -> tuple[dict[str, OutputScale], Any]:
-    """Run ``model`` on ``ids`` with hooks on the modules ``names``; their output scales and the
-    model's output (with hidden states).
+    model: nn.Module,
+    ids: Tensor,
+    names: Iterable[str],
+    attention_mask: Tensor | None = None,
+    attention: bool = False,
+) -> tuple[dict[str, OutputScale], Any, list[tuple[float, float]] | None]:
+    """Run ``model`` on ``ids`` with hooks on the modules ``names``; their output scales, the
+    model's output (with hidden states) and, with ``attention``, :func:`attention_stats`'s list
+    from the same forward, run with eager attention (None without ``attention``).
 
-    Shapes: ids (batch, seq) → {name: OutputScale}, model output.
+    Shapes: ids (batch, seq) → {name: OutputScale}, model output, [(sink, entropy)] * n_blocks.
     """
     modules = dict(model.named_modules())
     stats: dict[str, OutputScale] = {}
@@ -258,29 +264,23 @@ def layer_output_scales(
             stats[name] = output_scale(out)
 
         hooks.append(modules[name].register_forward_hook(hook))
+    collect = _attention_hooks(model, ids) if attention else None
     try:
-        out = model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True)
+        with eager_attention(model) if collect is not None else contextlib.nullcontext():
+            out = model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True)
     finally:
-        for h in hooks:
+        for h in hooks + ([] if collect is None else collect[0]):
             h.remove()
-    return stats, out
+    return stats, out, None if collect is None else collect[1]()
 
 
-@torch.no_grad()
-def attention_stats(
-    model: nn.Module, ids: Tensor, attention_mask: Tensor | None = None
-) -> list[tuple[float, float]] | None:
-    """Per decoder block, the mean attention probability on the first token and the mean
-    entropy (nats) of the attention, over batch, heads and every query after the first; None for
-    a model whose blocks hold no ``self_attn`` / ``attn`` module returning its probabilities under
-    eager attention. The maps are reduced as each block runs, never all held at once.
-
-    Shapes: ids (batch, seq) → [(sink, entropy)] * n_blocks.
-    """
+def _attention_hooks(model: nn.Module, ids: Tensor):
+    """Hooks on each decoder block's attention module that reduce its probability maps (eager
+    attention's second output) to the first token's mean share and the mean entropy, and a
+    function returning them per block; None for a model without such modules."""
     _, blocks = find_decoder_blocks(model)
     attns = [getattr(b, "self_attn", None) or getattr(b, "attn", None) for b in blocks]
-    config = getattr(model, "config", None)
-    if config is None or any(a is None for a in attns) or ids.shape[1] < 2:
+    if getattr(model, "config", None) is None or any(a is None for a in attns) or ids.shape[1] < 2:
         return None
     found: dict[int, tuple[float, float]] = {}
 
@@ -295,13 +295,35 @@ def attention_stats(
         return reduce
 
     hooks = [a.register_forward_hook(hook(i)) for i, a in enumerate(attns)]
+
+    def result() -> list[tuple[float, float]] | None:
+        return [found[i] for i in range(len(attns))] if len(found) == len(attns) else None
+
+    return hooks, result
+
+
+@torch.no_grad()
+def attention_stats(
+    model: nn.Module, ids: Tensor, attention_mask: Tensor | None = None
+) -> list[tuple[float, float]] | None:
+    """Per decoder block, the mean attention probability on the first token and the mean
+    entropy (nats) of the attention, over batch, heads and every query after the first; None for
+    a model whose blocks hold no ``self_attn`` / ``attn`` module returning its probabilities under
+    eager attention. The maps are reduced as each block runs, never all held at once.
+
+    Shapes: ids (batch, seq) → [(sink, entropy)] * n_blocks.
+    """
+    collect = _attention_hooks(model, ids)
+    if collect is None:
+        return None
+    hooks, result = collect
     try:
         with eager_attention(model):
             model(input_ids=ids, attention_mask=attention_mask)
     finally:
         for h in hooks:
             h.remove()
-    return [found[i] for i in range(len(attns))] if len(found) == len(attns) else None
+    return result()
 
 
 POSITION_EDGES = (0, 8, 32, 128, 512, 2048, 8192, 32768)
@@ -388,7 +410,9 @@ def diagnose(
     Shapes: ids (batch, seq) token ids; attention_mask (batch, seq) or None.
     """
     names = [n for n, _ in iter_target_linears(teacher)]
-    t_stats, t_out = layer_output_scales(teacher, ids, names, attention_mask)
+    t_stats, t_out, t_att = layer_output_scales(
+        teacher, ids, names, attention_mask, attention=student is not None
+    )
     report = Diagnostics(n_tokens=int(ids.numel()), has_student=student is not None)
     s_stats: dict[str, OutputScale] = {}
     s_modules: dict[str, nn.Module] = {}
@@ -403,10 +427,10 @@ def diagnose(
                 "architecture."
             )
         quantized = [n for n in names if student_signs(s_modules[n]) is not None]
-        s_stats, s_out = layer_output_scales(student, ids, quantized, attention_mask)
+        s_stats, s_out, s_att = layer_output_scales(
+            student, ids, quantized, attention_mask, attention=True
+        )
         report.blocks = block_errors(t_out.hidden_states, s_out.hidden_states)
-        t_att = attention_stats(teacher, ids, attention_mask)
-        s_att = attention_stats(student, ids, attention_mask)
         for i, b in enumerate(report.blocks):
             if t_att is not None:
                 b.teacher_sink, b.teacher_entropy = t_att[i]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from onebit.diagnostics import diagnose, massive_layers, output_scale
+from onebit.diagnostics import attention_stats, diagnose, massive_layers, output_scale
 from onebit.models import tiny_causal_lm
 from onebit.quant import OneBitConfig, OneBitLinear, freeze_, pack_, quantize_
 
@@ -134,6 +134,24 @@ def test_attention_sink_and_entropy_per_block_match_the_eager_maps(pair) -> None
     mean = sum(b.student_sink for b in report.blocks) / len(report.blocks)
     assert summary["attn_sink_student_mean"] == pytest.approx(mean)
     assert "sink t / s" in report.format()
+
+
+def test_diagnose_runs_one_forward_per_model(pair) -> None:
+    """Scales, hidden states and attention statistics come from one pass of each model, and the
+    statistics equal a separate attention_stats pass."""
+    teacher, student, ids = pair
+    calls = {"teacher": 0, "student": 0}
+    hooks = [
+        m.register_forward_pre_hook(lambda *_, who=who: calls.__setitem__(who, calls[who] + 1))
+        for m, who in ((teacher, "teacher"), (student, "student"))
+    ]
+    report = diagnose(teacher, student, ids)
+    for h in hooks:
+        h.remove()
+    assert calls == {"teacher": 1, "student": 1}
+    for model, who in ((teacher, "teacher"), (student, "student")):
+        got = [getattr(b, f"{who}_{k}") for b in report.blocks for k in ("sink", "entropy")]
+        assert got == pytest.approx([v for pair in attention_stats(model, ids) for v in pair])
 
 
 def test_perplexity_by_position_buckets_the_next_token_losses(pair) -> None:
