@@ -218,9 +218,21 @@ def _source(value: Any, key: str) -> str | None:
 def main_arm(cfg: DictConfig) -> Arm:
     """The main OneBit row: the base recipe with ``main``'s overrides (the recommended recipe;
     the ablations and levers stay relative to the base, the paper's layer)."""
-    arm = apply_overrides(cfg, container(cfg.get("main")), "main")
+    arm = apply_overrides(cfg, main_spec(cfg), "main")
     label = arm.label if (cfg.get("main") or {}).get("label") else "OneBit"
     return arm._replace(label=f"{label}, {arm.steps or int(cfg.train.steps)} steps")
+
+
+def main_spec(cfg: DictConfig) -> dict[str, Any] | None:
+    """``main``'s overrides, with its ``base`` (an ablation's key) resolved as an ablation's is
+    (:func:`ablation_spec`); the label only when ``main`` names one."""
+    spec = container(cfg.get("main"))
+    if not spec or "base" not in spec:
+        return spec
+    resolved = ablation_spec(container(cfg.ablations) or {}, "main", spec, "main")
+    if "label" not in spec:
+        resolved.pop("label")
+    return resolved
 
 
 def ablation_configs(cfg: DictConfig) -> dict[str, Arm]:
@@ -237,18 +249,22 @@ def ablation_configs(cfg: DictConfig) -> dict[str, Arm]:
     return out
 
 
-def ablation_spec(specs: dict[str, Any], key: str) -> dict[str, Any]:
+def ablation_spec(
+    specs: dict[str, Any], key: str, spec: dict[str, Any] | None = None, node: str | None = None
+) -> dict[str, Any]:
     """Ablation ``key``'s overrides with its ``base`` (another ablation's key) resolved: the base's
     overrides (its own base first), then this row's on top, group by group (``quant``, ``loss``,
     ``optim``, ``data``, ``train``, ``blockwise`` key by key; ``keep_massive`` replaced). The label
-    is this row's own, or its key."""
+    is this row's own, or its key. ``spec`` and ``node`` (the config node named in messages)
+    serve a row that is not in ``specs`` (``main``)."""
     from onebit.errors import OneBitInputError
 
+    node = node or f"ablations.{key}"
     chain = [key]
-    spec = dict(specs[key] or {})
+    spec = dict((specs[key] if spec is None else spec) or {})
     while "base" in spec:
         parent = spec.pop("base")
-        where = f"ablations.{chain[-1]}.base"
+        where = f"{node if len(chain) == 1 else 'ablations.' + chain[-1]}.base"
         if parent not in specs:
             raise OneBitInputError(
                 f"{where}={parent!r} is not an ablation; valid: {', '.join(specs)}."
@@ -795,7 +811,7 @@ def row_settings(cfg: DictConfig, key: str) -> dict[str, Any]:
         out.update({k: c.get(k) for k in ("quant", "loss", "optim", "train", "blockwise")})
         ablations = c.get("ablations") or {}
         if key == "onebit":
-            out["row"] = c.get("main")
+            out["row"] = main_spec(cfg)
         else:
             out["row"] = ablation_spec(ablations, key) if key in ablations else None
     return json.loads(json.dumps(out, default=str))

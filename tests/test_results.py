@@ -715,6 +715,39 @@ def test_main_row_overrides_leave_the_ablations_on_the_base() -> None:
     assert main._replace(calibration_seq_len=None, loss=ab["ref"].loss)[2:] == ab["ref"][2:]
 
 
+def test_main_row_with_a_base_is_that_ablation_with_its_own_overrides(tmp_path) -> None:
+    """``main: {base: calib2048, loss: ...}`` resolves to the explicit overrides it replaced, so a
+    row saved with those overrides is reused; a bad base is one sentence naming ``main.base``."""
+    cfg = compose_results(["experiment=results_smollm2_135m"], tmp_path)
+    assert cfg.main.base == "calib2048"
+    explicit = {
+        "quant": {
+            "output_gain": True,
+            "gain_init": "ls",
+            "outliers": 256,
+            "output_norm": False,
+            "sign_init": "gptq",
+            "calibration_sequences": 2,
+        },
+        "data": {"calibration_seq_len": 2048},
+        "loss": {"hidden_weight": 30.0},
+    }  # the experiment's main row before it named a base
+    assert results.main_spec(cfg) == explicit
+    assert results.row_settings(cfg, "onebit")["row"] == explicit
+    with open_dict(cfg):
+        cfg.main.label = "mine"
+    assert results.main_spec(cfg) == {"label": "mine", **explicit}
+    assert results.main_arm(cfg).label == "mine, 640 steps"
+    with open_dict(cfg):
+        cfg.main.base = "nope"
+    with pytest.raises(OneBitInputError, match=r"^main\.base='nope' is not an ablation; valid: "):
+        results.main_arm(cfg)
+    with open_dict(cfg):
+        cfg.main = {"base": "calib2048_alpha10_320"}  # a chain of bases
+    assert results.main_arm(cfg).loss.hidden_weight == 10.0
+    assert results.main_arm(cfg).steps == 320
+
+
 def test_the_script_runs_from_any_directory(tmp_path) -> None:
     """``python <clone>/benchmarks/results.py`` started elsewhere finds ``onebit`` (installed by
     ``pip install --no-deps -e .``, no PYTHONPATH, no sys.path edit) and its configs."""
