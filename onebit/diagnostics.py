@@ -257,19 +257,20 @@ def layer_output_scales(
     """
     modules = dict(model.named_modules())
     stats: dict[str, OutputScale] = {}
-    hooks = []
-    for name in names:
-
-        def hook(_mod, _inp, out, name=name):
-            stats[name] = output_scale(out)
-
-        hooks.append(modules[name].register_forward_hook(hook))
-    collect = _attention_hooks(model, ids) if attention else None
+    hooks = []  # removed in `finally`, whatever raised
     try:
+        collect = _attention_hooks(model, ids) if attention else None
+        hooks += [] if collect is None else collect[0]
+        for name in names:
+
+            def hook(_mod, _inp, out, name=name):
+                stats[name] = output_scale(out)
+
+            hooks.append(modules[name].register_forward_hook(hook))
         with eager_attention(model) if collect is not None else contextlib.nullcontext():
             out = model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True)
     finally:
-        for h in hooks + ([] if collect is None else collect[0]):
+        for h in hooks:
             h.remove()
     return stats, out, None if collect is None else collect[1]()
 

@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from onebit.diagnostics import attention_stats, diagnose, massive_layers, output_scale
+from onebit.diagnostics import (
+    attention_stats,
+    diagnose,
+    layer_output_scales,
+    massive_layers,
+    output_scale,
+)
 from onebit.models import tiny_causal_lm
 from onebit.quant import OneBitConfig, OneBitLinear, freeze_, pack_, quantize_
 
@@ -152,6 +158,13 @@ def test_diagnose_runs_one_forward_per_model(pair) -> None:
     for model, who in ((teacher, "teacher"), (student, "student")):
         got = [getattr(b, f"{who}_{k}") for b in report.blocks for k in ("sink", "entropy")]
         assert got == pytest.approx([v for pair in attention_stats(model, ids) for v in pair])
+
+
+def test_output_scales_leave_no_hook_behind_when_a_name_is_wrong(pair) -> None:
+    teacher, _, ids = pair
+    with pytest.raises(KeyError):
+        layer_output_scales(teacher, ids, ["model.layers.0.mlp.down_proj", "nope"], attention=True)
+    assert not any(m._forward_hooks for m in teacher.modules())
 
 
 def test_perplexity_by_position_buckets_the_next_token_losses(pair) -> None:
