@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from onebit.quant.convert import find_decoder_blocks
 pytestmark = pytest.mark.slow
 
 CFG = BlockwiseConfig(steps=8, batch_size=2)
+
+TIMEOUT = timedelta(seconds=120)  # a rank that hangs fails the test (gloo waits 30 min)
 
 
 def _pair():
@@ -52,7 +55,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         mesh = init_device_mesh("cpu", (world,))
         got = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -12,10 +13,12 @@ import torch.multiprocessing as mp
 from onebit.eval.perplexity import perplexity
 from onebit.models import tiny_causal_lm
 
+TIMEOUT = timedelta(seconds=120)  # a rank that hangs fails the test (gloo waits 30 min)
+
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         ids = torch.randint(0, 128, (7 * 16 + 5,), generator=torch.Generator().manual_seed(0))
         res = perplexity(tiny_causal_lm("llama"), ids, seqlen=16)
