@@ -64,6 +64,7 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         "calib2048_alpha100_120", "calib2048_alpha30_320", "calib2048_alpha30_len512_120",
         "calib2048_alpha30_attn3_120", "calib2048_alpha30_attn03_120",
         "calib2048_alpha30_fp_qk_120", "calib2048_alpha30_fp_vo_120", "calib2048_alpha30_rms_120",
+        "calib2048_alpha30_rms_320",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -135,10 +136,11 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
     for key, beta in attn:  # the α = 30 row with the attention KL: only the loss differs
         assert ab[key].loss == DistillLossConfig(hidden_weight=30.0, attention_weight=beta)
         assert ab[key]._replace(loss=a30.loss)[1:] == a30[1:]
-    rms = ab["calib2048_alpha30_rms_120"]  # the α = 30 row with RMS-calibrated gains
-    assert rms.quant == dataclasses.replace(a30.quant, gain_init="rms")
-    assert rms._replace(quant=a30.quant)[1:] == a30[1:]
-    more += ("calib2048_alpha30_rms_120",)
+    for steps in (120, 320):  # the α = 30 rows with RMS-calibrated gains
+        rms, a30_n = ab[f"calib2048_alpha30_rms_{steps}"], ab[f"calib2048_alpha30_{steps}"]
+        assert rms.quant == dataclasses.replace(a30_n.quant, gain_init="rms")
+        assert rms._replace(quant=a30_n.quant)[1:] == a30_n[1:] and rms.steps == steps
+        more += (f"calib2048_alpha30_rms_{steps}",)
     for key, kept in (("qk", ("q_proj", "k_proj")), ("vo", ("v_proj", "o_proj"))):
         arm = ab[f"calib2048_alpha30_fp_{key}_120"]  # the α = 30 row with two linears kept
         assert arm.quant.skip_modules == tuple(f"*.{name}" for name in kept)
