@@ -100,6 +100,16 @@ def xnor_student(teacher):
     return student
 
 
+class LongSteps(NamedTuple):
+    """More training steps on other (longer) sequences: ``steps`` steps of ``batch_size``
+    sequences of ``seq_len`` tokens of the row's text, spread evenly among the row's own steps
+    (the learning-rate schedule spans both; at the end of a cosine schedule the rate is near 0)."""
+
+    seq_len: int
+    batch_size: int
+    steps: int
+
+
 class Arm(NamedTuple):
     """One trained row's recipe: the base config with one ablation's overrides."""
 
@@ -115,6 +125,7 @@ class Arm(NamedTuple):
     # train.ablation_steps), e.g. fewer for an arm whose block-wise stage takes training time
     source: str | None = None  # training text (c4 | self_generated); None: data.source
     calibration_seq_len: int | None = None  # tokens per calibration sequence; None: seq_len
+    long_steps: LongSteps | None = None  # steps on longer sequences among the row's own
 
 
 ARM_KEYS = ("label", "quant", "loss", "optim", "data", "train", "keep_massive", "blockwise")
@@ -158,9 +169,9 @@ def _steps(value: Any, key: str) -> int | None:
 def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) -> Arm:
     """The base recipe with the overrides ``spec`` (``quant``, ``loss``, ``optim``: their keys;
     ``data``: ``seq_len``, ``source``, ``calibration_seq_len``; ``train``: ``batch_size``,
-    ``steps``; ``keep_massive``: a number of layers; ``blockwise``: the keys of the block-wise stage
-    (``onebit.distill.BlockwiseConfig``); ``label``), each key checked; ``where`` names the node
-    in messages."""
+    ``steps``, ``long_steps`` (:class:`LongSteps`' keys); ``keep_massive``: a number of layers;
+    ``blockwise``: the keys of the block-wise stage (``onebit.distill.BlockwiseConfig``);
+    ``label``), each key checked; ``where`` names the node in messages."""
     import dataclasses
 
     from onebit.distill import BlockwiseConfig, DistillLossConfig
@@ -177,7 +188,7 @@ def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) ->
         )
     for group, allowed in (
         ("data", {"seq_len", "source", "calibration_seq_len"}),
-        ("train", {"batch_size", "steps"}),
+        ("train", {"batch_size", "steps", "long_steps"}),
     ):
         bad = set(spec.get(group) or {}) - allowed
         if bad:
@@ -201,7 +212,21 @@ def apply_overrides(cfg: DictConfig, spec: dict[str, Any] | None, where: str) ->
         _steps(
             (spec.get("data") or {}).get("calibration_seq_len"), f"{where}.data.calibration_seq_len"
         ),
+        _long_steps((spec.get("train") or {}).get("long_steps"), f"{where}.train.long_steps"),
     )
+
+
+def _long_steps(value: Any, key: str) -> LongSteps | None:
+    from onebit.errors import OneBitInputError
+
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != set(LongSteps._fields):
+        raise OneBitInputError(
+            f"{key}={value!r} must give {', '.join(LongSteps._fields)} (e.g. "
+            "{seq_len: 2048, batch_size: 1, steps: 16})."
+        )
+    return LongSteps(*(_steps(value[k], f"{key}.{k}") for k in LongSteps._fields))
 
 
 DATA_SOURCES = ("self_generated", "c4")
@@ -493,11 +518,15 @@ def distill(
     eval_every: int = 0,
     on_eval: Callable[[], float] | None = None,
     root_dir: str | None = None,
+    long_steps: tuple[Any, int, int] | None = None,
 ) -> dict[str, Any]:
     """Train ``module`` (a ``OneBitDistillation`` whose ``configure_model`` has run) for ``steps``
     steps with a Lightning ``Trainer``: the ``training_step``, guards, optimizer and schedule that
     ``python train.py`` runs. Batches walk through ``blocks`` in a seeded order, reshuffled at each
     pass; the block-wise stage (``module.blockwise``) reads the first ``blockwise.sequences``.
+    ``long_steps`` = (blocks, batch size, m): m more steps drawn alike from those blocks (longer
+    sequences), spread evenly among the ``steps`` (step ``floor((i + 1/2) (steps + m) / m)`` is
+    the i-th); the schedule spans all ``steps + m``.
 
     Returns ``{"curve": [{step, tokens, train_s, ppl, loss}], "steps", "tokens", "train_s"}``: a
     curve point before the first step (after the block-wise stage) and every ``eval_every`` steps
@@ -511,13 +540,22 @@ def distill(
     from torch.utils.data import DataLoader
 
     gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    batches = []
-    for _ in range(steps):
-        while len(order) < batch_size:
-            order += torch.randperm(len(blocks), generator=gen).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        batches.append({"input_ids": blocks[idx]})  # (batch, seq_len)
+    drawn: list[list[dict[str, Any]]] = []
+    for source, size, n in [(blocks, batch_size, steps), *([long_steps] if long_steps else [])]:
+        order: list[int] = []
+        drawn.append([])
+        for _ in range(n):
+            while len(order) < size:
+                order += torch.randperm(len(source), generator=gen).tolist()
+            idx, order = order[:size], order[size:]
+            drawn[-1].append({"input_ids": source[idx]})  # (batch, seq_len)
+    batches = drawn[0]
+    if long_steps:
+        short, long_ = iter(drawn[0]), iter(drawn[1])
+        m = len(drawn[1])
+        steps += m
+        at = {int((i + 0.5) * steps / m) for i in range(m)}
+        batches = [next(long_) if j in at else next(short) for j in range(steps)]
 
     class Blocks(L.LightningDataModule):
         def train_dataloader(self):
@@ -1021,6 +1059,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         module.blockwise_seed = int(cfg.seed)
         module.configure_model()
         student = module.student
+        long_steps = None
+        if arm.long_steps is not None:  # the same text cut into longer sequences
+            ls = arm.long_steps
+            long_steps = (blocks_of(source, ls.seq_len), ls.batch_size, ls.steps)
         train = distill(
             module,
             data,
@@ -1031,6 +1073,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             int(tr.eval_every),
             lambda: curve_ppl(student, streams, int(e.curve_windows)),
             str(cfg.paths.output_dir),
+            long_steps,
         )
         blockwise = module.blockwise_result
         if blockwise is not None:

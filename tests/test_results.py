@@ -64,7 +64,7 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         "calib2048_alpha100_120", "calib2048_alpha30_320", "calib2048_alpha30_len512_120",
         "calib2048_alpha30_attn3_120", "calib2048_alpha30_attn03_120",
         "calib2048_alpha30_fp_qk_120", "calib2048_alpha30_fp_vo_120", "calib2048_alpha30_rms_120",
-        "calib2048_alpha30_rms_320",
+        "calib2048_alpha30_rms_320", "calib2048_alpha30_long2048_320",
     }  # fmt: skip
     base = results.base_arm(cfg)
     assert (ab["ref"].quant, ab["ref"].loss) == (base_q, base_l)
@@ -147,6 +147,10 @@ def test_every_ablation_changes_exactly_its_own_key(experiment: str) -> None:
         assert arm._replace(quant=a30.quant)[1:] == a30[1:]
         assert dataclasses.replace(arm.quant, skip_modules=()) == a30.quant
         more += (f"calib2048_alpha30_fp_{key}_120",)
+    long, a30_320 = ab["calib2048_alpha30_long2048_320"], ab["calib2048_alpha30_320"]
+    assert (long.steps, long.long_steps) == (240, results.LongSteps(2048, 1, 20))
+    assert long._replace(steps=320, long_steps=None)[1:] == a30_320[1:] and a30_320.steps == 320
+    more += ("calib2048_alpha30_long2048_320",)
     more += ("scale_lr3", "lr3e-4", "scale_lr30", "calib2048_alpha30_len512_120")
     more += tuple(key for key, _ in attn)
     more += tuple(key for key, _, _ in loss_rows)
@@ -188,6 +192,14 @@ def test_arm_overrides_reach_optim_data_train_and_calibration() -> None:
         ("+ablations.bad.data={seq: 3}", r"ablations\.bad\.data has unknown key"),
         ("+ablations.bad.optim={lr: -1}", r"optim\.lr"),
         ("+ablations.bad.train={steps: 0}", r"ablations\.bad\.train\.steps=0"),
+        (
+            "+ablations.bad.train={long_steps: {seq_len: 64}}",
+            r"ablations\.bad\.train\.long_steps=\{'seq_len': 64\} must give seq_len, batch_size",
+        ),
+        (
+            "+ablations.bad.train={long_steps: {seq_len: 64, batch_size: 0, steps: 2}}",
+            r"ablations\.bad\.train\.long_steps\.batch_size=0 must be an integer >= 1",
+        ),
         ("+ablations.bad.data={source: wiki}", r"ablations\.bad\.data\.source='wiki' is not one"),
         (
             "+ablations.bad.data={calibration_seq_len: 0}",
@@ -513,6 +525,31 @@ def test_trained_rows_run_the_lightning_module_that_train_py_runs(
     train = results.run(tiny_run)["rows"][0]["train"]
     assert calls == [(4, 32)] * 16  # train.steps batches of train.batch_size x data.seq_len
     assert train["steps"] == 16 and train["tokens"] == 16 * 4 * 32
+
+
+def test_long_steps_are_spread_among_the_rows_own(tiny_run: DictConfig, monkeypatch) -> None:
+    """``train.long_steps``: that many more steps on longer sequences of the same text, spread
+    evenly among the row's own steps, every one a training step of the same run."""
+    from onebit.train.module import OneBitDistillation
+
+    calls = []
+    real = OneBitDistillation.training_step
+
+    def spy(self, batch, batch_idx):
+        calls.append(tuple(batch["input_ids"].shape))
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(OneBitDistillation, "training_step", spy)
+    with open_dict(tiny_run):
+        long = {"seq_len": 64, "batch_size": 2, "steps": 2}
+        tiny_run.ablations["long"] = {"train": {"steps": 6, "long_steps": long}}
+        tiny_run.rows = ["long"]
+        tiny_run.baselines = []
+    train = results.run(tiny_run)["rows"][0]["train"]
+    short = (4, 32)  # train.batch_size x data.seq_len
+    assert calls == [short, short, (2, 64), short, short, short, (2, 64), short]  # steps 2 and 6
+    assert train["steps"] == 8 and train["tokens"] == 6 * 4 * 32 + 2 * 2 * 64
+    assert [p["step"] for p in train["curve"]] == [0, 8]  # train.eval_every=8: the whole run
 
 
 def test_a_lever_arm_trains_with_its_own_data_and_calibration(tiny_run: DictConfig) -> None:
