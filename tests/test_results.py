@@ -505,10 +505,9 @@ def test_zero_shot_margin_over_the_best_untrained_row() -> None:
     assert results.UNTRAINED_ONEBIT == ("xnor", "svid", "svid_no_ln")
 
 
-def test_trained_rows_run_the_lightning_module_that_train_py_runs(
-    tiny_run: DictConfig, monkeypatch
-) -> None:
-    """One training recipe: each step of a row is ``OneBitDistillation.training_step``."""
+@pytest.fixture
+def step_shapes(monkeypatch) -> list[tuple[int, ...]]:
+    """The input_ids shape of every ``OneBitDistillation.training_step`` call, in order."""
     from onebit.train.module import OneBitDistillation
 
     calls = []
@@ -519,35 +518,32 @@ def test_trained_rows_run_the_lightning_module_that_train_py_runs(
         return real(self, batch, batch_idx)
 
     monkeypatch.setattr(OneBitDistillation, "training_step", spy)
+    return calls
+
+
+def test_trained_rows_run_the_lightning_module_that_train_py_runs(
+    tiny_run: DictConfig, step_shapes
+) -> None:
+    """One training recipe: each step of a row is ``OneBitDistillation.training_step``."""
     with open_dict(tiny_run):
         tiny_run.rows = ["onebit"]
         tiny_run.baselines = []
     train = results.run(tiny_run)["rows"][0]["train"]
-    assert calls == [(4, 32)] * 16  # train.steps batches of train.batch_size x data.seq_len
+    assert step_shapes == [(4, 32)] * 16  # train.steps batches of train.batch_size x data.seq_len
     assert train["steps"] == 16 and train["tokens"] == 16 * 4 * 32
 
 
-def test_long_steps_are_spread_among_the_rows_own(tiny_run: DictConfig, monkeypatch) -> None:
+def test_long_steps_are_spread_among_the_rows_own(tiny_run: DictConfig, step_shapes) -> None:
     """``train.long_steps``: that many more steps on longer sequences of the same text, spread
     evenly among the row's own steps, every one a training step of the same run."""
-    from onebit.train.module import OneBitDistillation
-
-    calls = []
-    real = OneBitDistillation.training_step
-
-    def spy(self, batch, batch_idx):
-        calls.append(tuple(batch["input_ids"].shape))
-        return real(self, batch, batch_idx)
-
-    monkeypatch.setattr(OneBitDistillation, "training_step", spy)
     with open_dict(tiny_run):
         long = {"seq_len": 64, "batch_size": 2, "steps": 2}
         tiny_run.ablations["long"] = {"train": {"steps": 6, "long_steps": long}}
         tiny_run.rows = ["long"]
         tiny_run.baselines = []
     train = results.run(tiny_run)["rows"][0]["train"]
-    short = (4, 32)  # train.batch_size x data.seq_len
-    assert calls == [short, short, (2, 64), short, short, short, (2, 64), short]  # steps 2 and 6
+    short, long_ = (4, 32), (2, 64)  # train.batch_size x data.seq_len; the long steps' (2 and 6)
+    assert step_shapes == [short, short, long_, short, short, short, long_, short]
     assert train["steps"] == 8 and train["tokens"] == 6 * 4 * 32 + 2 * 2 * 64
     assert [p["step"] for p in train["curve"]] == [0, 8]  # train.eval_every=8: the whole run
 
