@@ -540,21 +540,22 @@ def distill(
     from torch.utils.data import DataLoader
 
     gen = torch.Generator().manual_seed(seed)
-    drawn: list[list[dict[str, Any]]] = []
-    for source, size, n in [(blocks, batch_size, steps), *([long_steps] if long_steps else [])]:
+
+    def draw(source, size: int, n: int) -> list[dict[str, Any]]:
         order: list[int] = []
-        drawn.append([])
+        out = []
         for _ in range(n):
             while len(order) < size:
                 order += torch.randperm(len(source), generator=gen).tolist()
             idx, order = order[:size], order[size:]
-            drawn[-1].append({"input_ids": source[idx]})  # (batch, seq_len)
-    batches = drawn[0]
-    if long_steps:
-        short, long_ = iter(drawn[0]), iter(drawn[1])
-        m = len(drawn[1])
-        steps += m
-        at = {int((i + 0.5) * steps / m) for i in range(m)}
+            out.append({"input_ids": source[idx]})  # (batch, seq_len)
+        return out
+
+    batches = draw(blocks, batch_size, steps)
+    if long_steps:  # drawn after the row's own, so the row's own batches stay as without them
+        short, long_ = iter(batches), iter(draw(*long_steps))
+        steps += long_steps[2]
+        at = {int((i + 0.5) * steps / long_steps[2]) for i in range(long_steps[2])}
         batches = [next(long_) if j in at else next(short) for j in range(steps)]
 
     class Blocks(L.LightningDataModule):
