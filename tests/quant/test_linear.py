@@ -39,6 +39,17 @@ def test_sign_of_zero_is_plus_one() -> None:
     assert sign(w, sign_of_zero="zero").tolist() == [-1, 0, 0, 1, -1, 1]  # official torch.sign
 
 
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sign_is_plus_one_exactly_where_w_is_at_least_zero(w_dtype, dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g).to(w_dtype) * 1e-3
+    w.view(-1)[:12] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40] * 2).to(w_dtype)
+    out = sign(w, dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out, torch.where(w >= 0, 1.0, -1.0).to(dtype))
+
+
 @pytest.mark.parametrize("ste", ["identity", "clipped", "tanh"])
 def test_fused_equals_unfused_in_forward_and_backward(ste: str) -> None:
     lin = nn.Linear(37, 21, bias=True)
