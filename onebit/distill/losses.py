@@ -133,12 +133,16 @@ def logit_kd(
     """
     t = temperature
     vocab = student_logits.shape[-1]
-    p_t = F.softmax(teacher_logits.float() / t, dim=-1)
+    # at τ = 1 no division: each pass over (batch, seq, vocab) logits is a large temporary
+    scaled_t, scaled_s = teacher_logits.float(), student_logits.float()
+    if t != 1:
+        scaled_t, scaled_s = scaled_t / t, scaled_s / t
+    p_t = F.softmax(scaled_t, dim=-1)
     # KL(p_t ‖ p_s) = Σ p_t log p_t − Σ p_t log p_s: xlogy makes 0·log 0 = 0 (a masked vocabulary
     # entry of the teacher), and soft-target cross-entropy is one fused kernel for the second sum
     neg_entropy = torch.special.xlogy(p_t, p_t).sum(-1)
     cross = F.cross_entropy(
-        student_logits.float().reshape(-1, vocab) / t, p_t.reshape(-1, vocab), reduction="none"
+        scaled_s.reshape(-1, vocab), p_t.reshape(-1, vocab), reduction="none"
     ).view(neg_entropy.shape)
     kl = (neg_entropy + cross) * (t * t)  # (batch, seq)
     if reduction == "batchmean":  # official: no mask
