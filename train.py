@@ -65,6 +65,16 @@ def _save_config(cfg: DictConfig, out_dir: Path) -> None:
     save_run_config(out_dir, cfg, hydra_cfg, overrides)
 
 
+def _heap(warm: Any) -> str:
+    """``warm_heap``: keep freed host memory in the process (onebit.heap); the line to log."""
+    from onebit.errors import OneBitInputError
+    from onebit.heap import warm_heap
+
+    if not isinstance(warm, bool):
+        raise OneBitInputError(f"warm_heap={warm!r} must be true or false.")
+    return warm_heap() if warm else "heap: allocator defaults (warm_heap=false)"
+
+
 def _run(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
@@ -81,6 +91,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     from onebit.train.report import summary as run_summary
 
     torch.set_float32_matmul_precision("high")
+    heap = _heap(cfg.get("warm_heap", True))  # before the models load: they allocate too
     spec = ModelSpec.from_dict(container(cfg.model))
     out_dir = Path(cfg.paths.output_dir)
 
@@ -120,6 +131,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         )
     ckpt_path = preflight_run(cfg, module, datamodule, trainer.world_size)
     L.seed_everything(cfg.seed, workers=True)  # after the checks: it logs to the run's train.log
+    log.info(heap)
     if trainer.is_global_zero:
         _save_config(cfg, out_dir)
     for lg in loggers:

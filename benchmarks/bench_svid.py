@@ -95,6 +95,7 @@ import torch
 from harness import busy_cpu_seconds, load_average, own_cpu_seconds
 from torch import Tensor
 
+from onebit.heap import warm_heap
 from onebit.models import llama_linear_shapes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -315,31 +316,6 @@ def optimum(case: Case, args: argparse.Namespace) -> tuple[float | None, str]:
 
 def fmt(x: float | None, spec: str) -> str:
     return "—" if x is None or math.isnan(x) else format(x, spec)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def warm_heap() -> str:
-    """Keep freed memory in the process (glibc only): large temporaries reuse faulted pages.
-
-    Returns a line for the header saying what was done.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and ok
-    except (OSError, AttributeError):  # not glibc
-        ok = False
-    if ok:
-        return (
-            "heap: warm (glibc mallopt M_TRIM_THRESHOLD = M_MMAP_THRESHOLD = 1 GiB: freed "
-            "memory stays in the process)"
-        )
-    return "heap: allocator defaults (glibc mallopt not available)"
 
 
 def device_name(device: torch.device) -> str:

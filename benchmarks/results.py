@@ -948,10 +948,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from onebit.errors import OneBitInputError
+    from onebit.heap import warm_heap
     from onebit.models import ModelSpec, load_causal_lm, load_tokenizer
     from onebit.quant import OneBitConfig, footprint
 
+    if not isinstance(cfg.warm_heap, bool):
+        raise OneBitInputError(f"warm_heap={cfg.warm_heap!r} must be true or false.")
     t_start = time.perf_counter()
+    heap = warm_heap() if cfg.warm_heap else "heap: allocator defaults (warm_heap=false)"
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
@@ -1128,7 +1132,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     notes = _notes(result, streams)
     margins = "\n".join(zero_shot_margins(rows, settings["tasks"]))
     notes = f"{margins}\n\n{notes}" if margins else notes
-    head = "\n".join(header("OneBit results: the teacher, untrained 1-bit rows, trained students"))
+    head = "\n".join(
+        header("OneBit results: the teacher, untrained 1-bit rows, trained students", heap)
+    )
     write_files(out_dir, result, f"{head}\n\n{table}\n\n{budget}\n\n{notes}")
     plot = plot_curves(result, cfg.plot) if cfg.plot else None
     result["wandb_dir"] = wb.finish(result, plot)

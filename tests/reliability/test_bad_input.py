@@ -328,6 +328,10 @@ def test_global_batch_not_divisible_by_world_size(tmp_path: Path) -> None:
     )
 
 
+def test_warm_heap_must_be_a_boolean(tmp_path: Path) -> None:
+    assert _fails(tiny(tmp_path, "warm_heap=1")) == "warm_heap=1 must be true or false."
+
+
 def test_global_batch_sets_the_per_device_batch() -> None:
     assert per_device_batch(128, world_size=8, accumulate=4) == 4
     with pytest.raises(OneBitInputError, match="not divisible"):
