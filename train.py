@@ -65,16 +65,6 @@ def _save_config(cfg: DictConfig, out_dir: Path) -> None:
     save_run_config(out_dir, cfg, hydra_cfg, overrides)
 
 
-def _heap(warm: Any) -> str:
-    """``warm_heap``: keep freed host memory in the process (onebit.heap); the line to log."""
-    from onebit.errors import OneBitInputError
-    from onebit.heap import warm_heap
-
-    if not isinstance(warm, bool):
-        raise OneBitInputError(f"warm_heap={warm!r} must be true or false.")
-    return warm_heap() if warm else "heap: allocator defaults (warm_heap=false)"
-
-
 def _run(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
@@ -83,6 +73,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     import onebit.train.parallel  # noqa: F401  (also registers the name trainer.strategy=fsdp2)
     from onebit.errors import Preempted
     from onebit.fileio import atomic_write_text
+    from onebit.heap import apply_warm_heap
     from onebit.models import ModelSpec, load_tokenizer
     from onebit.train.checkpoint_io import AtomicCheckpointIO
     from onebit.train.module import OneBitDistillation
@@ -91,7 +82,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     from onebit.train.report import summary as run_summary
 
     torch.set_float32_matmul_precision("high")
-    heap = _heap(cfg.get("warm_heap", True))  # before the models load: they allocate too
+    heap = apply_warm_heap(cfg.get("warm_heap", True))  # before the models load: they allocate too
     spec = ModelSpec.from_dict(container(cfg.model))
     out_dir = Path(cfg.paths.output_dir)
 

@@ -948,14 +948,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from onebit.errors import OneBitInputError
-    from onebit.heap import warm_heap
+    from onebit.heap import apply_warm_heap
     from onebit.models import ModelSpec, load_causal_lm, load_tokenizer
     from onebit.quant import OneBitConfig, footprint
 
-    if not isinstance(cfg.warm_heap, bool):
-        raise OneBitInputError(f"warm_heap={cfg.warm_heap!r} must be true or false.")
     t_start = time.perf_counter()
-    heap = warm_heap() if cfg.warm_heap else "heap: allocator defaults (warm_heap=false)"
+    heap = apply_warm_heap(cfg.warm_heap)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))

@@ -41,3 +41,17 @@ def warm_heap() -> str:
             "1 GiB free, grown 256 MiB at a time)"
         )
     return "heap: allocator defaults (glibc mallopt not available)"
+
+
+def apply_warm_heap(warm: object) -> str:
+    """The ``warm_heap`` key of ``train.py`` and ``benchmarks/results.py``: :func:`warm_heap` when
+    true, nothing when false; returns the line to log.
+
+    Raises:
+        OneBitInputError: ``warm`` is not a boolean.
+    """
+    from onebit.errors import OneBitInputError
+
+    if not isinstance(warm, bool):
+        raise OneBitInputError(f"warm_heap={warm!r} must be true or false.")
+    return warm_heap() if warm else "heap: allocator defaults (warm_heap=false)"
