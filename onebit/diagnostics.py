@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from onebit.dist import full_tensor
 from onebit.models import eager_attention
 from onebit.quant.convert import find_decoder_blocks, iter_target_linears
 from onebit.quant.linear import OneBitLinear
@@ -362,19 +363,21 @@ def position_perplexities(
 
 
 def student_signs(module: nn.Module) -> Tensor | None:
-    """The ±1 signs a quantized layer uses (float32), or None for a full-precision layer.
+    """The ±1 signs a quantized layer uses (float32), or None for a full-precision layer; all of
+    them for a layer sharded with FSDP2 (a collective then: every rank must call it).
 
     Shapes: → (out, in).
     """
     if isinstance(module, OneBitLinear | PackedOneBitLinear):
-        return module.signs()
+        return full_tensor(module.signs())
     return None
 
 
 def teacher_signs(module: nn.Module) -> Tensor:
     """``sign(W)`` of a full-precision linear (``Conv1D`` transposed), 0 mapped to +1, as the
-    student's initialisation. Shapes: → (out, in)."""
-    w = module.weight.detach()
+    student's initialisation; all of them for a sharded layer (a collective, as
+    :func:`student_signs`). Shapes: → (out, in)."""
+    w = full_tensor(module.weight.detach())
     if type(module).__name__ == "Conv1D":
         w = w.T
     return sign(w, torch.float32, "plus")

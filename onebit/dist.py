@@ -11,3 +11,9 @@ def dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's (FSDP2 shard's) whole value as an ordinary tensor, gathered from every rank (a
+    collective: every rank must call it); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from onebit.config_utils import check_int
@@ -310,8 +311,12 @@ class Diagnostics(L.Callback):
     (``diag/attn_sink_teacher_mean``, ``diag/attn_sink_student_mean``) and the perplexity ratio
     of the last positions (``diag/ppl_ratio_last_positions``); to W&B also a table with one row
     per quantized layer. With
-    ``validate_before_training`` the first point is the initialised student. Skipped, with a
-    warning, for a sharded (FSDP2) student.
+    ``validate_before_training`` the first point is the initialised student.
+
+    In a run of several processes (DDP, FSDP2) every rank diagnoses the same sequences: the
+    first validation batches of all ranks, gathered (``max_sequences`` of them in all), so the
+    report is the one a single process would give on the same global batch; a sharded (FSDP2)
+    student's forward passes and signs are gathered from all ranks, which all take part.
     """
 
     def __init__(self, max_sequences: int = 4, layer_table: bool = True) -> None:
@@ -319,22 +324,23 @@ class Diagnostics(L.Callback):
         self._ids = None
         self.first = None  # the first report (before training with validate_before_training)
         self.last = None  # the latest report (onebit.diagnostics.Diagnostics)
-        self._warned = False
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
         if self._ids is None and batch_idx == 0:
-            self._ids = batch["input_ids"][: self.max_sequences].detach().clone()
+            ids = batch["input_ids"].detach()
+            if trainer.world_size > 1:  # every rank's first batch, rank by rank (sizes may differ)
+                parts = [None] * trainer.world_size
+                torch.distributed.all_gather_object(parts, ids.cpu())
+                ids = torch.cat([p for p in parts if p.shape[-1] == parts[0].shape[-1]]).to(
+                    ids.device
+                )
+            self._ids = ids[: self.max_sequences].clone()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self._ids is None:
-            return
-        if getattr(pl_module, "sharded", False):
-            if not self._warned:
-                log.warning("diagnostics are skipped for a sharded (FSDP2) student.")
-                self._warned = True
             return
         from onebit.diagnostics import diagnose
 

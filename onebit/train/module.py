@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from onebit.config_utils import from_mapping
+from onebit.dist import full_tensor
 from onebit.distill import BlockwiseConfig, DistillLoss, DistillLossConfig, blockwise_reconstruct_
 from onebit.distill.losses import next_token_nll
 from onebit.distill.recipe import OptimConfig, cosine_with_warmup, make_optimizer  # noqa: F401
@@ -93,11 +94,6 @@ class ParallelConfig:
         return from_mapping(cls, values, "fsdp")
 
 
-def _full(t: Tensor) -> Tensor:
-    """A DTensor's value as an ordinary tensor (a collective); other tensors as they are."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def _attention_kind(model: nn.Module, forward_kwargs: dict[str, Any]):
     """Eager attention when ``forward_kwargs`` asks for the attention maps, else nothing."""
     return eager_attention(model) if forward_kwargs.get("output_attentions") else nullcontext()
@@ -110,7 +106,7 @@ def _as(cls, value):
 def _norm_of_norms(tensors: list[Tensor]) -> Tensor:
     # a sharded (DTensor) norm is reduced over ranks: every rank sees the global value
     return torch.linalg.vector_norm(
-        torch.stack([_full(torch.linalg.vector_norm(t)).float() for t in tensors])
+        torch.stack([full_tensor(torch.linalg.vector_norm(t)).float() for t in tensors])
     )
 
 

@@ -100,6 +100,20 @@ def _assert_follows(log: Path, single: tuple[Path, list[float]], run_dir: Path |
     return losses
 
 
+def _assert_same_diagnostics(single_dir: Path, run_dir: Path) -> None:
+    """The diagnostics callback's first and last reports (``result.json``) of a run of two
+    processes are the single process's: the same sequences (both ranks' first validation
+    batches) through the same models."""
+    one, two = (json.loads((d / "result.json").read_text())["diagnostics"]
+                for d in (single_dir, run_dir))  # fmt: skip
+    for when in ("first", "last"):
+        assert two[when].keys() == one[when].keys()
+        assert {"flip_frac", "block_rel_err_mean", "attn_sink_student_mean"} <= one[when].keys()
+        for key, value in one[when].items():
+            assert two[when][key] == pytest.approx(value, rel=1e-3, abs=1e-6), (when, key)
+    assert one["last"]["flip_frac"] > 0  # trained: signs moved, so the check compares something
+
+
 def _export(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "onebit_model" / "model.safetensors")
 
@@ -155,11 +169,27 @@ def test_fsdp2_block_wise_stage_trains_the_blocks_of_the_single_process(tmp_path
     ]
 
 
+def test_fsdp2_with_the_attention_term_follows_the_single_process_curve(
+    tmp_path: Path, single
+) -> None:
+    """loss.attention_weight > 0 (eager attention's maps of both models, KL per head) under
+    trainer=fsdp: the curve and the export are the single process's."""
+    attention = ["loss.attention_weight=1.0"]
+    run_one, log_one, done = _run(tmp_path, "single", *SINGLE, *attention)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir, log, done = _run(tmp_path, "fsdp", *FSDP, *attention)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_follows(log, (run_one, _losses(log_one)), run_dir)
+    # the term counted: the first step's loss is the plain recipe's plus a positive KL
+    assert _losses(log_one)[0] > single[1][0] + 1e-4
+
+
 def test_ddp_two_processes_follow_the_single_process_loss_curve(tmp_path: Path, single) -> None:
-    _, log, done = _run(tmp_path, "ddp", *DDP)
+    run_dir, log, done = _run(tmp_path, "ddp", *DDP)
     assert done.returncode == 0, done.stderr[-3000:]
     losses = _assert_follows(log, single)
     assert losses[-1] < losses[0]  # it trains
+    _assert_same_diagnostics(single[0], run_dir)
 
 
 def test_fsdp2_two_processes_follow_the_single_process_curve_and_export_the_same_model(
@@ -170,6 +200,7 @@ def test_fsdp2_two_processes_follow_the_single_process_curve_and_export_the_same
     last = run_dir / "checkpoints" / "last.ckpt"
     assert (last / MANIFEST).is_file()  # sharded: FSDP2 ran
     _assert_follows(log, single, run_dir)
+    _assert_same_diagnostics(single[0], run_dir)  # the sharded student diagnosed on all ranks
     # the sharded checkpoint, consolidated and exported later in one process: the same model
     export_main([str(last), str(tmp_path / "again")])
     again, ours = load_file(tmp_path / "again" / "model.safetensors"), _export(run_dir)
